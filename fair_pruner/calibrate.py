@@ -1,0 +1,687 @@
+"""Calibration: one forward + backward per batch feeds every group's R and U statistics.
+
+Flow: probe the model on one sample (shapes, output layer, in-place ops) -> build the dependency
+graph -> pass 1 over the loader with taps on every producer module (Taylor terms for R, running
+activation moments, and per-class projected samples for the first chunk of U sketches) ->
+extra no-grad passes over only the reservoir-selected samples for U chunks that did not fit the
+memory budget -> per-producer signals -> per-group scores -> :class:`ScoreBook`.
+
+The caller's model is left exactly as it was: hooks are removed, train/eval flags restored, no
+``requires_grad`` flag or ``.grad`` is touched (gradients are taken with ``torch.autograd.grad``
+with respect to the tapped activations only), and with ``bn_mode="train"`` BatchNorm buffers are
+restored afterwards.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+import warnings
+import zlib
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
+from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, find_groups,
+                    model_fingerprint)
+from .scorebook import Group, ScoreBook
+from .signals import BUILTIN, Signal, UnitStats
+
+_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+_INPUT_KEYS = ("inputs", "input", "x", "pixel_values", "images", "image")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+def split_batch(batch: Any) -> Tuple[Any, Optional[Tensor]]:
+    """(inputs, labels) from a tuple/list ``(inputs, labels, ...)`` or a dict; labels may be None."""
+    if isinstance(batch, dict):
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+        rest = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+        key = next((k for k in _INPUT_KEYS if k in rest), None)
+        return (rest[key] if key is not None and len(rest) == 1 else rest), labels
+    if isinstance(batch, (tuple, list)):
+        if len(batch) >= 2:
+            return batch[0], batch[1]
+        return batch[0] if batch else batch, None
+    return batch, None
+
+
+def _map(obj: Any, fn) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(v, fn) for v in obj)
+    return obj
+
+
+def _first_tensor(obj: Any) -> Optional[Tensor]:
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for v in obj:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def logits_of(out: Any) -> Tensor:
+    """The logits tensor of a model output (tensor, tuple, dict or ModelOutput)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        if "logits" in out:
+            return out["logits"]
+    t = _first_tensor(out if not hasattr(out, "to_tuple") else out.to_tuple())
+    if t is None:
+        raise UnsupportedModelError("the model's output holds no tensor; pass a loss_fn that "
+                                    "takes the raw output")
+    return t
+
+
+def _check_labels(labels: Optional[Tensor], batch_idx: int) -> Tensor:
+    if labels is None:
+        raise CalibrationDataError(
+            "the calibration loader yields unlabelled data: FAIR-Pruner needs class labels for "
+            "the U-Score and the loss. Yield (inputs, labels) tuples or dicts with a 'labels' key.")
+    if not isinstance(labels, Tensor):
+        labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise CalibrationDataError(
+            f"batch {batch_idx}: labels must be a 1-d integer tensor of class indices, got "
+            f"dtype={labels.dtype} shape={tuple(labels.shape)} (convert one-hot labels with "
+            "labels.argmax(1))")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# Sample selection: seeded per-class reservoirs, replayable on later passes
+# --------------------------------------------------------------------------------------------
+
+class Reservoir:
+    """Seeded per-class reservoir of sample slots, decided sample by sample in arrival order."""
+
+    def __init__(self, classes: Sequence[int], per_class: int, seed: int):
+        self.index = {int(c): k for k, c in enumerate(classes)}
+        self.per_class = per_class
+        self.seen = [0] * len(classes)
+        self.rng = random.Random(seed)
+        self.final: Dict[int, Tuple[int, int]] = {}   # global sample index -> (class k, slot)
+        self._slot_owner: Dict[Tuple[int, int], int] = {}
+
+    def offer(self, labels: List[int], first_index: int) -> List[Tuple[int, int, int]]:
+        """Rows of this batch to store now: (row, class k, slot)."""
+        rows = []
+        for row, y in enumerate(labels):
+            k = self.index.get(y)
+            if k is None:
+                continue
+            self.seen[k] += 1
+            n = self.seen[k]
+            slot = n - 1 if n <= self.per_class else self.rng.randrange(n)
+            if slot < self.per_class:
+                gidx = first_index + row
+                old = self._slot_owner.get((k, slot))
+                if old is not None:
+                    del self.final[old]
+                self._slot_owner[(k, slot)] = gidx
+                self.final[gidx] = (k, slot)
+                rows.append((row, k, slot))
+        return rows
+
+    def counts(self) -> List[int]:
+        return [min(n, self.per_class) for n in self.seen]
+
+
+# --------------------------------------------------------------------------------------------
+# Taps
+# --------------------------------------------------------------------------------------------
+
+class _Producer:
+    def __init__(self, name: str, module: nn.Module, group: int, idxs, root_idxs):
+        self.name, self.module, self.group = name, module, group
+        self.idxs, self.root_idxs = idxs, root_idxs
+        self.unit_dim = 1 if not isinstance(module, nn.Linear) else -1
+        self.units = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        self.clone = False
+        self.taylor: Optional[Tensor] = None
+        self.act_abs = self.act_sum = self.act_sq = None
+        self.positions = 0          # samples x positions seen (for the means)
+        self.directions: Optional[Tensor] = None
+        self.buf: Optional[Tensor] = None   # [K, S, C, P] projected class samples
+        self.u: Optional[Tensor] = None
+
+    def to_units_last(self, z: Tensor) -> Tensor:
+        """[B, C, D]: units in dim 1, every other non-batch dim flattened into D."""
+        if self.unit_dim == 1:
+            return z.reshape(z.shape[0], z.shape[1], -1)
+        zz = z.reshape(z.shape[0], -1, z.shape[-1])  # [B, D, C]
+        return zz.transpose(1, 2)
+
+
+@contextmanager
+def _preserved(model: nn.Module, restore_buffers: bool):
+    """Restore every module's train/eval flag (and buffers if asked) on exit."""
+    modes = {m: m.training for m in model.modules()}
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()} if restore_buffers else None
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t  # per module: model.train(t) would overwrite children's own flags
+        if bufs is not None:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(bufs[n])
+
+
+def _set_modes(model: nn.Module, bn_mode: str) -> None:
+    model.eval()
+    if bn_mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Optional[int] = None,
+          samples_per_class: int = 32, max_classes: int = 100, projections: int = 128,
+          u_mode: str = "sliced", seed: int = 0, device=None, ignore: Sequence = (),
+          progress: bool = True, memory_budget: int = 4 << 30, bn_mode: str = "eval",
+          signals: Sequence[Signal] = ()) -> ScoreBook:
+    """Calibrate ``model`` on a labelled ``loader`` and return its :class:`ScoreBook`.
+
+    Args:
+        model: a trained CNN/MLP (``nn.Module``); left exactly as it was.
+        loader: any iterable of ``(inputs, labels)`` or dicts with ``labels``; re-iterated (in
+            the same order) only when U sketches need more than one pass.
+        loss_fn: ``loss_fn(outputs, labels) -> scalar``; default summed cross-entropy.
+        num_classes: number of output classes; default: the logits' last dim.
+        samples_per_class: reservoir size per class for the U-Score (also its quantile count).
+        max_classes: at most this many classes (a seeded random subset) enter the U-Score.
+        projections: sliced-W1 directions per layer for map units.
+        u_mode: ``"sliced"`` (SPEC default) or ``"pooled"`` (GAP then exact 1-D W1).
+        seed: makes sample selection, directions and the plan reproducible.
+        device: where to calibrate; a model elsewhere is copied there (never moved).
+        ignore: modules (or names) never to prune, besides the output layer.
+        progress: show tqdm progress bars.
+        memory_budget: bytes for the per-class U samples held at once; more passes if exceeded.
+        bn_mode: ``"eval"`` (default) or ``"train"`` (batch statistics, as the reference does;
+            running stats are restored afterwards).
+        signals: extra :class:`~fair_pruner.signals.Signal` objects to compute and store.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    _validate(samples_per_class, max_classes, projections, u_mode, bn_mode, memory_budget)
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device) if device is not None else model_device
+    work = model if device == model_device else copy.deepcopy(model).to(device)
+    fingerprint = model_fingerprint(model)
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(logits_of(out).float(), y, reduction="sum"))
+    all_signals: Dict[str, Signal] = dict(BUILTIN)
+    for s in signals:
+        all_signals[s.name] = s
+
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise CalibrationDataError("the calibration loader is empty") from None
+    inputs0, labels0 = split_batch(first)
+    _check_labels(labels0, 0)
+    x0 = _first_tensor(inputs0)
+    if x0 is None or x0.shape[0] < 1:
+        raise CalibrationDataError("the first calibration batch holds no input tensor")
+    example = _map(inputs0, lambda t: t[:1].to(device))
+
+    with _preserved(work, restore_buffers=(bn_mode == "train")):
+        _set_modes(work, "eval")
+        probe = _probe(work, example)
+        if num_classes is None:
+            num_classes = probe["num_classes"]
+        elif probe["num_classes"] not in (None, num_classes):
+            raise CalibrationDataError(f"num_classes={num_classes} but the model outputs "
+                                       f"{probe['num_classes']} logits")
+        if num_classes is None or num_classes < 2:
+            raise CalibrationDataError("cannot tell the number of classes from the model's "
+                                       "output; pass num_classes=")
+        out_layer = _output_layer(work, probe, num_classes)
+        ignored = [out_layer] if out_layer is not None else []
+        name_to_mod = dict(work.named_modules())
+        for m in ignore:
+            mod = name_to_mod.get(m) if isinstance(m, str) else m
+            if mod is None:
+                raise UnsupportedModelError(f"ignore: no module named {m!r}")
+            ignored.append(mod)
+        DG = build_dependency_graph(work, _map(example, _grad_input))
+        specs = find_groups(work, DG, ignored)
+        if not specs:
+            raise UnsupportedModelError("found no prunable Conv/Linear groups in this model "
+                                        "(only the output layer, or everything is ignored)")
+        cost = build_cost_model(work, DG, specs, probe["positions"])
+        producers: List[_Producer] = []
+        for gi, spec in enumerate(specs):
+            for m in spec.producers:
+                p = _Producer(m.module, name_to_mod[m.module], gi,
+                              torch.tensor(m.idxs), torch.tensor(m.root_idxs))
+                p.clone = m.module in probe["inplace"]
+                producers.append(p)
+
+        classes = _choose_classes(num_classes, max_classes, seed)
+        res = Reservoir(classes, samples_per_class, seed)
+        chunks = _plan_chunks(producers, probe, len(classes), samples_per_class, projections,
+                              u_mode, memory_budget)
+        _set_modes(work, bn_mode)
+        stats = _pass_one(work, producers, chunks[0], loader, first, it, loss_fn,
+                          res, classes, samples_per_class, projections, u_mode, seed, device,
+                          tqdm, progress)
+        _set_modes(work, "eval")
+        for chunk in chunks[1:]:
+            _u_pass(work, producers, chunk, loader, res, stats["label_hashes"], classes,
+                    samples_per_class, projections, u_mode, seed, device, tqdm, progress)
+
+    counts = res.counts()
+    groups = _assemble(specs, producers, all_signals, seed)
+    meta = {
+        "fingerprint": fingerprint, "seed": seed, "num_classes": num_classes,
+        "classes_used": [int(c) for c, n in zip(classes, counts) if n >= 2],
+        "class_counts": counts, "samples_per_class": samples_per_class,
+        "calibration_samples": stats["samples"], "batches": stats["batches"],
+        "projections": projections, "u_mode": u_mode, "bn_mode": bn_mode,
+        "u_passes": len(chunks), "output_layer": probe["names"].get(out_layer),
+        "ignored": [probe["names"].get(m, str(m)) for m in ignored],
+        "input_spec": _map(example, lambda t: {"shape": list(t.shape), "dtype": str(t.dtype)}),
+        "kind": "cnn", "seconds": time.perf_counter() - t0,
+        "torch": torch.__version__,
+    }
+    return ScoreBook(groups, cost, meta)
+
+
+def _grad_input(t: Tensor) -> Tensor:
+    # Tracing needs grad_fn on outputs; a grad-requiring input gives them without touching params.
+    return t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
+
+
+def _validate(spc, maxc, proj, u_mode, bn_mode, budget):
+    if not isinstance(spc, int) or spc < 2:
+        raise CalibrationDataError("samples_per_class must be an int >= 2")
+    if not isinstance(maxc, int) or maxc < 2:
+        raise CalibrationDataError("max_classes must be an int >= 2")
+    if not isinstance(proj, int) or proj < 1:
+        raise CalibrationDataError("projections must be an int >= 1")
+    if u_mode not in ("sliced", "pooled"):
+        raise CalibrationDataError(f"u_mode must be 'sliced' or 'pooled', got {u_mode!r}")
+    if bn_mode not in ("eval", "train"):
+        raise CalibrationDataError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    if budget <= 0:
+        raise CalibrationDataError("memory_budget must be a positive number of bytes")
+
+
+def _probe(model: nn.Module, example: Any) -> Dict[str, Any]:
+    """One no-grad forward on one sample: output shapes, order, in-place-modified outputs."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: List[Tuple[nn.Module, Tensor, int]] = []
+    hooks = []
+
+    def hook(mod, inp, out):
+        if isinstance(out, Tensor):
+            seen.append((mod, out, out._version))
+
+    for m in model.modules():
+        if isinstance(m, PRODUCER_TYPES):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = call_model(model, example)
+    except Exception as exc:
+        raise UnsupportedModelError(f"the model failed on the first calibration batch "
+                                    f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    logits = logits_of(out)
+    positions, inplace, order = {}, set(), []
+    for mod, t, v in seen:
+        units = t.shape[1] if not isinstance(mod, nn.Linear) else t.shape[-1]
+        positions[names[mod]] = t.numel() // max(1, t.shape[0] * units)
+        if t._version != v:
+            inplace.add(names[mod])
+        order.append(mod)
+    nc = logits.shape[-1] if logits.dim() >= 2 else None
+    return {"logits": logits, "positions": positions, "inplace": inplace, "order": order,
+            "outputs": {mod: t for mod, t, _ in seen}, "names": names, "num_classes": nc,
+            "feature_shapes": {names[mod]: tuple(t.shape[1:]) for mod, t, _ in seen}}
+
+
+def _output_layer(model, probe, num_classes) -> Optional[nn.Module]:
+    """The Conv/Linear that emits the logits: by identity with the output, else the last one
+    with ``num_classes`` units (by the number of classes, not by module order alone)."""
+    logits = probe["logits"]
+    for mod, t in probe["outputs"].items():
+        if t is logits:
+            return mod
+    cands = [m for m in probe["order"]
+             if (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == num_classes]
+    if not cands:
+        warnings.warn("fair_pruner: no Conv/Linear layer has num_classes outputs; no output "
+                      "layer was protected (pass it in ignore= if there is one)")
+        return None
+    return cands[-1]
+
+
+def _choose_classes(num_classes: int, max_classes: int, seed: int) -> List[int]:
+    if num_classes <= max_classes:
+        return list(range(num_classes))
+    return sorted(random.Random(seed).sample(range(num_classes), max_classes))
+
+
+def _proj_dim(p: _Producer, probe, projections: int, u_mode: str) -> Tuple[int, int]:
+    """(D, P): flattened positions per unit and the number of sketch coordinates."""
+    shape = probe["feature_shapes"][p.name]
+    units = p.units
+    D = int(math.prod(shape)) // max(1, units)
+    if D == 1 or u_mode == "pooled":
+        return D, 1
+    return D, projections
+
+
+def _plan_chunks(producers, probe, K, S, P, u_mode, budget) -> List[List[_Producer]]:
+    """Split producers into chunks whose U samples fit ``budget`` bytes (one pass each)."""
+    chunks: List[List[_Producer]] = [[]]
+    used = 0
+    for p in producers:
+        _, pp = _proj_dim(p, probe, P, u_mode)
+        nbytes = K * S * p.units * pp * 4
+        if chunks[-1] and used + nbytes > budget:
+            chunks.append([])
+            used = 0
+        if nbytes > budget:
+            warnings.warn(f"fair_pruner: U samples of {p.name} need {nbytes / 2**20:.0f} MiB, "
+                          f"over memory_budget; processing it alone")
+        chunks[-1].append(p)
+        used += nbytes
+    return chunks
+
+
+def _features(p: _Producer, z: Tensor, projections: int, u_mode: str, seed: int) -> Tensor:
+    """[B, C, P] sketch coordinates of each sample: projections of its map, or its scalar."""
+    zz = p.to_units_last(z.detach())
+    D = zz.shape[-1]
+    if D == 1:
+        return zz
+    if u_mode == "pooled":
+        return zz.float().mean(dim=-1, keepdim=True)
+    if p.directions is None or p.directions.shape[0] != D:
+        g = torch.Generator().manual_seed(_module_seed(seed, p.name))
+        theta = torch.randn(D, projections, generator=g)
+        p.directions = F.normalize(theta, dim=0).to(device=z.device)
+    return torch.matmul(zz.to(p.directions.dtype), p.directions)
+
+
+def _store(p: _Producer, feats: Tensor, rows: List[Tuple[int, int, int]], K: int, S: int):
+    if p.buf is None:
+        dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        p.buf = torch.zeros((K, S, feats.shape[1], feats.shape[2]), dtype=dtype,
+                            device=feats.device)
+    if not rows:
+        return
+    r = torch.tensor([x[0] for x in rows], device=feats.device)
+    k = torch.tensor([x[1] for x in rows], device=feats.device)
+    s = torch.tensor([x[2] for x in rows], device=feats.device)
+    vals = feats.index_select(0, r)
+    if not torch.isfinite(vals).all():
+        raise NonFiniteError(f"NaN/inf activations at the output of {p.name}: check the model "
+                             "weights and the calibration inputs")
+    p.buf[k, s] = vals.to(p.buf.dtype)
+
+
+def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes, S, P, u_mode,
+              seed, device, tqdm, progress) -> Dict[str, Any]:
+    """Forward + backward over every batch: Taylor terms and moments for all producers, and
+    U samples for the producers in ``chunk``."""
+    K = len(classes)
+    in_chunk = {id(p) for p in chunk}
+    taps: Dict[int, Tensor] = {}
+    rows_now: List[Tuple[int, int, int]] = []
+    by_module = {p.module: p for p in producers}
+
+    def hook(mod, inp, out):
+        p = by_module[mod]
+        if not isinstance(out, Tensor):
+            raise UnsupportedModelError(f"{p.name} returned a {type(out).__name__}, not a tensor")
+        z = out
+        if not z.requires_grad:
+            z = z.detach().requires_grad_(True)
+        if p.clone:
+            z = z.clone()  # a later in-place op would overwrite the values we need
+        taps[id(p)] = z
+        with torch.no_grad():
+            if id(p) in in_chunk:
+                _store(p, _features(p, z, P, u_mode, seed), rows_now, K, S)
+        return z if z is not out else None
+
+    hooks = [p.module.register_forward_hook(hook) for p in producers]
+    label_hashes: List[int] = []
+    n_samples = n_batches = 0
+    total = _len_or_none(loader)
+    bar = tqdm(total=total, desc="fair_pruner: calibrating", disable=not progress, leave=False)
+    try:
+        batch = first
+        bi = 0
+        while batch is not None:
+            inputs, labels = split_batch(batch)
+            labels = _check_labels(labels, bi)
+            lab_list = labels.tolist()
+            label_hashes.append(hash(tuple(lab_list)))
+            rows_now[:] = res.offer(lab_list, n_samples)
+            inputs = _map(inputs, lambda t: t.to(device))
+            labels = labels.to(device)
+            taps.clear()
+            with torch.enable_grad():
+                out = call_model(model, inputs)
+                loss = loss_fn(out, labels)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"the loss is {loss.item()} on batch {bi}: check the "
+                                         "model, the inputs and the labels (label out of range?)")
+                order = [p for p in producers if id(p) in taps]
+                grads = torch.autograd.grad(loss, [taps[id(p)] for p in order],
+                                            allow_unused=True)
+            for p, g in zip(order, grads):
+                z = taps[id(p)].detach()
+                if g is None:
+                    g = torch.zeros_like(z)
+                t = ops.taylor_sum(z, g, p.unit_dim).double()
+                if not torch.isfinite(t).all():
+                    bad = "activations" if not torch.isfinite(z).all() else "gradients"
+                    raise NonFiniteError(f"NaN/inf {bad} at {p.name} on batch {bi}: check the "
+                                         "model weights, inputs and loss (e.g. lower the loss "
+                                         "scale or fix the diverged model)")
+                zd = z.double() if z.dtype == torch.float64 else z.float()
+                other = [d for d in range(z.dim()) if d != p.unit_dim % z.dim()]
+                a = zd.abs().sum(dim=other).double()
+                s1 = zd.sum(dim=other).double()
+                s2 = (zd * zd).sum(dim=other).double()
+                if p.taylor is None:
+                    p.taylor, p.act_abs, p.act_sum, p.act_sq = t, a, s1, s2
+                else:
+                    p.taylor += t
+                    p.act_abs += a
+                    p.act_sum += s1
+                    p.act_sq += s2
+                p.positions += z.numel() // max(1, z.shape[p.unit_dim])
+            taps.clear()
+            n_samples += len(lab_list)
+            n_batches += 1
+            bar.update(1)
+            bi += 1
+            batch = next(it, None)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    for p in producers:
+        if p.taylor is None:
+            raise UnsupportedModelError(f"{p.name} never ran during calibration; pass it in "
+                                        "ignore= or fix the model's forward")
+    for p in chunk:
+        _finish_u(p, res, classes)
+    return {"samples": n_samples, "batches": n_batches, "label_hashes": label_hashes}
+
+
+def _u_pass(model, producers, chunk, loader, res, label_hashes, classes, S, P, u_mode, seed,
+            device, tqdm, progress):
+    """No-grad pass that forwards only the reservoir-selected samples, for one U chunk."""
+    K = len(classes)
+    rows_now: List[Tuple[int, int, int]] = []
+    by_module = {p.module: p for p in chunk}
+
+    def hook(mod, inp, out):
+        p = by_module[mod]
+        _store(p, _features(p, out, P, u_mode, seed), rows_now, K, S)
+
+    hooks = [p.module.register_forward_hook(hook) for p in chunk]
+    bar = tqdm(total=len(label_hashes), desc="fair_pruner: U pass", disable=not progress,
+               leave=False)
+    try:
+        start = 0
+        for bi, batch in enumerate(loader):
+            inputs, labels = split_batch(batch)
+            labels = _check_labels(labels, bi)
+            lab = labels.tolist()
+            if bi >= len(label_hashes) or hash(tuple(lab)) != label_hashes[bi]:
+                raise CalibrationDataError(
+                    "the loader yielded different batches on a second pass; the U-Score needed "
+                    "more than one pass (memory_budget) and requires a deterministic loader: "
+                    "use shuffle=False, or raise memory_budget")
+            sel = [(row, *res.final[start + row]) for row in range(len(lab))
+                   if start + row in res.final]
+            start += len(lab)
+            bar.update(1)
+            if not sel:
+                continue
+            idx = torch.tensor([s[0] for s in sel])
+            rows_now[:] = [(i, k, s) for i, (_, k, s) in enumerate(sel)]
+            sub = _map(inputs, lambda t: t.index_select(0, idx.to(t.device)).to(device))
+            with torch.no_grad():
+                call_model(model, sub)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    for p in chunk:
+        _finish_u(p, res, classes)
+
+
+def _finish_u(p: _Producer, res: Reservoir, classes: List[int]) -> None:
+    """Turn the producer's class samples into its U-Score and free them."""
+    counts = torch.tensor(res.counts())
+    keep = (counts >= 2).nonzero().flatten()
+    dropped = [classes[i] for i in range(len(classes)) if 0 < int(counts[i]) < 2]
+    if dropped and not getattr(res, "_warned", False):
+        warnings.warn(f"fair_pruner: classes {dropped[:10]} have fewer than 2 calibration "
+                      "samples and are left out of the U-Score")
+        res._warned = True
+    if keep.numel() < 2:
+        raise CalibrationDataError(
+            f"the U-Score needs at least two classes with >= 2 samples each; the calibration "
+            f"data has {keep.numel()} (class counts {res.counts()[:20]}). Use more or more "
+            "varied calibration samples")
+    buf = p.buf.index_select(0, keep.to(p.buf.device))
+    c = counts[keep]
+    # Bound the fp32 sketch memory: units in chunks.
+    C = buf.shape[2]
+    step = max(1, int((256 << 20) // max(1, buf.shape[0] * buf.shape[1] * buf.shape[3] * 4)))
+    out = []
+    for s in range(0, C, step):
+        sk = ops.class_quantiles(buf[:, :, s:s + step], c, buf.shape[1])
+        out.append(ops.pairwise_w1_max(sk))
+    p.u = torch.cat(out).double().cpu()
+    p.buf = None
+    if not torch.isfinite(p.u).all():
+        raise NonFiniteError(f"non-finite U-Score at {p.name}: NaN/inf activations")
+
+
+def _len_or_none(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],
+              seed: int) -> List[Group]:
+    """Per-producer signals -> per-group scores (mapped to root unit indices)."""
+    by_group: Dict[int, List[_Producer]] = {}
+    for p in producers:
+        by_group.setdefault(p.group, []).append(p)
+    groups = []
+    for gi, spec in enumerate(specs):
+        n = spec.size
+        sigs: Dict[str, Tensor] = {}
+        for name, sig in all_signals.items():
+            acc = None
+            for p in by_group[gi]:
+                st = _stats(p, seed)
+                if name == "u" and st.u is None:
+                    break
+                v = torch.as_tensor(sig(st), dtype=torch.float64).cpu()
+                full = torch.full((n,), -math.inf if sig.reduce == "max" else 0.0,
+                                  dtype=torch.float64)
+                if sig.reduce == "max":
+                    full.scatter_reduce_(0, p.root_idxs, v[p.idxs], reduce="amax")
+                    acc = full if acc is None else torch.maximum(acc, full)
+                else:
+                    full.index_add_(0, p.root_idxs, v[p.idxs])
+                    acc = full if acc is None else acc + full
+            else:
+                if acc is None:
+                    continue
+                if sig.signed_sum_then_abs:
+                    acc = acc.abs()
+                acc = torch.where(torch.isinf(acc), torch.zeros_like(acc), acc)
+                if not torch.isfinite(acc).all():
+                    raise NonFiniteError(f"signal {name!r} is not finite for group {spec.name}")
+                sigs[name] = acc
+        groups.append(Group(spec.name, n, sigs, spec))
+    return groups
+
+
+def _stats(p: _Producer, seed: int) -> UnitStats:
+    w = p.module.weight.detach()
+    w = w.reshape(w.shape[0], -1).float().cpu()
+    b = p.module.bias.detach().float().cpu() if p.module.bias is not None else None
+    npos = max(1, p.positions)
+    return UnitStats(p.name, w, b, p.taylor.cpu(), (p.act_abs / npos).cpu(),
+                     (p.act_sum / npos).cpu(), (p.act_sq / npos).cpu(), p.u, seed)

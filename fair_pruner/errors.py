@@ -1,0 +1,25 @@
+"""Errors raised for bad input: each names the problem and the fix."""
+
+
+class FairPrunerError(ValueError):
+    """Base class of every error fair_pruner raises for bad input."""
+
+
+class CalibrationDataError(FairPrunerError):
+    """The calibration data cannot be used (no labels, too few classes, bad batches)."""
+
+
+class NonFiniteError(FairPrunerError):
+    """NaN or inf appeared in activations, gradients or scores."""
+
+
+class UnsupportedModelError(FairPrunerError):
+    """The model has a layer or layout fair_pruner cannot score or prune."""
+
+
+class TargetError(FairPrunerError):
+    """An allocation target or tolerance that is out of range or cannot be reached."""
+
+
+class BookMismatchError(FairPrunerError):
+    """A score book or plan used with a model it was not made from."""

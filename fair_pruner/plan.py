@@ -1,0 +1,228 @@
+"""Allocation: score book -> :class:`Plan` (which units of which group to remove).
+
+``strategy="tod"`` gives each group its own depth from one shared tolerance α (FAIR-Pruner);
+``strategy="uniform"`` removes the same fraction of every group (the ablation baseline). A target
+(``params=``, ``flops=`` or ``units=``, fractions of the whole model removed) is met by searching
+α (or the uniform fraction) over the exact breakpoints of the step function it drives, without
+rescoring: the plan reports the α found and the reduction actually reached.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import FairPrunerError, TargetError
+from .scorebook import ScoreBook, atomic_write
+from .tod import ToDCurves
+
+
+@dataclass
+class Plan:
+    """Units to remove per group, with the tolerance and the reductions they give."""
+    alpha: Optional[float]
+    strategy: str
+    removed: Dict[str, List[int]]
+    sizes: Dict[str, int]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    signal: str = "u"
+    protect: str = "r"
+    target: Optional[Dict[str, float]] = None
+    cap: float = 0.99
+    round_to: int = 1
+    fingerprint: str = ""
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> Dict[str, int]:
+        return {g: n - len(self.removed.get(g, [])) for g, n in self.sizes.items()}
+
+    @property
+    def ratios(self) -> Dict[str, float]:
+        """Kept fraction per group."""
+        return {g: k / self.sizes[g] for g, k in self.kept.items()}
+
+    @property
+    def params_reduction(self) -> float:
+        return 1.0 - self.params_after / max(1, self.params_before)
+
+    @property
+    def flops_reduction(self) -> float:
+        return 1.0 - self.flops_after / max(1, self.flops_before)
+
+    @property
+    def units_reduction(self) -> float:
+        total = sum(self.sizes.values())
+        return sum(len(v) for v in self.removed.values()) / max(1, total)
+
+    def table(self) -> str:
+        """A readable per-group table: units before/after and kept ratio, then totals."""
+        w = max([len(g) for g in self.sizes] + [5])
+        lines = [f"{'group':<{w}}  {'units':>6}  {'kept':>6}  {'ratio':>6}"]
+        for g, n in self.sizes.items():
+            k = self.kept[g]
+            lines.append(f"{g:<{w}}  {n:>6}  {k:>6}  {k / n:>6.2f}")
+        a = "-" if self.alpha is None else f"{self.alpha:.4g}"
+        lines.append(f"strategy={self.strategy} alpha={a} signal={self.signal} "
+                     f"units removed {self.units_reduction:.1%}")
+        lines.append(f"params {self.params_before:,} -> {self.params_after:,} "
+                     f"(-{self.params_reduction:.1%}); MACs {self.flops_before:,} -> "
+                     f"{self.flops_after:,} (-{self.flops_reduction:.1%})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        a = "-" if self.alpha is None else f"{self.alpha:.4g}"
+        return (f"Plan(strategy={self.strategy}, alpha={a}, params -{self.params_reduction:.1%}, "
+                f"MACs -{self.flops_reduction:.1%}, units -{self.units_reduction:.1%})")
+
+    def save(self, path) -> None:
+        text = json.dumps(asdict(self), indent=1)
+        atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+    def plot(self, path, title: Optional[str] = None) -> None:
+        """Write a PNG bar chart of the kept ratio per group."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.sizes)
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+        ax.bar(range(len(names)), [self.ratios[n] for n in names], color="#3b75af")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("kept ratio")
+        ax.set_title(title or f"{self.strategy}: params -{self.params_reduction:.1%}")
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        plt.close(fig)
+
+
+def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[float] = None,
+             flops: Optional[float] = None, units: Optional[float] = None,
+             strategy: str = "tod", round_to: int = 1, cap: float = 0.99, signal: str = "u",
+             protect: str = "r") -> Plan:
+    """Choose the units to remove.
+
+    Args:
+        book: a :class:`ScoreBook` from :func:`fair_pruner.score` (or loaded from disk).
+        tod: the shared tolerance α in [0, 1] (default 0.05 when no target is given).
+        params, flops, units: instead of ``tod``, a fraction in (0, 1) of the model's
+            parameters / MACs / prunable units to remove; α is searched to reach it.
+        strategy: ``"tod"`` or ``"uniform"`` (same fraction per group; needs a target).
+        round_to: keep a multiple of this many units per group (rounded up; never 0).
+        cap: at most floor(cap * n) units of a group are removed.
+        signal / protect: names of the removal and protection signals in the book.
+    """
+    targets = {k: v for k, v in (("params", params), ("flops", flops), ("units", units))
+               if v is not None}
+    if len(targets) > 1:
+        raise TargetError(f"give at most one target, got {sorted(targets)}")
+    if targets and tod is not None:
+        raise TargetError("give either tod= or a target (params=/flops=/units=), not both")
+    if strategy not in ("tod", "uniform"):
+        raise TargetError(f"strategy must be 'tod' or 'uniform', got {strategy!r}")
+    if strategy == "uniform" and not targets:
+        raise TargetError("strategy='uniform' needs a target: params=, flops= or units=")
+    if tod is None and not targets:
+        tod = 0.05
+    if tod is not None and not (isinstance(tod, (int, float)) and 0.0 <= tod <= 1.0):
+        raise TargetError(f"tod (the tolerance of difference) must lie in [0, 1], got {tod!r}")
+    for k, v in targets.items():
+        if not (isinstance(v, (int, float)) and 0.0 < v < 1.0):
+            raise TargetError(f"{k}= is the fraction to remove and must lie in (0, 1), got {v!r}")
+    if not (isinstance(round_to, int) and round_to >= 1):
+        raise TargetError("round_to must be an int >= 1")
+    if not (0.0 < cap < 1.0):
+        raise TargetError("cap must lie in (0, 1)")
+    if not book.groups:
+        raise FairPrunerError("the score book has no groups")
+    for s in (signal, protect):
+        if s not in book.signal_names:
+            raise FairPrunerError(f"signal {s!r} is not in this score book (it has "
+                                  f"{book.signal_names}); add it with book.set_signal()")
+
+    sizes = torch.tensor([g.size for g in book.groups], dtype=torch.int64)
+    base_p, base_f = book.cost.evaluate(torch.zeros_like(sizes))
+    total_units = int(sizes.sum())
+
+    def rounded(m: Tensor) -> Tensor:
+        kept = sizes - m
+        if round_to > 1:
+            kept = torch.minimum(sizes, (kept + round_to - 1) // round_to * round_to)
+        return sizes - kept.clamp(min=1)
+
+    def reduction(m: Tensor, which: str) -> Tensor:
+        if which == "units":
+            return m.sum(-1).double() / total_units
+        p, f = book.cost.evaluate(m)
+        return 1 - (p / base_p if which == "params" else f / base_f)
+
+    if strategy == "tod":
+        curves = ToDCurves([g.signals[signal] for g in book.groups],
+                           [g.signals[protect] for g in book.groups], cap)
+        counts_at: Callable = lambda a: rounded(curves.m_hat(a))
+        if targets:
+            cands = curves.breakpoints()
+            alpha = _search(cands, counts_at, reduction, targets)
+        else:
+            alpha = float(tod)
+    else:
+        cap_m = torch.floor(cap * sizes.double()).to(torch.int64)
+        counts_at = lambda f: rounded(torch.minimum(
+            torch.floor(torch.as_tensor(f, dtype=torch.float64) * sizes.double()).to(torch.int64),
+            cap_m))
+        fr = sorted({0.0} | {k / int(n) for n in sizes.tolist() for k in range(1, int(n) + 1)
+                             if k <= int(cap * n)})
+        alpha_f = _search(torch.tensor(fr, dtype=torch.float64), counts_at, reduction, targets)
+        alpha = None
+    m = counts_at(alpha if strategy == "tod" else alpha_f)
+
+    removed = {}
+    for g, k in zip(book.groups, m.tolist()):
+        order = torch.argsort(g.signals[signal], stable=True)
+        removed[g.name] = sorted(order[:k].tolist())
+    p_after, f_after = book.cost.evaluate(m)
+    plan = Plan(alpha=alpha, strategy=strategy, removed=removed,
+                sizes={g.name: g.size for g in book.groups},
+                params_before=int(round(float(base_p))), params_after=int(round(float(p_after))),
+                flops_before=int(round(float(base_f))), flops_after=int(round(float(f_after))),
+                signal=signal, protect=protect, target=targets or None, cap=cap,
+                round_to=round_to, fingerprint=book.fingerprint,
+                meta={"input_spec": book.meta.get("input_spec"), "kind": book.meta.get("kind"),
+                      "uniform_fraction": None if strategy == "tod" else float(alpha_f),
+                      "ignored": book.meta.get("ignored", [])})
+    return plan
+
+
+def _search(cands: Tensor, counts_at, reduction, targets) -> float:
+    """Smallest candidate whose reduction reaches the target (binary search; monotone)."""
+    (which, goal), = targets.items()
+    top = float(cands[-1])
+    best = float(reduction(counts_at(top), which))
+    if best + 1e-12 < goal:
+        raise TargetError(
+            f"{which}={goal:.4g} cannot be reached: at most {best:.4f} of the {which} can be "
+            f"removed in one round with cap and round_to as given. Lower the target, raise cap, "
+            "or prune in several rounds (score -> prune -> fine-tune)")
+    lo, hi = 0, cands.numel() - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if float(reduction(counts_at(float(cands[mid])), which)) + 1e-12 >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(cands[lo])

@@ -1,0 +1,169 @@
+"""The score book: per-group scores and costs, saved and loaded without the model.
+
+A book holds, per group, every signal calibration computed (``u``, ``r``, ``l1``, ...), the group's
+structure (its producer and consumer modules) and an exact cost model, plus metadata: the model's
+fingerprint, seed and calibration sizes. It is all :func:`fair_pruner.allocate` needs, so a user
+re-prunes at any tolerance or target in milliseconds without recalibrating.
+
+On disk: one ``.safetensors`` file; tensors are the signals and the cost model, and the JSON
+metadata (groups, members, meta) rides in the safetensors header. Written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import BookMismatchError, FairPrunerError
+from .graph import CostModel, GroupSpec, Member
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Group:
+    """One coupled group of units: scores are float64 tensors of length ``size``."""
+    name: str
+    size: int
+    signals: Dict[str, Tensor]
+    spec: GroupSpec
+    kind: str = "channel"          # "channel" (CNN), "neuron", "head", "expert" (LLM issues)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def u(self) -> Tensor:
+        return self.signals["u"]
+
+    @property
+    def r(self) -> Tensor:
+        return self.signals["r"]
+
+    @property
+    def modules(self) -> List[str]:
+        """Every module the group covers (producers first)."""
+        seen: List[str] = []
+        for m in self.spec.producers + [m for m in self.spec.members if m.role != "producer"]:
+            if m.module not in seen:
+                seen.append(m.module)
+        return seen
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, size={self.size}, signals={sorted(self.signals)})"
+
+
+@dataclass
+class ScoreBook:
+    groups: List[Group]
+    cost: CostModel
+    meta: Dict[str, Any]
+
+    # ---- queries -------------------------------------------------------------------------
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r} in this score book")
+
+    @property
+    def signal_names(self) -> List[str]:
+        return sorted(set.intersection(*(set(g.signals) for g in self.groups))) if self.groups else []
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.get("fingerprint", "")
+
+    def totals(self):
+        """(params, MACs) of the unpruned model."""
+        p, f = self.cost.evaluate(torch.zeros(len(self.groups), dtype=torch.int64))
+        return int(round(float(p))), int(round(float(f)))
+
+    def set_signal(self, name: str, scores: Dict[str, Tensor]) -> None:
+        """Add a removal/protection signal computed elsewhere: group name -> [size] scores."""
+        missing = [g.name for g in self.groups if g.name not in scores]
+        if missing:
+            raise FairPrunerError(f"set_signal({name!r}): no scores for groups {missing[:5]}")
+        for g in self.groups:
+            t = torch.as_tensor(scores[g.name], dtype=torch.float64).reshape(-1)
+            if t.numel() != g.size:
+                raise FairPrunerError(f"set_signal({name!r}): group {g.name} has {g.size} units, "
+                                      f"got {t.numel()} scores")
+            if not torch.isfinite(t).all():
+                raise FairPrunerError(f"set_signal({name!r}): non-finite scores for {g.name}")
+            g.signals[name] = t
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise :class:`BookMismatchError` unless ``model`` is the model this book scored."""
+        from .graph import model_fingerprint
+        fp = model_fingerprint(model)
+        if fp != self.fingerprint:
+            raise BookMismatchError(
+                f"this score book was made from another model (book fingerprint "
+                f"{self.fingerprint}, model {fp}): recalibrate with fp.score(model, loader) on "
+                "this model, or load the book that belongs to it")
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the book to ``path`` (``.safetensors``), atomically."""
+        from safetensors.torch import save_file
+
+        tensors = dict(self.cost.to_tensors())
+        groups_meta = []
+        for i, g in enumerate(self.groups):
+            for s, t in g.signals.items():
+                tensors[f"g{i}.{s}"] = t.contiguous()
+            groups_meta.append({
+                "name": g.name, "size": g.size, "kind": g.kind, "signals": sorted(g.signals),
+                "meta": g.meta,
+                "members": [[m.module, m.role, m.idxs, m.root_idxs] for m in g.spec.members],
+            })
+        header = {"format": "fair_pruner.scorebook", "version": str(FORMAT_VERSION),
+                  "groups": json.dumps(groups_meta), "meta": json.dumps(self.meta)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ScoreBook":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise FairPrunerError(f"cannot read score book {path}: {exc}") from exc
+        if header.get("format") != "fair_pruner.scorebook":
+            raise FairPrunerError(f"{path} is not a fair_pruner score book")
+        if int(header.get("version", "0")) > FORMAT_VERSION:
+            raise FairPrunerError(f"{path} was written by a newer fair_pruner; upgrade to read it")
+        groups = []
+        for i, gm in enumerate(json.loads(header["groups"])):
+            spec = GroupSpec(gm["name"], gm["size"], [Member(*m) for m in gm["members"]])
+            sig = {s: tensors[f"g{i}.{s}"] for s in gm["signals"]}
+            groups.append(Group(gm["name"], gm["size"], sig, spec, gm.get("kind", "channel"),
+                                gm.get("meta", {})))
+        return cls(groups, CostModel.from_tensors(tensors), json.loads(header["meta"]))
+
+    def __repr__(self) -> str:
+        p, f = self.totals() if self.groups else (0, 0)
+        return (f"ScoreBook({len(self.groups)} groups, {sum(g.size for g in self.groups)} units, "
+                f"params={p:,}, MACs={f:,}, signals={self.signal_names})")
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,156 @@
+"""Model surgery: apply a :class:`Plan` to a CNN through Torch-Pruning's dependency graph.
+
+:func:`prune` physically removes the planned units (and everything coupled to them);
+:func:`mask` builds the reference it must equal: the original model with the removed units zeroed
+where they are consumed (and channel norms computed over the kept channels only).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import BookMismatchError, FairPrunerError
+from .graph import build_dependency_graph, model_fingerprint
+from .plan import Plan
+
+
+def _example_from_spec(spec: Any, device) -> Any:
+    if isinstance(spec, dict) and "shape" in spec and "dtype" in spec:
+        dtype = getattr(torch, spec["dtype"].replace("torch.", ""))
+        return torch.zeros(spec["shape"], dtype=dtype, device=device)
+    if isinstance(spec, dict):
+        return {k: _example_from_spec(v, device) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_example_from_spec(v, device) for v in spec)
+    return spec
+
+
+def _check(model: nn.Module, plan: Plan) -> None:
+    if not isinstance(plan, Plan):
+        raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
+                              "make one with fp.allocate(book, ...)")
+    fp = model_fingerprint(model)
+    if plan.fingerprint and fp != plan.fingerprint:
+        raise BookMismatchError(
+            f"this plan was made from another model's score book (plan fingerprint "
+            f"{plan.fingerprint}, model {fp}); score this model with fp.score first")
+
+
+def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``)."""
+    _check(model, plan)
+    kind = plan.meta.get("kind") or "cnn"
+    if kind != "cnn":
+        from . import _registry
+        return _registry.surgery(kind)(model, plan, inplace=inplace)
+    target = model if inplace else copy.deepcopy(model)
+    flags = {n: p.requires_grad for n, p in target.named_parameters()}
+    modes = {n: m.training for n, m in target.named_modules()}
+    device = next((p.device for p in target.parameters()), torch.device("cpu"))
+    example = _example_from_spec(plan.meta["input_spec"], device)
+    example = _grad_inputs(example)
+    was_training = target.training
+    target.eval()
+    DG = build_dependency_graph(target, example)
+    roots = {}
+    for name in plan.removed:
+        try:
+            roots[name] = target.get_submodule(name)
+        except AttributeError:
+            raise BookMismatchError(f"plan group {name!r} is not a module of this model") from None
+    for name, idxs in plan.removed.items():
+        if not idxs:
+            continue
+        mod = roots[name]
+        pruner = DG.get_pruner_of_module(mod)
+        n = pruner.get_out_channels(mod)
+        if n != plan.sizes[name]:
+            raise BookMismatchError(f"group {name} has {n} units in this model but "
+                                    f"{plan.sizes[name]} in the plan")
+        group = DG.get_pruning_group(mod, pruner.prune_out_channels, list(idxs))
+        group.prune()
+    for n, p in target.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    for n, m in target.named_modules():
+        if n in modes:
+            m.training = modes[n]
+    target.training = was_training
+    return target
+
+
+def _grad_inputs(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.requires_grad_(True) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _grad_inputs(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_grad_inputs(v) for v in x)
+    return x
+
+
+class _MaskedLayerNorm(nn.Module):
+    """LayerNorm over the kept channels only, zero on removed ones (what pruning computes)."""
+
+    def __init__(self, ln: nn.LayerNorm, keep: torch.Tensor, channels_first: bool):
+        super().__init__()
+        self.ln, self.keep, self.channels_first = ln, keep, channels_first
+
+    def forward(self, x):
+        if self.channels_first:
+            x = x.permute(0, *range(2, x.dim()), 1)
+        k = self.keep.to(x.device)
+        w = self.ln.weight[k] if self.ln.weight is not None else None
+        b = self.ln.bias[k] if self.ln.bias is not None else None
+        y = torch.zeros_like(x)
+        y[..., k] = F.layer_norm(x[..., k], (k.numel(),), w, b, self.ln.eps)
+        if self.channels_first:
+            y = y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+        return y
+
+
+def mask(model: nn.Module, plan: Plan, book=None) -> nn.Module:
+    """A copy of ``model`` where the plan's removed units are zeroed at their consumers.
+
+    Needs the score book's group structure (consumer modules and their channel indices).
+    """
+    if book is None:
+        raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
+    _check(model, plan)
+    masked = copy.deepcopy(model)
+    mods = dict(masked.named_modules())
+    zero_in: Dict[str, List[int]] = {}
+    norm_keep: Dict[str, set] = {}
+    for g in book.groups:
+        rem = set(plan.removed.get(g.name, []))
+        if not rem:
+            continue
+        for m in g.spec.members:
+            chans = [i for i, r in zip(m.idxs, m.root_idxs) if r in rem]
+            if m.role == "consumer":
+                zero_in.setdefault(m.module, []).extend(chans)
+            elif m.role == "norm":
+                norm_keep.setdefault(m.module, set()).update(chans)
+    for name, chans in zero_in.items():
+        mod = mods[name]
+        dim = -1 if isinstance(mod, nn.Linear) else 1
+        idx = torch.tensor(sorted(set(chans)))
+
+        def pre(module, args, idx=idx, dim=dim):
+            x = args[0].clone()
+            x.index_fill_(dim % x.dim(), idx.to(x.device), 0)
+            return (x,) + tuple(args[1:])
+        mod.register_forward_pre_hook(pre)
+    for name, removed in norm_keep.items():
+        ln = mods[name]
+        n = ln.normalized_shape[-1]
+        keep = torch.tensor([i for i in range(n) if i not in removed])
+        channels_first = type(ln).__name__ == "LayerNorm2d"
+        parent, _, attr = name.rpartition(".")
+        # torchvision's LayerNorm2d normalises dim 1; the wrapper replaces its forward wholesale.
+        setattr(mods[parent] if parent else masked, attr, _MaskedLayerNorm(ln, keep, channels_first))
+    return masked

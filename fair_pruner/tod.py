@@ -1,0 +1,65 @@
+"""Tolerance of Difference: exact O(n) overlap curves and the units each group may lose.
+
+For a group of n units ordered by U ascending (removal prefix) and R descending (protected
+prefix), ToD(m) = |lowU(m) ∩ highR(m)| / m and m̂(α) = max{m <= floor(cap n) : ToD(m) <= α}
+(0 if none). All groups are handled in one ragged call through :mod:`fair_pruner.ops`.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+
+class ToDCurves:
+    """Overlap curves of ragged groups; answers m̂ for any tolerances in one call."""
+
+    def __init__(self, u: Sequence[Tensor], r: Sequence[Tensor], cap: float = 0.99):
+        sizes = [int(t.numel()) for t in u]
+        self.sizes = torch.tensor(sizes, dtype=torch.int64)
+        self.offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+        if sizes:
+            self.offsets[1:] = self.sizes.cumsum(0)
+        self.cap = float(cap)
+        uu = torch.cat([t.reshape(-1).double() for t in u]) if sizes else torch.zeros(0)
+        rr = torch.cat([t.reshape(-1).double() for t in r]) if sizes else torch.zeros(0)
+        self.overlap = ops.tod_overlap(uu, rr, self.offsets)
+
+    def curve(self, g: int) -> Tensor:
+        """int64 [n_g + 1]: overlap for m = 0..n_g of group g."""
+        s = int(self.offsets[g]) + g
+        return self.overlap[s: s + int(self.sizes[g]) + 1]
+
+    def m_hat(self, alphas) -> Tensor:
+        """int64 [G] for a scalar alpha, or [A, G] for a sequence of alphas."""
+        a = torch.as_tensor(alphas, dtype=torch.float64)
+        out = ops.tod_select(self.overlap, self.offsets, a.reshape(-1), self.cap).T  # [A, G]
+        return out[0] if a.dim() == 0 else out
+
+    def breakpoints(self) -> Tensor:
+        """Sorted distinct tolerances at which some m̂ changes: the ratios overlap(m) / m."""
+        ratios: List[Tensor] = []
+        for g in range(len(self.sizes)):
+            n = int(self.sizes[g])
+            mmax = int(self.cap * n)
+            if mmax < 1:
+                continue
+            c = self.curve(g)[1: mmax + 1].double()
+            ratios.append(c / torch.arange(1, mmax + 1, dtype=torch.float64))
+        if not ratios:
+            return torch.zeros(1, dtype=torch.float64)
+        return torch.unique(torch.cat(ratios + [torch.zeros(1, dtype=torch.float64)]))
+
+
+def brute_force_m_hat(u: Tensor, r: Tensor, alpha: float, cap: float = 0.99) -> int:
+    """The rule as the authors' package computes it (O(n^2)); a test oracle."""
+    n = u.numel()
+    low_u = torch.argsort(u.double(), stable=True).tolist()
+    high_r = torch.argsort(-r.double(), stable=True).tolist()
+    for k in range(int(cap * n), 0, -1):
+        if len(set(low_u[:k]) & set(high_r[:k])) / k <= alpha:
+            return k
+    return 0
