@@ -33,7 +33,19 @@ def score(model, loader, **kwargs) -> ScoreBook:
     return (family or cnn_score)(model, loader, **kwargs)
 
 
-__all__ = ["score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal",
+def save_pretrained(model, directory, **kwargs) -> None:
+    """Save a pruned Hugging Face model (per-layer widths) so :func:`from_pretrained` reloads it."""
+    from .llm.io import save_pretrained as _save
+    return _save(model, directory, **kwargs)
+
+
+def from_pretrained(directory, **kwargs):
+    """Load a model written by :func:`save_pretrained` into its transformers class."""
+    from .llm.io import from_pretrained as _load
+    return _load(directory, **kwargs)
+
+
+__all__ = ["save_pretrained", "from_pretrained", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal",
            "UnitStats", "signal", "ops", "signals", "errors", "FairPrunerError",
            "CalibrationDataError", "NonFiniteError", "UnsupportedModelError", "TargetError",
            "BookMismatchError", "__version__"]

@@ -156,13 +156,16 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
                                   f"{book.signal_names}); add it with book.set_signal()")
 
     sizes = torch.tensor([g.size for g in book.groups], dtype=torch.int64)
+    # round_to is for widths (channels, MLP neurons); heads and experts are counted exactly.
+    roundable = torch.tensor([g.kind in ("channel", "neuron") for g in book.groups])
     base_p, base_f = book.cost.evaluate(torch.zeros_like(sizes))
     total_units = int(sizes.sum())
 
     def rounded(m: Tensor) -> Tensor:
         kept = sizes - m
         if round_to > 1:
-            kept = torch.minimum(sizes, (kept + round_to - 1) // round_to * round_to)
+            up = torch.minimum(sizes, (kept + round_to - 1) // round_to * round_to)
+            kept = torch.where(roundable, up, kept)
         return sizes - kept.clamp(min=1)
 
     def reduction(m: Tensor, which: str) -> Tensor:
