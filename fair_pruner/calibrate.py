@@ -101,7 +101,8 @@ def logits_of(out: Any) -> Tensor:
     return t
 
 
-def _check_labels(labels: Optional[Tensor], batch_idx: int) -> Tensor:
+def _check_labels(labels: Optional[Tensor], batch_idx: int,
+                  num_classes: Optional[int] = None) -> Tensor:
     if labels is None:
         raise CalibrationDataError(
             "the calibration loader yields unlabelled data: FAIR-Pruner needs class labels for "
@@ -113,6 +114,11 @@ def _check_labels(labels: Optional[Tensor], batch_idx: int) -> Tensor:
             f"batch {batch_idx}: labels must be a 1-d integer tensor of class indices, got "
             f"dtype={labels.dtype} shape={tuple(labels.shape)} (convert one-hot labels with "
             "labels.argmax(1))")
+    if num_classes is not None and labels.numel() and (
+            int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise CalibrationDataError(
+            f"batch {batch_idx}: labels must lie in [0, {num_classes}) for a model with "
+            f"{num_classes} outputs, got values in [{int(labels.min())}, {int(labels.max())}]")
     return labels
 
 
@@ -285,8 +291,12 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
             if mod is None:
                 raise UnsupportedModelError(f"ignore: no module named {m!r}")
             ignored.append(mod)
-        DG = build_dependency_graph(work, _map(example, _grad_input))
-        specs = find_groups(work, DG, ignored)
+        DG = build_dependency_graph(work, example)
+        skipped: List[str] = []
+        specs = find_groups(work, DG, ignored, skipped)
+        if skipped:
+            warnings.warn(f"fair_pruner: {len(skipped)} groups touch grouped convolutions and "
+                          f"are kept whole (e.g. {skipped[0]})")
         if not specs:
             raise UnsupportedModelError("found no prunable Conv/Linear groups in this model "
                                         "(only the output layer, or everything is ignored)")
@@ -306,7 +316,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         _set_modes(work, bn_mode)
         stats = _pass_one(work, producers, chunks[0], loader, first, it, loss_fn,
                           res, classes, samples_per_class, projections, u_mode, seed, device,
-                          tqdm, progress)
+                          tqdm, progress, num_classes)
         _set_modes(work, "eval")
         for chunk in chunks[1:]:
             _u_pass(work, producers, chunk, loader, res, stats["label_hashes"], classes,
@@ -322,16 +332,12 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         "projections": projections, "u_mode": u_mode, "bn_mode": bn_mode,
         "u_passes": len(chunks), "output_layer": probe["names"].get(out_layer),
         "ignored": [probe["names"].get(m, str(m)) for m in ignored],
+        "skipped_groups": skipped,
         "input_spec": _map(example, lambda t: {"shape": list(t.shape), "dtype": str(t.dtype)}),
         "kind": "cnn", "seconds": time.perf_counter() - t0,
         "torch": torch.__version__,
     }
     return ScoreBook(groups, cost, meta)
-
-
-def _grad_input(t: Tensor) -> Tensor:
-    # Tracing needs grad_fn on outputs; a grad-requiring input gives them without touching params.
-    return t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
 
 
 def _validate(spc, maxc, proj, u_mode, bn_mode, budget):
@@ -468,7 +474,7 @@ def _store(p: _Producer, feats: Tensor, rows: List[Tuple[int, int, int]], K: int
 
 
 def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes, S, P, u_mode,
-              seed, device, tqdm, progress) -> Dict[str, Any]:
+              seed, device, tqdm, progress, num_classes) -> Dict[str, Any]:
     """Forward + backward over every batch: Taylor terms and moments for all producers, and
     U samples for the producers in ``chunk``."""
     K = len(classes)
@@ -484,13 +490,13 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
         z = out
         if not z.requires_grad:
             z = z.detach().requires_grad_(True)
-        if p.clone:
-            z = z.clone()  # a later in-place op would overwrite the values we need
         taps[id(p)] = z
+        # A later in-place op (e.g. SiLU(inplace=True)) would overwrite z: hand the model a copy.
+        passed = z.clone() if p.clone else z
         with torch.no_grad():
             if id(p) in in_chunk:
                 _store(p, _features(p, z, P, u_mode, seed), rows_now, K, S)
-        return z if z is not out else None
+        return passed if passed is not out else None
 
     hooks = [p.module.register_forward_hook(hook) for p in producers]
     label_hashes: List[int] = []
@@ -502,7 +508,7 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
         bi = 0
         while batch is not None:
             inputs, labels = split_batch(batch)
-            labels = _check_labels(labels, bi)
+            labels = _check_labels(labels, bi, num_classes)
             lab_list = labels.tolist()
             label_hashes.append(hash(tuple(lab_list)))
             rows_now[:] = res.offer(lab_list, n_samples)
@@ -522,17 +528,14 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
                 z = taps[id(p)].detach()
                 if g is None:
                     g = torch.zeros_like(z)
-                t = ops.taylor_sum(z, g, p.unit_dim).double()
-                if not torch.isfinite(t).all():
+                # One read of z and g: per-unit sums of z*g (Taylor), |z|, z and z^2.
+                st = ops.unit_stats(z, g, p.unit_dim).double()
+                t, a, s1, s2 = st.unbind(0)
+                if not torch.isfinite(st).all():
                     bad = "activations" if not torch.isfinite(z).all() else "gradients"
                     raise NonFiniteError(f"NaN/inf {bad} at {p.name} on batch {bi}: check the "
                                          "model weights, inputs and loss (e.g. lower the loss "
                                          "scale or fix the diverged model)")
-                zd = z.double() if z.dtype == torch.float64 else z.float()
-                other = [d for d in range(z.dim()) if d != p.unit_dim % z.dim()]
-                a = zd.abs().sum(dim=other).double()
-                s1 = zd.sum(dim=other).double()
-                s2 = (zd * zd).sum(dim=other).double()
                 if p.taylor is None:
                     p.taylor, p.act_abs, p.act_sum, p.act_sq = t, a, s1, s2
                 else:

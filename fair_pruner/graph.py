@@ -9,6 +9,7 @@ and bilinear: a Conv whose input channels belong to group A and output channels 
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -51,15 +52,18 @@ class GroupSpec:
 class CostModel:
     """Exact parameter / MAC counts as a function of units removed per group.
 
-    Each term is one parameter tensor: const * prod_d (size_d - m[g_d] * w_d) over at most two
-    group-controlled dims (g_d = -1: not controlled). MAC terms carry the output positions of
-    their Conv/Linear in ``const``.
+    Each term is one parameter tensor (or the MACs of one Conv/Linear):
+    ``const * prod over its <= 2 controlled dims of (size_d - sum_g m[g] * width_{g,d})``.
+    A dim may be shared by several groups (a concatenation feeding one conv). Build it with
+    :class:`CostBuilder`.
     """
     const: torch.Tensor   # float64 [T]
-    size: torch.Tensor    # float64 [T, 2]
-    group: torch.Tensor   # int64 [T, 2]
-    width: torch.Tensor   # float64 [T, 2]
+    factor: torch.Tensor  # int64 [T, 2]: controlled-dim ids, -1 = none
     is_mac: torch.Tensor  # bool [T]
+    fsize: torch.Tensor   # float64 [F]: full size of each controlled dim
+    c_factor: torch.Tensor  # int64 [C]: contribution -> dim id
+    c_group: torch.Tensor   # int64 [C]: contribution -> group
+    c_width: torch.Tensor   # float64 [C]: elements of that dim per removed unit
 
     def evaluate(self, removed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """removed: [G] or [A, G] units removed per group -> (params, macs), each [] or [A]."""
@@ -67,21 +71,69 @@ class CostModel:
         squeeze = r.dim() == 1
         if squeeze:
             r = r[None]
-        padded = torch.cat([r, torch.zeros(r.shape[0], 1, dtype=r.dtype)], dim=1)  # -1 -> zero
-        m = padded[:, self.group]  # [A, T, 2]
-        left = (self.size[None] - m * self.width[None]).prod(dim=2) * self.const[None]  # [A, T]
+        A = r.shape[0]
+        cut = torch.zeros((A, self.fsize.numel()), dtype=torch.float64)
+        if self.c_group.numel():
+            cut.index_add_(1, self.c_factor, r[:, self.c_group] * self.c_width[None])
+        fval = torch.cat([self.fsize[None] - cut, torch.ones((A, 1), dtype=torch.float64)], 1)
+        left = fval[:, self.factor].prod(dim=2) * self.const[None]   # -1 picks the ones column
         params = left[:, ~self.is_mac].sum(dim=1)
         macs = left[:, self.is_mac].sum(dim=1)
         return (params[0], macs[0]) if squeeze else (params, macs)
 
+    _FIELDS = ("const", "factor", "is_mac", "fsize", "c_factor", "c_group", "c_width")
+
     def to_tensors(self) -> Dict[str, torch.Tensor]:
-        return {"cost.const": self.const, "cost.size": self.size, "cost.group": self.group,
-                "cost.width": self.width, "cost.is_mac": self.is_mac.to(torch.uint8)}
+        return {f"cost.{k}": (getattr(self, k).to(torch.uint8) if k == "is_mac" else getattr(self, k))
+                for k in self._FIELDS}
 
     @classmethod
     def from_tensors(cls, t: Dict[str, torch.Tensor]) -> "CostModel":
-        return cls(t["cost.const"], t["cost.size"], t["cost.group"], t["cost.width"],
-                   t["cost.is_mac"].bool())
+        vals = {k: t[f"cost.{k}"] for k in cls._FIELDS}
+        vals["is_mac"] = vals["is_mac"].bool()
+        return cls(**vals)
+
+
+class CostBuilder:
+    """Collects cost terms. A dim is named by a hashable key so several groups can share it.
+
+        b = CostBuilder()
+        b.dim("layer3.conv1.weight:1", size=512, group=4, width=1)     # a group controls a dim
+        b.term(const=9.0, dims=["layer3.conv1.weight:0", "layer3.conv1.weight:1"])
+        cost = b.build()
+    """
+
+    def __init__(self):
+        self._dims: Dict[Any, int] = {}
+        self._fsize: List[float] = []
+        self._contrib: List[Tuple[int, int, float]] = []
+        self._terms: List[Tuple[float, List[int], bool]] = []
+
+    def dim(self, key: Any, size: int, group: int, width: float) -> None:
+        if key not in self._dims:
+            self._dims[key] = len(self._fsize)
+            self._fsize.append(float(size))
+        self._contrib.append((self._dims[key], int(group), float(width)))
+
+    def has_dim(self, key: Any) -> bool:
+        return key in self._dims
+
+    def term(self, const: float, dims: Sequence[Any] = (), mac: bool = False) -> None:
+        ids = [self._dims[k] for k in dims if k in self._dims]
+        if len(ids) > 2:
+            raise ValueError("a cost term has at most two group-controlled dims")
+        self._terms.append((float(const), ids + [-1] * (2 - len(ids)), bool(mac)))
+
+    def build(self) -> CostModel:
+        c = self._contrib
+        return CostModel(
+            const=torch.tensor([t[0] for t in self._terms], dtype=torch.float64),
+            factor=torch.tensor([t[1] for t in self._terms], dtype=torch.int64).reshape(-1, 2),
+            is_mac=torch.tensor([t[2] for t in self._terms], dtype=torch.bool),
+            fsize=torch.tensor(self._fsize, dtype=torch.float64),
+            c_factor=torch.tensor([x[0] for x in c], dtype=torch.int64),
+            c_group=torch.tensor([x[1] for x in c], dtype=torch.int64),
+            c_width=torch.tensor([x[2] for x in c], dtype=torch.float64))
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -95,12 +147,19 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Any):
-    """Torch-Pruning DependencyGraph of ``model`` traced on ``example_inputs`` (no side effects)."""
+    """Torch-Pruning DependencyGraph of ``model`` traced on ``example_inputs``.
+
+    Tracing follows autograd, so frozen parameters are made trainable for the trace and their
+    flags restored before returning (the model ends exactly as it was).
+    """
     import torch_pruning as tp
 
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            for p in frozen:
+                p.requires_grad_(True)
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                          verbose=False)
         except Exception as exc:
@@ -108,6 +167,9 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any):
                 f"Torch-Pruning could not trace this model ({type(exc).__name__}: {exc}). "
                 "Make sure the model runs on the calibration inputs, or pass the offending "
                 "modules in `ignore=`.") from exc
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
 
 
 def _role(DG, module, handler) -> Optional[str]:
@@ -119,14 +181,30 @@ def _role(DG, module, handler) -> Optional[str]:
     return None
 
 
-def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module]) -> List[GroupSpec]:
-    """All prunable coupled groups, in module order, excluding groups touching ``ignored``."""
+def _grouped_conv(m: nn.Module) -> bool:
+    """A grouped, not depthwise, convolution: Torch-Pruning 1.6 cannot remove single channels
+    of it (the per-group fan-in would break), so groups touching one are kept whole."""
+    return isinstance(m, CONV_TYPES) and 1 < m.groups and not (
+        m.groups == m.in_channels == m.out_channels)
+
+
+def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
+                skipped: Optional[List[str]] = None) -> List[GroupSpec]:
+    """All prunable coupled groups, in module order, excluding groups touching ``ignored``.
+
+    Groups that touch a grouped (non-depthwise) convolution are left out and their root names
+    appended to ``skipped``.
+    """
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     specs = []
     for g in DG.get_all_groups(ignored_layers=list(ignored),
                                root_module_types=PRODUCER_TYPES):
         root = g[0].dep.target.module
+        if any(_grouped_conv(it.dep.target.module) for it in g.items):
+            if skipped is not None:
+                skipped.append(names[root])
+            continue
         spec = GroupSpec(name=names[root], size=len(g[0].idxs))
         for item in g.items:
             mod = item.dep.target.module
@@ -167,11 +245,9 @@ def _param_dims(DG, module: nn.Module, handler) -> Dict[str, int]:
 def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
                      out_positions: Dict[str, int]) -> CostModel:
     """Cost terms for every parameter of ``model`` (and MACs of every Conv/Linear)."""
-    import torch_pruning as tp  # noqa: F401  (DG items refer to its handlers)
-
     name_of = {m: n for n, m in model.named_modules()}
     pname_of = {p: n for n, p in model.named_parameters()}
-    control: Dict[str, Dict[int, Tuple[int, float]]] = {}
+    b = CostBuilder()
     for gi, spec in enumerate(groups):
         root = model.get_submodule(spec.name)
         pruner = DG.get_pruner_of_module(root)
@@ -185,38 +261,22 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
             if isinstance(mod, nn.Parameter):
                 pname = pname_of.get(mod)
                 if pname is not None:
-                    control.setdefault(pname, {})[dims[""]] = (gi, width)
+                    b.dim((pname, dims[""]), mod.shape[dims[""]], gi, width)
                 continue
             prefix = name_of.get(mod)
             if prefix is None:
                 continue
             for attr, d in dims.items():
                 p = getattr(mod, attr, None)
-                if isinstance(p, torch.Tensor) and p is not None:
-                    control.setdefault(f"{prefix}.{attr}" if prefix else attr, {})[d] = (gi, width)
-
-    const, size, group, width, is_mac = [], [], [], [], []
-
-    def add(shape, ctrl, positions, mac):
-        c, s, g, w = 1.0, [1.0, 1.0], [-1, -1], [0.0, 0.0]
-        slot = 0
-        for d, n in enumerate(shape):
-            if d in ctrl and slot < 2:
-                s[slot], (g[slot], w[slot]) = float(n), ctrl[d]
-                slot += 1
-            else:
-                c *= float(n)
-        const.append(c * positions)
-        size.append(s), group.append(g), width.append(w), is_mac.append(mac)
+                if isinstance(p, torch.Tensor):
+                    pname = f"{prefix}.{attr}" if prefix else attr
+                    b.dim((pname, d), p.shape[d], gi, width)
 
     for pname, p in model.named_parameters():
-        ctrl = control.get(pname, {})
-        add(p.shape, ctrl, 1.0, False)
+        keys = [(pname, d) for d in range(p.dim()) if b.has_dim((pname, d))]
+        free = math.prod(n for d, n in enumerate(p.shape) if (pname, d) not in keys)
+        b.term(free, keys)
         mod_name, _, attr = pname.rpartition(".")
         if attr == "weight" and mod_name in out_positions:
-            add(p.shape, ctrl, float(out_positions[mod_name]), True)
-    return CostModel(torch.tensor(const, dtype=torch.float64),
-                     torch.tensor(size, dtype=torch.float64).reshape(-1, 2),
-                     torch.tensor(group, dtype=torch.int64).reshape(-1, 2),
-                     torch.tensor(width, dtype=torch.float64).reshape(-1, 2),
-                     torch.tensor(is_mac, dtype=torch.bool))
+            b.term(free * out_positions[mod_name], keys, mac=True)
+    return b.build()

@@ -52,7 +52,6 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     modes = {n: m.training for n, m in target.named_modules()}
     device = next((p.device for p in target.parameters()), torch.device("cpu"))
     example = _example_from_spec(plan.meta["input_spec"], device)
-    example = _grad_inputs(example)
     was_training = target.training
     target.eval()
     DG = build_dependency_graph(target, example)
@@ -81,16 +80,6 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
             m.training = modes[n]
     target.training = was_training
     return target
-
-
-def _grad_inputs(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.requires_grad_(True) if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return {k: _grad_inputs(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_grad_inputs(v) for v in x)
-    return x
 
 
 class _MaskedLayerNorm(nn.Module):
