@@ -15,6 +15,7 @@ from . import errors, ops, signals
 from .errors import (BookMismatchError, CalibrationDataError, FairPrunerError, NonFiniteError,
                      TargetError, UnsupportedModelError)
 from .plan import Plan, allocate
+from .rounds import prune_in_rounds
 from .scorebook import Group, ScoreBook
 from .signals import Signal, UnitStats, signal
 from .surgery import mask, prune
@@ -45,7 +46,7 @@ def from_pretrained(directory, **kwargs):
     return _load(directory, **kwargs)
 
 
-__all__ = ["save_pretrained", "from_pretrained", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal",
+__all__ = ["save_pretrained", "from_pretrained", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal",
            "UnitStats", "signal", "ops", "signals", "errors", "FairPrunerError",
            "CalibrationDataError", "NonFiniteError", "UnsupportedModelError", "TargetError",
            "BookMismatchError", "__version__"]

@@ -205,3 +205,18 @@ def test_custom_signal_plugs_in():
     for g in book.groups:
         k = len(plan.removed[g.name])
         assert plan.removed[g.name] == list(range(k))  # lowest scores first
+
+
+def test_prune_in_rounds_reaches_target():
+    torch.manual_seed(0)
+    model = randomize_bn(TinyCNN(num_classes=4)).eval()
+    loader = batches(torch.randn(24, 3, 8, 8), torch.arange(24) % 4, 8)
+    calls = []
+    pruned, plans = fp.prune_in_rounds(model, loader, params=0.6, rounds=2,
+                                       finetune=lambda m, i: calls.append(i),
+                                       samples_per_class=3, projections=4, progress=False)
+    assert len(plans) == 2 and calls == [1]
+    p0 = sum(p.numel() for p in model.parameters())
+    p1 = sum(p.numel() for p in pruned.parameters())
+    assert p1 == plans[-1].params_after and 1 - p1 / p0 >= 0.6
+    assert plans[1].params_before == plans[0].params_after
