@@ -5,7 +5,7 @@ parameters removed prunes with ToD and with uniform allocation (same U-Score, sa
 reports test accuracy one-shot (no fine-tuning) and after one epoch of fine-tuning.
 
     apt-get install -y dataset-fashion-mnist
-    python benchmarks/fashion_mnist.py [--epochs 3] [--threads 2] [--json out.json]
+    python benchmarks/fashion_mnist.py [--epochs 2] [--threads 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from fair_pruner import data
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64])
+    ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--calib", type=int, default=640)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
@@ -36,7 +38,8 @@ def main() -> None:
 
     train, test = data.fashion_mnist()
     t0 = time.perf_counter()
-    model = data.SmallCNN(in_ch=1, num_classes=10)
+    model = data.SmallCNN(in_ch=1, num_classes=10, widths=tuple(args.widths), hidden=args.hidden,
+                          early_pool=True)
     data.train(model, train, epochs=args.epochs, lr=2e-3, batch_size=128, seed=args.seed)
     t_train = time.perf_counter() - t0
     dense_acc = data.accuracy(model, test)

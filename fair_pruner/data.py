@@ -52,11 +52,14 @@ def fashion_mnist(root: str = FASHION_DIR) -> Tuple[TensorDataset, TensorDataset
 class SmallCNN(nn.Module):
     """The 3-conv CNN used by the demo and the Fashion-MNIST benchmark."""
 
-    def __init__(self, in_ch: int = 1, num_classes: int = 10, widths=(32, 64, 128), hidden=128):
+    def __init__(self, in_ch: int = 1, num_classes: int = 10, widths=(32, 64, 128), hidden=128,
+                 early_pool: bool = False):
         super().__init__()
         a, b, c = widths
+        # early_pool halves the resolution after the first conv (cheap on 28x28 inputs).
         self.features = nn.Sequential(
             nn.Conv2d(in_ch, a, 3, padding=1), nn.BatchNorm2d(a), nn.ReLU(),
+            nn.MaxPool2d(2) if early_pool else nn.Identity(),
             nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(b, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
             nn.AdaptiveAvgPool2d(2))
