@@ -4,9 +4,11 @@ Every op here is a ``torch.library`` custom op (namespace ``fair_pruner``) whose
 implementation by device type:
 
 * ``torch``  - the pure-PyTorch reference below: the CPU fallback and the test oracle.
-* ``cpp``    - C++/OpenMP kernels (``fair_pruner._C``, built from ``csrc/``), CPU.
-* ``triton`` - Triton kernels (``fair_pruner.kernels``), CUDA.
-* ``cuda``   - CUDA C++ kernels (``fair_pruner._cuda``), CUDA.
+* ``cpp``    - C++/OpenMP kernels (``fair_pruner._C``, built from ``csrc/cpu``), CPU, all ops;
+  registered as ``torch.ops.fair_pruner_cpp.*``.
+* ``triton`` - Triton kernels (``fair_pruner.kernels``), CUDA, all ops.
+* ``cuda``   - CUDA C++ kernels (``fair_pruner._cuda``, ``csrc/cuda``), CUDA: ``taylor_sum``,
+  ``unit_stats``, ``pairwise_w1_max`` (preferred over Triton where present).
 
 Compiled backends register themselves with :func:`register_impl`; a backend that fails to load
 warns once and the next one in line is used. ``FAIR_PRUNER_BACKEND=torch|cpp|triton|cuda`` forces
@@ -21,17 +23,19 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "taylor_sum", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select",
-    "register_impl", "implementations", "active_backend", "BACKENDS",
+    "taylor_sum", "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select",
+    "register_impl", "implementations", "active_backend", "positions_3d", "BACKENDS", "OP_NAMES",
 ]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
+OP_NAMES = ("taylor_sum", "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap",
+            "tod_select")
 # Preference per device type when nothing is forced: fastest first, reference last.
 _PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 # Where each compiled backend lives; importing the module registers its implementations.
@@ -89,12 +93,14 @@ def active_backend(op: str, device_type: str) -> str:
             # A forced backend that cannot serve this device (e.g. cpp for CUDA) is not an error:
             # the reference runs there. Forcing only picks among the backends of a device.
             return "torch"
-        if not _load_backend(forced) or forced not in _IMPLS.get(op, {}):
+        if not _load_backend(forced):
             raise RuntimeError(
                 f"FAIR_PRUNER_BACKEND={forced} was requested but the {forced} implementation of "
                 f"{op} is not available (build the extension with `pip install --no-build-isolation "
                 f"-e .`, or unset FAIR_PRUNER_BACKEND)")
-        return forced
+        if forced in _IMPLS.get(op, {}):
+            return forced
+        # A partial backend (cuda has no quantile / ToD kernels): the usual order for this op.
     for b in _PREFERENCE.get(device_type, ("torch",)):
         if _load_backend(b) and b in _IMPLS.get(op, {}):
             return b
@@ -106,19 +112,71 @@ def _call(op: str, device: torch.device, *args):
 
 
 # --------------------------------------------------------------------------------------------
+# Layout helper shared by the GPU backends
+# --------------------------------------------------------------------------------------------
+
+def positions_3d(z: Tensor, g: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tuple[int, int, int],
+                                                        Tuple[int, int, int], Tuple[int, int, int]]:
+    """View z, g as [A, C, I] (unit dim C in the middle) without copying when the strides allow.
+
+    Position dims (all but ``dim``) of size > 1 are ordered by z stride and coalesced; when more
+    than two remain, both tensors are made contiguous (then they always coalesce). Returns
+    (z, g, (A, C, I), z strides, g strides) in elements; g is cast to z's dtype.
+    """
+    if g.dtype != z.dtype:
+        g = g.to(z.dtype)
+    if z.numel() == 0:
+        return z, g, (0, z.shape[dim], 1), (0, 0, 0), (0, 0, 0)
+    for attempt in range(2):
+        dims = sorted((d for d in range(z.dim()) if d != dim and z.shape[d] != 1),
+                      key=lambda d: -z.stride(d))
+        merged = []  # [size, z stride, g stride]
+        for d in dims:
+            n, sz, sg = z.shape[d], z.stride(d), g.stride(d)
+            if merged and merged[-1][1] == n * sz and merged[-1][2] == n * sg:
+                merged[-1] = [merged[-1][0] * n, sz, sg]
+            else:
+                merged.append([n, sz, sg])
+        if len(merged) <= 2 or attempt == 1:
+            break
+        z, g = z.contiguous(), g.contiguous()
+    while len(merged) < 2:
+        merged.insert(0, [1, 0, 0])
+    (A, sza, sga), (I, szi, sgi) = merged
+    C = z.shape[dim]
+    return z, g, (A, C, I), (sza, z.stride(dim), szi), (sga, g.stride(dim), sgi)
+
+
+# --------------------------------------------------------------------------------------------
 # Reference implementations
 # --------------------------------------------------------------------------------------------
+
+def _sum_but(x: Tensor, dim: int) -> Tensor:
+    """Sum of fp32 ``x`` over every dim but ``dim`` ([x.shape[dim]]; zeros when x is empty)."""
+    other = [d for d in range(x.dim()) if d != dim]
+    if x.numel() == 0:
+        return torch.zeros(x.shape[dim], dtype=torch.float32, device=x.device)
+    return x.sum(dim=other) if other else x
+
 
 def taylor_sum_ref(z: Tensor, g: Tensor, dim: int) -> Tensor:
     """sum over every dim but ``dim`` of z * g, accumulated in fp32.
 
     z, g: same shape, any float dtype, any strides. Returns fp32 [z.shape[dim]].
     """
+    return _sum_but(z.float() * g.float(), dim % z.dim())
+
+
+def unit_stats_ref(z: Tensor, g: Tensor, dim: int) -> Tensor:
+    """Per-unit statistics of one batch, summed over every dim but ``dim``, in fp32.
+
+    z, g: same shape, any float dtype, any strides. Returns fp32 [4, z.shape[dim]]: rows
+    sum z*g (the Taylor term), sum |z|, sum z, sum z^2.
+    """
     dim = dim % z.dim()
-    other = [d for d in range(z.dim()) if d != dim]
-    if z.numel() == 0:
-        return torch.zeros(z.shape[dim], dtype=torch.float32, device=z.device)
-    return (z.float() * g.float()).sum(dim=other) if other else z.float() * g.float()
+    zf, gf = z.float(), g.float()
+    return torch.stack([_sum_but(zf * gf, dim), _sum_but(zf.abs(), dim), _sum_but(zf, dim),
+                        _sum_but(zf * zf, dim)])
 
 
 def class_quantiles_ref(x: Tensor, counts: Tensor, q: int) -> Tensor:
@@ -148,10 +206,13 @@ def pairwise_w1_max_ref(sk: Tensor) -> Tensor:
     """
     K, U = sk.shape[0], sk.shape[1]
     best = torch.zeros(U, dtype=torch.float32, device=sk.device)
-    skf = sk.float()
-    for a in range(K - 1):
-        d = (skf[a + 1:] - skf[a]).abs().mean(dim=(2, 3))  # [K-a-1, U]
-        best = torch.maximum(best, d.amax(dim=0))
+    # Units in chunks so the [K-a-1, chunk, P, Q] temporaries stay under ~256 MiB.
+    step = max(1, (64 << 20) // max(1, K * sk.shape[2] * sk.shape[3]))
+    for s in range(0, U, step):
+        skf = sk[:, s:s + step].float()
+        for a in range(K - 1):
+            d = (skf[a + 1:] - skf[a]).abs().mean(dim=(2, 3))  # [K-a-1, chunk]
+            best[s:s + step] = torch.maximum(best[s:s + step], d.amax(dim=0))
     return best
 
 
@@ -224,7 +285,8 @@ def tod_select_ref(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float)
     return out
 
 
-for _name, _fn in (("taylor_sum", taylor_sum_ref), ("class_quantiles", class_quantiles_ref),
+for _name, _fn in (("taylor_sum", taylor_sum_ref), ("unit_stats", unit_stats_ref),
+                   ("class_quantiles", class_quantiles_ref),
                    ("pairwise_w1_max", pairwise_w1_max_ref), ("tod_overlap", tod_overlap_ref),
                    ("tod_select", tod_select_ref)):
     register_impl(_name, "torch", _fn)
@@ -242,6 +304,16 @@ def _taylor_sum_op(z: Tensor, g: Tensor, dim: int) -> Tensor:
 @_taylor_sum_op.register_fake
 def _(z, g, dim):
     return z.new_empty((z.shape[dim],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fair_pruner::unit_stats", mutates_args=())
+def _unit_stats_op(z: Tensor, g: Tensor, dim: int) -> Tensor:
+    return _call("unit_stats", z.device, z, g, dim)
+
+
+@_unit_stats_op.register_fake
+def _(z, g, dim):
+    return z.new_empty((4, z.shape[dim]), dtype=torch.float32)
 
 
 @torch.library.custom_op("fair_pruner::class_quantiles", mutates_args=())
@@ -286,12 +358,30 @@ def _(overlap, offsets, alphas, cap):
 
 def taylor_sum(z: Tensor, g: Tensor, dim: int) -> Tensor:
     """fp32 [z.shape[dim]]: sum over all other dims of z * g (the Taylor term of each unit)."""
-    if z.shape != g.shape:
-        raise ValueError(f"taylor_sum: activation shape {tuple(z.shape)} != gradient shape "
-                         f"{tuple(g.shape)}")
-    if not (-z.dim() <= dim < z.dim()):
-        raise ValueError(f"taylor_sum: unit dim {dim} out of range for a {z.dim()}-d tensor")
+    _check_pair("taylor_sum", z, g, dim)
     return _taylor_sum_op(z, g, dim % z.dim())
+
+
+def _check_pair(op: str, z: Tensor, g: Tensor, dim: int) -> None:
+    if z.shape != g.shape:
+        raise ValueError(f"{op}: activation shape {tuple(z.shape)} != gradient shape "
+                         f"{tuple(g.shape)}")
+    if z.device != g.device:
+        raise ValueError(f"{op}: activation on {z.device} but gradient on {g.device}")
+    if not (z.is_floating_point() and g.is_floating_point()):
+        raise ValueError(f"{op}: expected floating-point tensors, got {z.dtype} and {g.dtype}")
+    if not (-z.dim() <= dim < z.dim()):
+        raise ValueError(f"{op}: unit dim {dim} out of range for a {z.dim()}-d tensor")
+
+
+def unit_stats(z: Tensor, g: Tensor, dim: int) -> Tensor:
+    """fp32 [4, z.shape[dim]]: per unit, sums over all other dims of z*g, |z|, z and z^2.
+
+    One read of z and g on the compiled backends (the fused form of :func:`taylor_sum` plus the
+    activation moments calibration keeps).
+    """
+    _check_pair("unit_stats", z, g, dim)
+    return _unit_stats_op(z, g, dim % z.dim())
 
 
 def class_quantiles(x: Tensor, counts: Tensor, q: int) -> Tensor:
