@@ -456,21 +456,25 @@ def _features(p: _Producer, z: Tensor, projections: int, u_mode: str, seed: int)
     return torch.matmul(zz.to(p.directions.dtype), p.directions)
 
 
-def _store(p: _Producer, feats: Tensor, rows: List[Tuple[int, int, int]], K: int, S: int):
+def _store(p: _Producer, z: Tensor, rows: List[Tuple[int, int, int]], K: int, S: int,
+           projections: int, u_mode: str, seed: int) -> None:
+    """Project the selected rows of ``z`` (only those) into their (class, slot) sample places.
+
+    Finiteness is not checked here: pass 1 checks every activation it stores through the fused
+    unit statistics, and later passes replay the same samples.
+    """
+    if not rows:
+        return
+    if len(rows) != z.shape[0] or any(r[0] != i for i, r in enumerate(rows)):
+        z = z.index_select(0, torch.tensor([x[0] for x in rows], device=z.device))
+    feats = _features(p, z, projections, u_mode, seed)
     if p.buf is None:
         dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
         p.buf = torch.zeros((K, S, feats.shape[1], feats.shape[2]), dtype=dtype,
                             device=feats.device)
-    if not rows:
-        return
-    r = torch.tensor([x[0] for x in rows], device=feats.device)
     k = torch.tensor([x[1] for x in rows], device=feats.device)
     s = torch.tensor([x[2] for x in rows], device=feats.device)
-    vals = feats.index_select(0, r)
-    if not torch.isfinite(vals).all():
-        raise NonFiniteError(f"NaN/inf activations at the output of {p.name}: check the model "
-                             "weights and the calibration inputs")
-    p.buf[k, s] = vals.to(p.buf.dtype)
+    p.buf[k, s] = feats.to(p.buf.dtype)
 
 
 def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes, S, P, u_mode,
@@ -495,7 +499,7 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
         passed = z.clone() if p.clone else z
         with torch.no_grad():
             if id(p) in in_chunk:
-                _store(p, _features(p, z, P, u_mode, seed), rows_now, K, S)
+                _store(p, z, rows_now, K, S, P, u_mode, seed)
         return passed if passed is not out else None
 
     hooks = [p.module.register_forward_hook(hook) for p in producers]
@@ -519,6 +523,12 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
                 out = call_model(model, inputs)
                 loss = loss_fn(out, labels)
                 if not torch.isfinite(loss):
+                    bad = next((p for p in producers if id(p) in taps
+                                and not torch.isfinite(taps[id(p)]).all()), None)
+                    if bad is not None:
+                        raise NonFiniteError(f"NaN/inf activations at the output of {bad.name} "
+                                             f"on batch {bi}: check the model weights and the "
+                                             "calibration inputs")
                     raise NonFiniteError(f"the loss is {loss.item()} on batch {bi}: check the "
                                          "model, the inputs and the labels (label out of range?)")
                 order = [p for p in producers if id(p) in taps]
@@ -572,7 +582,7 @@ def _u_pass(model, producers, chunk, loader, res, label_hashes, classes, S, P, u
 
     def hook(mod, inp, out):
         p = by_module[mod]
-        _store(p, _features(p, out, P, u_mode, seed), rows_now, K, S)
+        _store(p, out, rows_now, K, S, P, u_mode, seed)
 
     hooks = [p.module.register_forward_hook(hook) for p in chunk]
     bar = tqdm(total=len(label_hashes), desc="fair_pruner: U pass", disable=not progress,
