@@ -45,7 +45,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fair_pruner", "fair_pruner.kernels"],
+    packages=["fair_pruner", "fair_pruner.llm", "fair_pruner.kernels"],
     package_dir={"fair_pruner": "fair_pruner", "fair_pruner.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -113,8 +113,8 @@ class Plan:
 
 def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[float] = None,
              flops: Optional[float] = None, units: Optional[float] = None,
-             strategy: str = "tod", round_to: int = 1, cap: float = 0.99, signal: str = "u",
-             protect: str = "r") -> Plan:
+             experts: Optional[float] = None, strategy: str = "tod", round_to: int = 1,
+             cap: float = 0.99, signal: str = "u", protect: str = "r") -> Plan:
     """Choose the units to remove.
 
     Args:
@@ -126,7 +126,18 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         round_to: keep a multiple of this many units per group (rounded up; never 0).
         cap: at most floor(cap * n) units of a group are removed.
         signal / protect: names of the removal and protection signals in the book.
+        experts: a fraction in (0, 1) of the routed MoE experts to remove, exactly, model-wide
+            (ToD picks the per-layer counts, each layer keeps >= top_k; see
+            :func:`fair_pruner.llm.moe.allocate_experts`). Dense groups of the book are pruned
+            at ``tod`` if given, else kept.
     """
+    if experts is not None:
+        if params is not None or flops is not None or units is not None:
+            raise TargetError("experts= cannot be combined with params=/flops=/units=; give "
+                              "tod= for the dense groups instead")
+        from .llm.moe import allocate_experts
+        return allocate_experts(book, experts, strategy=strategy, cap=cap, signal=signal,
+                                protect=protect, tod=tod)
     targets = {k: v for k, v in (("params", params), ("flops", flops), ("units", units))
                if v is not None}
     if len(targets) > 1:
@@ -158,6 +169,9 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
     sizes = torch.tensor([g.size for g in book.groups], dtype=torch.int64)
     # round_to is for widths (channels, MLP neurons); heads and experts are counted exactly.
     roundable = torch.tensor([g.kind in ("channel", "neuron") for g in book.groups])
+    # routed MoE experts: every layer keeps >= top_k (each token is routed to top_k experts)
+    min_keep = torch.tensor([int(g.meta.get("top_k", 1)) if g.kind == "expert" else 1
+                             for g in book.groups], dtype=torch.int64)
     base_p, base_f = book.cost.evaluate(torch.zeros_like(sizes))
     total_units = int(sizes.sum())
 
@@ -166,7 +180,7 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         if round_to > 1:
             up = torch.minimum(sizes, (kept + round_to - 1) // round_to * round_to)
             kept = torch.where(roundable, up, kept)
-        return sizes - kept.clamp(min=1)
+        return sizes - torch.maximum(kept, min_keep)
 
     def reduction(m: Tensor, which: str) -> Tensor:
         if which == "units":

@@ -1,0 +1,394 @@
+"""Token-level calibration of a causal LM: one forward + backward per batch scores every layer.
+
+Every token position is a sample; its class is the next token, restricted to the K most frequent
+next tokens of the calibration data (ties by token id). Per unit family (see
+:mod:`fair_pruner.llm.layout`) the tap is the input of the Linear that consumes the units
+(``down_proj`` for MLP neurons, ``o_proj`` for heads), and per batch we accumulate, never keeping
+activations beyond the batch:
+
+* the signed Taylor sum ``z * dL/dz`` per sub-unit (R-Score; gradients by
+  ``torch.autograd.grad`` w.r.t. the taps, so no ``.grad`` of the caller's model is touched),
+* |z| sums and per-channel sums / sums of squares (activation and FLAP fluctuation signals),
+* seeded per-class reservoir samples (U-Score): scalars for neurons, and for heads the projection
+  of each head's ``head_dim`` output onto P seeded directions (one set per layer; sliced W1).
+
+Units are composed from sub-units (a KV-group unit is its query heads): U takes the max over the
+unit's heads, R sums their signed Taylor terms before the absolute value (SPEC, groups).
+"""
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from collections import Counter
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..calibrate import Reservoir, _finish_u, _preserved, _store, split_batch
+from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
+from ..graph import CostBuilder, CostModel, GroupSpec, Member, model_fingerprint
+from ..scorebook import Group, ScoreBook
+from ..signals import BUILTIN, Signal, UnitStats
+from .layout import Layout, UnitFamily, find_layout
+
+KIND = "llm"
+
+
+# --------------------------------------------------------------------------------------------
+# Batches: token ids and their next-token targets
+# --------------------------------------------------------------------------------------------
+
+def _token_batch(batch: Any, bi: int) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """(input_ids [B, T], attention_mask or None, targets [B, T-1] with -100 = no label)."""
+    inputs, labels = split_batch(batch)
+    if isinstance(inputs, dict):
+        ids = inputs.get("input_ids")
+        mask = inputs.get("attention_mask")
+    else:
+        ids, mask = inputs, None
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise CalibrationDataError(
+            f"batch {bi}: no labels possible: a causal LM is calibrated on token ids (a LongTensor "
+            "[batch, seq] or dicts with 'input_ids'), whose next tokens are the labels; got "
+            f"{type(ids).__name__ if not isinstance(ids, Tensor) else ids.dtype}. Tokenize the "
+            "text first")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise CalibrationDataError(f"batch {bi}: input_ids must be [batch, seq], got shape "
+                                   f"{tuple(ids.shape)}")
+    if ids.shape[1] < 2:
+        raise CalibrationDataError(
+            f"batch {bi}: sequences of length {ids.shape[1]}; next-token labels need at least 2 "
+            "tokens per sequence. Use longer calibration sequences (e.g. 512 tokens)")
+    if mask is not None:
+        mask = torch.as_tensor(mask).reshape(ids.shape).to(torch.bool)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != ids.shape:
+            raise CalibrationDataError(f"batch {bi}: labels shape {tuple(labels.shape)} != "
+                                       f"input_ids shape {tuple(ids.shape)} (HF convention: "
+                                       "labels aligned with input_ids, -100 = ignore)")
+        tgt = labels[:, 1:].to(torch.int64).clone()
+    else:
+        tgt = ids[:, 1:].to(torch.int64).clone()
+    if mask is not None:
+        tgt[~(mask[:, 1:] & mask[:, :-1])] = -100
+    return ids, mask, tgt
+
+
+def _materialize(loader: Iterable) -> Iterable:
+    """A loader we may iterate twice (one-shot iterators become a list of batches)."""
+    if iter(loader) is loader:
+        return list(loader)
+    return loader
+
+
+def _top_classes(loader: Iterable, k: int) -> Tuple[List[int], int, int]:
+    """The k most frequent next tokens (ties by id), number of labelled positions, batches."""
+    counts: Counter = Counter()
+    n = nb = 0
+    for bi, batch in enumerate(loader):
+        _, _, tgt = _token_batch(batch, bi)
+        t = tgt[tgt >= 0]
+        vals, c = torch.unique(t, return_counts=True)
+        counts.update(dict(zip(vals.tolist(), c.tolist())))
+        n += int(t.numel())
+        nb += 1
+    if nb == 0:
+        raise CalibrationDataError("the calibration loader is empty")
+    if n == 0:
+        raise CalibrationDataError(
+            "no labels possible: every next-token position is masked out (attention_mask / "
+            "labels == -100). Give unpadded token sequences of length >= 2")
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return sorted(t for t, _ in top), n, nb
+
+
+# --------------------------------------------------------------------------------------------
+# Per-family accumulators
+# --------------------------------------------------------------------------------------------
+
+class _Tap:
+    """Running statistics of one family's tap (``name``/``buf``/``u`` as ``_finish_u`` expects)."""
+
+    def __init__(self, fam: UnitFamily):
+        self.fam, self.name = fam, fam.tap
+        self.taylor = torch.zeros(fam.n_sub, dtype=torch.float64)
+        self.act_abs = torch.zeros(fam.n_sub, dtype=torch.float64)
+        self.ch_sum = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
+        self.ch_sq = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
+        self.tokens = 0
+        self.directions: Optional[Tensor] = None
+        self.buf: Optional[Tensor] = None
+        self.u: Optional[Tensor] = None
+
+    def to_units_last(self, z: Tensor) -> Tensor:
+        """[r, n_sub, feat]: token rows split into sub-units (the layout ``_store`` expects;
+        heads are projected onto P seeded directions over head_dim there, sliced W1)."""
+        return z.reshape(z.shape[0], self.fam.n_sub, self.fam.feat)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_class: int = 32,
+          projections: int = 128, heads: str = "kv", seed: int = 0, device=None,
+          progress: bool = True, signals: Sequence[Signal] = (),
+          roles: Sequence[str] = ("attention", "ffn")) -> ScoreBook:
+    """Calibrate a Hugging Face causal LM on token batches and return its :class:`ScoreBook`.
+
+    Args:
+        model: a Llama-style causal LM (Llama, Mistral, Qwen2, Qwen3, same layout); left exactly
+            as it was (weights, buffers, requires_grad, train/eval flags, no hooks left).
+        loader: iterable of token batches: LongTensors [batch, seq], or dicts with ``input_ids``
+            and optionally ``attention_mask`` / ``labels`` (HF convention, -100 = ignore). It is
+            read twice (token counts, then calibration); a one-shot iterator is materialised.
+        classes: K, the number of most frequent next tokens used as U-Score classes.
+        samples_per_class: reservoir size per class (seeded).
+        projections: sliced-W1 directions over head_dim for attention heads.
+        heads: ``"kv"`` (unit = a KV group with its query heads) or ``"query"`` (unit = query-head
+            slot within every KV group; every group loses the same number of query heads).
+        seed: reservoir sampling and projection directions.
+        device: calibrate there (a model elsewhere is deep-copied, never moved).
+        progress: tqdm progress bar.
+        signals: extra :class:`~fair_pruner.signals.Signal` objects evaluated on each group's
+            :class:`~fair_pruner.signals.UnitStats` and stored in the book.
+        roles: which unit families to score and prune (``"attention"``, ``"ffn"``); the others
+            are kept whole but still count in the parameter/MAC totals (see :func:`restrict`).
+
+    The book stores, per group, ``u``, ``r``, ``l1``, ``l2``, ``activation``, ``random`` and
+    ``fluctuation`` (FLAP: variance of each tap channel times the squared norm of the weight
+    column consuming it, summed over the unit's channels). Costs cover the attention and MLP
+    projections (parameters, and MACs per token with attention over the calibration length).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if not isinstance(classes, int) or classes < 2:
+        raise CalibrationDataError("classes must be an int >= 2 (the K most frequent next tokens)")
+    if not isinstance(samples_per_class, int) or samples_per_class < 2:
+        raise CalibrationDataError("samples_per_class must be an int >= 2")
+    if not isinstance(projections, int) or projections < 1:
+        raise CalibrationDataError("projections must be an int >= 1")
+    layout = find_layout(model, heads=heads)
+    _check_roles(layout, roles)
+    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device) if device is not None else model_device
+    work = model if device == model_device else copy.deepcopy(model).to(device)
+    fingerprint = model_fingerprint(model)
+
+    loader = _materialize(loader)
+    cls, n_labelled, n_batches = _top_classes(loader, classes)
+    res = Reservoir(cls, samples_per_class, seed)
+    taps = [_Tap(f) for f in layout.families if f.role in roles]
+    seq_lens: List[int] = []
+
+    with _preserved(work, restore_buffers=False):
+        work.eval()
+        _calibration_pass(work, taps, loader, res, cls, samples_per_class, projections, seed,
+                          device, tqdm, progress, n_batches, seq_lens)
+    for tp in taps:
+        _finish_u(tp, res, cls)
+
+    context = (max(seq_lens) + 1) / 2.0          # mean causal context of a calibration sequence
+    all_signals: Dict[str, Signal] = dict(BUILTIN)
+    for s in signals:
+        all_signals[s.name] = s
+    groups = [_group(work, tp, all_signals, seed) for tp in taps]
+    cost = _cost_model(work, layout, context, [tp.fam for tp in taps])
+    counts = res.counts()
+    meta = {
+        "fingerprint": fingerprint, "seed": seed, "kind": KIND, "heads": heads,
+        "roles": list(roles),
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "architecture": type(model).__name__, "layers_module": layout.layers_name,
+        "num_layers": len(layout.layers), "classes": cls, "class_counts": counts,
+        "classes_used": [c for c, n in zip(cls, counts) if n >= 2],
+        "samples_per_class": samples_per_class, "projections": projections,
+        "calibration_sequences": len(seq_lens), "calibration_tokens": n_labelled,
+        "batches": n_batches, "seq_len": max(seq_lens), "mac_context": context,
+        "cost_scope": "attention+mlp projections; MACs per token",
+        "seconds": time.perf_counter() - t0,
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "torch": torch.__version__,
+    }
+    return ScoreBook(groups, cost, meta)
+
+
+def _calibration_pass(model, taps: List[_Tap], loader, res: Reservoir, cls, S, P, seed, device,
+                      tqdm, progress, n_batches, seq_lens) -> None:
+    K = len(cls)
+    live: Dict[int, Tensor] = {}
+    batch_state: Dict[str, Any] = {}
+
+    def make_hook(i: int, tp: _Tap):
+        def on_input(x: Tensor) -> Tensor:
+            z = x if x.requires_grad else x.detach().requires_grad_(True)
+            live[i] = z
+            rows = batch_state["rows"]
+            if rows:
+                with torch.no_grad():
+                    flat = z.detach()[:, :-1].reshape(-1, z.shape[-1])
+                    _store(tp, flat, rows, K, S, P, "sliced", seed)
+            return z
+        return on_input
+
+    handles = [tp.fam.install_tap(model, make_hook(i, tp)) for i, tp in enumerate(taps)]
+    bar = tqdm(total=n_batches, desc="fair_pruner: calibrating LM", disable=not progress,
+               leave=False)
+    first = 0
+    try:
+        for bi, batch in enumerate(loader):
+            ids, mask, tgt = _token_batch(batch, bi)
+            B, T = ids.shape
+            seq_lens.extend([T] * B)
+            flat_t = tgt.reshape(-1).tolist()
+            batch_state["rows"] = res.offer(flat_t, first)
+            first += len(flat_t)
+            ids = ids.to(device)
+            kw = {"attention_mask": mask.to(device=device, dtype=torch.long)} if mask is not None else {}
+            tgt_d = tgt.to(device)
+            live.clear()
+            with torch.enable_grad():
+                out = model(input_ids=ids, use_cache=False, **kw)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       tgt_d.reshape(-1), ignore_index=-100, reduction="sum")
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"the loss is {loss.item()} on batch {bi}: check the "
+                                         "model weights and the token ids (id out of range?)")
+                order = [i for i in range(len(taps)) if i in live]
+                if len(order) != len(taps):
+                    missing = [taps[i].name for i in range(len(taps)) if i not in live]
+                    raise UnsupportedModelError(f"{missing[0]} never ran during the forward pass; "
+                                                "the model's forward does not use it")
+                grads = torch.autograd.grad(loss, [live[i] for i in order], allow_unused=True)
+            del out, logits, loss
+            valid = mask.reshape(-1).to(device) if mask is not None else None
+            for i, g in zip(order, grads):
+                tp = taps[i]
+                z = live[i].detach()
+                if g is None:
+                    g = torch.zeros_like(z)
+                zv, gv = z.reshape(-1, z.shape[-1]), g.reshape(-1, z.shape[-1])
+                if valid is not None:
+                    zv, gv = zv[valid], gv[valid]
+                st = ops.unit_stats(zv, gv, 1).double().cpu()   # per channel: zg, |z|, z, z^2
+                if not torch.isfinite(st).all():
+                    raise NonFiniteError(f"NaN/inf activations or gradients at the input of "
+                                         f"{tp.name} on batch {bi}: check the model weights")
+                tp.taylor += st[0].reshape(tp.fam.n_sub, tp.fam.feat).sum(dim=1)
+                tp.act_abs += st[1].reshape(tp.fam.n_sub, tp.fam.feat).sum(dim=1)
+                tp.ch_sum += st[2]
+                tp.ch_sq += st[3]
+                tp.tokens += zv.shape[0]
+            live.clear()
+            del grads
+            bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Signals, groups, costs
+# --------------------------------------------------------------------------------------------
+
+def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
+    fam = tp.fam
+    subs = fam.sub_of_unit()                      # [size, k]
+    k = subs.shape[1]
+    ntok = max(1, tp.tokens)
+    taylor = tp.taylor[subs].sum(dim=1)           # signed sum over the unit's heads
+    u = tp.u.double()[subs].amax(dim=1)
+    act_abs = tp.act_abs[subs].sum(dim=1) / (ntok * fam.feat * k)
+    ch_mean = tp.ch_sum / ntok
+    ch_var = (tp.ch_sq / ntok - ch_mean * ch_mean).clamp_min(0)
+    flap_ch = ch_var * fam.tap_column_sq(model)
+    flap = flap_ch.reshape(fam.n_sub, fam.feat).sum(dim=1)[subs].sum(dim=1)
+    # Unit-level moments (means over the unit's channels) for user signals.
+    ch_sq_u = (tp.ch_sq / ntok).reshape(fam.n_sub, fam.feat).mean(dim=1)[subs].mean(dim=1)
+    ch_mean_u = ch_mean.reshape(fam.n_sub, fam.feat).mean(dim=1)[subs].mean(dim=1)
+    stats = UnitStats(fam.group_name, fam.unit_weights(model), None, taylor, act_abs,
+                      ch_mean_u, ch_sq_u, u, seed)
+    sigs: Dict[str, Tensor] = {}
+    for name, sig in all_signals.items():
+        v = torch.as_tensor(sig(stats), dtype=torch.float64).reshape(-1).cpu()
+        if sig.signed_sum_then_abs:
+            v = v.abs()
+        if v.numel() != fam.size:
+            raise UnsupportedModelError(f"signal {name!r} returned {v.numel()} scores for "
+                                        f"{fam.group_name}, which has {fam.size} units")
+        if not torch.isfinite(v).all():
+            raise NonFiniteError(f"signal {name!r} is not finite for group {fam.group_name}")
+        sigs[name] = v
+    sigs["fluctuation"] = flap
+    if hasattr(fam, "extra_signals"):             # e.g. MoE experts: routing freq, REAP
+        sigs.update({k: v.double().cpu() for k, v in fam.extra_signals().items()})
+    block = model.get_submodule(fam.name)
+    members = [Member(f"{fam.name}.{n}", "consumer" if f"{fam.name}.{n}" == fam.tap else
+                      "producer", [], []) for n, c in block.named_children()
+               if isinstance(c, nn.Linear)]
+    spec = GroupSpec(fam.group_name, fam.size, members)
+    meta = {"layer": fam.layer, "family": fam.role, "module": fam.name, "tap": fam.tap,
+            "sub_units": fam.n_sub, "features": fam.feat}
+    if hasattr(fam, "extra_meta"):                # e.g. MoE experts: top_k, router
+        meta.update(fam.extra_meta())
+    if fam.kind == "head":
+        meta.update({"head_dim": fam.head_dim, "num_heads": fam.n_heads,
+                     "num_kv_heads": fam.n_kv, "mode": fam.mode})
+    return Group(fam.group_name, fam.size, sigs, spec, fam.kind, meta)
+
+
+def _check_roles(layout: Layout, roles: Sequence[str]) -> None:
+    have = {f.role for f in layout.families}
+    bad = [r for r in roles if r not in have]
+    if not roles or bad:
+        raise CalibrationDataError(f"roles={list(roles)}: choose one or more of {sorted(have)}")
+
+
+def restrict(book: ScoreBook, model: nn.Module, roles: Sequence[str]) -> ScoreBook:
+    """The same scores with only the families of ``roles`` prunable (no recalibration).
+
+    The other families' parameters still count in the totals, so ``params=0.2`` still means
+    20% of the attention+MLP parameters (e.g. ``roles=("ffn",)``: reach it with MLP neurons).
+    """
+    book.check_model(model)
+    layout = find_layout(model, heads=book.meta.get("heads", "kv"))
+    _check_roles(layout, roles)
+    fams = [f for f in layout.families if f.role in roles]
+    groups = [book.group(f.group_name) for f in fams]
+    meta = dict(book.meta, roles=list(roles))
+    return ScoreBook(groups, _cost_model(model, layout, book.meta["mac_context"], fams), meta)
+
+
+def _cost_model(model, layout: Layout, context: float,
+                prunable: Sequence[UnitFamily]) -> CostModel:
+    """Exact params / MACs-per-token of every family's cost terms, as a :class:`CostModel`;
+    only the ``prunable`` families (group index = position in that list) control dims."""
+    b = CostBuilder()
+    index = {id(f): gi for gi, f in enumerate(prunable)}
+    for fam in layout.families:
+        gi = index.get(id(fam))
+        for ti, term in enumerate(fam.cost_terms(model, context)):
+            const, keys = 1.0, []
+            for d, n in enumerate(term.shape):
+                if d in term.ctrl and gi is not None:
+                    key = (fam.group_name, ti, d)
+                    b.dim(key, size=n, group=gi, width=term.ctrl[d])
+                    keys.append(key)
+                else:
+                    const *= float(n)
+            if term.params:
+                b.term(const, keys)
+            if term.macs:
+                b.term(const * term.macs, keys, mac=True)
+    return b.build()

@@ -1,0 +1,691 @@
+"""Routed-expert pruning for Mixture-of-Experts causal LMs (Qwen2-MoE, Mixtral, Qwen3-MoE, ...).
+
+Unit = one routed expert of one MoE layer; one group per MoE layer (``kind="expert"``). Shared
+experts and the shared-expert gate are never touched. Everything here works by structure, not by
+class name; a module that looks like an MoE block but cannot be mapped is a clear error.
+
+Layouts (transformers 5.x and earlier / remote-code models):
+
+* **fused**: ``block.experts`` holds 3-D parameters with the expert in dim 0 (``gate_up_proj``
+  ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``, optional biases ``[E, ...]``), called as
+  ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``; the router
+  (``block.gate``) holds ``weight [E, H]`` and returns ``(logits, top_k_weights, top_k_index)``.
+* **module list**: ``block.experts`` is an ``nn.ModuleList`` of E identical MLPs and the router is
+  an ``nn.Linear(H, E)`` whose logits the block turns into softmax -> top-k (-> renormalise).
+
+Routing semantics kept by surgery: the router row of a removed expert goes away and the remaining
+rows keep their values, so every surviving expert's logit is unchanged; softmax / top-k then run
+over the survivors, as the model's own code does. The reference it must equal
+(:func:`mask_experts`) is the original model with the removed experts' logits set to ``-inf``,
+computed by the model's own routing code.
+
+    import fair_pruner as fp
+    book = fp.score(moe_model, token_batches)          # experts, plus heads / dense MLPs
+    plan = fp.allocate(book, experts=0.25)             # exactly 25% of the routed experts
+    plan = fp.allocate(book, experts=0.25, strategy="uniform")   # same count per layer
+    plan = fp.allocate(book, experts=0.25, signal="freq")        # or "reap", "l2", ...
+    small = fp.prune(moe_model, plan)                  # per-layer expert counts
+    fp.save_pretrained(small, "out/"); fp.from_pretrained("out/")
+
+Limits: group-limited routers (DeepSeek-V3 ``n_group``) and ModuleDict experts are refused;
+a pruned model with different counts per layer cannot compute transformers' load-balancing aux
+loss (``output_router_logits=True``, training only); save/reload rebuilds the transformers class,
+i.e. the fused storage (a ModuleList-layout model prunes and masks, but is not reloaded).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import FairPrunerError, TargetError, UnsupportedModelError
+from .layout import CostTerm, MLPNeurons, UnitFamily, register_family
+
+EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+SHARED_NAMES = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
+GROUPED_ROUTING_ATTRS = ("n_group", "topk_group")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class MoELayer:
+    """Where one MoE block's routed experts and router live (module names inside the model)."""
+    block: str
+    router: str
+    experts: str
+    storage: str                 # "fused" or "modulelist"
+    num_experts: int
+    top_k: int
+    hidden: int
+    layer_index: Optional[int] = None
+    shared: List[str] = field(default_factory=list)
+
+    @property
+    def group_name(self) -> str:
+        """Name of this layer's unit group in score books and plans."""
+        return self.experts
+
+
+def _direct_tensors(mod: nn.Module) -> Dict[str, Tensor]:
+    out = dict(mod.named_parameters(recurse=False))
+    out.update({n: b for n, b in mod.named_buffers(recurse=False) if b is not None})
+    return out
+
+
+def _looks_like_moe(mod: nn.Module) -> bool:
+    """A block with an ``experts`` child module (its layout is checked by :func:`_map_block`)."""
+    return isinstance(getattr(mod, "experts", None), nn.Module)
+
+
+def _layer_index(name: str) -> Optional[int]:
+    for part in reversed(name.split(".")):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _top_k(block: nn.Module, router: nn.Module, config) -> Optional[int]:
+    for obj in (router, block):
+        for attr in ("top_k", "num_experts_per_tok"):
+            v = getattr(obj, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+    v = getattr(config, "num_experts_per_tok", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _map_block(config, name: str, block: nn.Module) -> MoELayer:
+    where = f"MoE block {name!r} ({type(block).__name__})"
+    experts = getattr(block, "experts", None)
+    if not isinstance(experts, nn.Module):
+        raise UnsupportedModelError(f"{where}: no `experts` module; fair_pruner's MoE support "
+                                    "expects `block.experts` (fused 3-D parameters or a ModuleList)")
+    prefix = f"{name}." if name else ""
+    if isinstance(experts, nn.ModuleList):
+        storage = "modulelist"
+        E = len(experts)
+        kinds = {type(e) for e in experts}
+        shapes = {tuple((n, tuple(p.shape)) for n, p in e.named_parameters()) for e in experts}
+        if E < 2 or len(kinds) != 1 or len(shapes) != 1:
+            raise UnsupportedModelError(f"{where}: `experts` must be a ModuleList of >= 2 "
+                                        "identical expert MLPs")
+    elif isinstance(experts, nn.ModuleDict):
+        raise UnsupportedModelError(f"{where}: experts in a ModuleDict (Switch/NLLB-style) are "
+                                    "not supported; supported layouts are fused 3-D expert "
+                                    "parameters and a ModuleList of experts")
+    else:
+        storage = "fused"
+        t = _direct_tensors(experts)
+        if any(list(c.parameters()) for c in experts.children()):
+            raise UnsupportedModelError(f"{where}: `{prefix}experts` has parameterised "
+                                        "submodules; expected fused 3-D expert parameters")
+        three_d = {n: p for n, p in t.items() if p.dim() == 3}
+        if "down_proj" not in three_d or not ({"gate_up_proj", "up_proj"} & set(three_d)):
+            raise UnsupportedModelError(
+                f"{where}: `{prefix}experts` ({type(experts).__name__}) has no fused "
+                "gate_up_proj/up_proj and down_proj [E, ., .] parameters; cannot map its experts")
+        E = int(three_d["down_proj"].shape[0])
+        bad = [n for n, p in t.items() if p.dim() == 0 or p.shape[0] != E]
+        if bad:
+            raise UnsupportedModelError(f"{where}: expert parameters {bad} do not have the "
+                                        f"expert count {E} in dim 0")
+    routers = []
+    for cname, child in block.named_children():
+        if cname == "experts" or cname in SHARED_NAMES:
+            continue
+        w = getattr(child, "weight", None)
+        if isinstance(w, Tensor) and w.dim() == 2 and w.shape[0] == E:
+            routers.append((cname, child))
+    if len(routers) != 1:
+        found = [c for c, _ in routers]
+        raise UnsupportedModelError(
+            f"{where}: expected exactly one router (a child with weight [{E}, hidden]) beside "
+            f"`experts`, found {found or 'none'}; cannot map this MoE layout")
+    rname, router = routers[0]
+    for attr in GROUPED_ROUTING_ATTRS:
+        v = getattr(router, attr, getattr(block, attr, None))
+        if isinstance(v, int) and v > 1:
+            raise UnsupportedModelError(f"{where}: group-limited routing ({attr}={v}) is not "
+                                        "supported: removing experts would break the expert "
+                                        "groups")
+    if storage == "modulelist" and not isinstance(router, nn.Linear):
+        raise UnsupportedModelError(f"{where}: with a ModuleList of experts the router "
+                                    f"`{rname}` must be an nn.Linear, got {type(router).__name__}")
+    k = _top_k(block, router, config)
+    if k is None:
+        raise UnsupportedModelError(f"{where}: cannot find top_k (router.top_k, block.top_k or "
+                                    "config.num_experts_per_tok)")
+    shared = [f"{prefix}{c}" for c, _ in block.named_children() if c in SHARED_NAMES]
+    return MoELayer(block=name, router=f"{prefix}{rname}", experts=f"{prefix}experts",
+                    storage=storage, num_experts=E, top_k=k, hidden=int(router.weight.shape[1]),
+                    layer_index=_layer_index(name), shared=shared)
+
+
+def find_moe_layers(model: nn.Module) -> List[MoELayer]:
+    """Every MoE block of ``model``, in module order (empty for a dense model).
+
+    A module with an ``experts`` child that cannot be mapped raises
+    :class:`~fair_pruner.UnsupportedModelError` naming it.
+    """
+    layers = []
+    for name, mod in model.named_modules():
+        if _looks_like_moe(mod):
+            layers.append(_map_block(getattr(model, "config", None), name, mod))
+    return layers
+
+
+# --------------------------------------------------------------------------------------------
+# Surgery
+# --------------------------------------------------------------------------------------------
+
+def _slice_dim0(mod: nn.Module, keep: Tensor, E: int) -> None:
+    for n, p in list(mod.named_parameters(recurse=False)):
+        if p.dim() >= 1 and p.shape[0] == E:
+            new = nn.Parameter(p.detach().index_select(0, keep.to(p.device)).clone(),
+                               requires_grad=p.requires_grad)
+            setattr(mod, n, new)
+    for n, b in list(mod.named_buffers(recurse=False)):
+        if b is not None and b.dim() >= 1 and b.shape[0] == E:
+            persistent = n not in getattr(mod, "_non_persistent_buffers_set", set())
+            mod.register_buffer(n, b.index_select(0, keep.to(b.device)).clone(),
+                                persistent=persistent)
+
+
+def _set_counts(objs: Iterable[Any], old: int, new: int) -> None:
+    for obj in objs:
+        for attr in EXPERT_COUNT_ATTRS:
+            if getattr(obj, attr, None) == old:
+                setattr(obj, attr, new)
+        if isinstance(obj, nn.Linear) and obj.out_features == old:
+            obj.out_features = new
+
+
+def check_removal(layer: MoELayer, removed: Sequence[int]) -> List[int]:
+    """Sorted kept expert indices of ``layer`` after removing ``removed`` (validated)."""
+    rem = sorted(set(int(i) for i in removed))
+    if rem and (rem[0] < 0 or rem[-1] >= layer.num_experts):
+        raise FairPrunerError(f"{layer.group_name}: expert indices {rem} out of range "
+                              f"[0, {layer.num_experts})")
+    keep = [i for i in range(layer.num_experts) if i not in set(rem)]
+    if len(keep) < layer.top_k:
+        raise TargetError(
+            f"{layer.group_name}: removing {len(rem)} of {layer.num_experts} experts leaves "
+            f"{len(keep)}, fewer than top_k={layer.top_k} (every token is routed to top_k "
+            "experts). Remove fewer experts from this layer")
+    return keep
+
+
+def prune_experts(model: nn.Module, removed: Dict[str, Sequence[int]], inplace: bool = False,
+                  layers: Optional[Sequence[MoELayer]] = None) -> nn.Module:
+    """Physically remove routed experts: ``removed`` maps a layer's group name (its experts
+    module) to expert indices. Router rows go with them; survivors are re-indexed in order."""
+    target = model if inplace else copy.deepcopy(model)
+    layers = list(layers) if layers is not None else find_moe_layers(target)
+    by_group = {l.group_name: l for l in layers}
+    unknown = [g for g in removed if g not in by_group]
+    if unknown:
+        raise FairPrunerError(f"no MoE layer named {unknown[:3]} in this model (it has "
+                              f"{list(by_group)[:3]}...)")
+    counts = {}
+    for g, idxs in removed.items():
+        layer = by_group[g]
+        keep = check_removal(layer, idxs)       # validate every layer before changing anything
+        counts[g] = keep
+    for g, keep in counts.items():
+        layer = by_group[g]
+        if len(keep) == layer.num_experts:
+            continue
+        block = target.get_submodule(layer.block)
+        router = target.get_submodule(layer.router)
+        experts = target.get_submodule(layer.experts)
+        kt = torch.tensor(keep, dtype=torch.long)
+        _slice_dim0(router, kt, layer.num_experts)
+        if layer.storage == "fused":
+            _slice_dim0(experts, kt, layer.num_experts)
+        else:
+            new = nn.ModuleList([experts[i] for i in keep])
+            parent, _, attr = layer.experts.rpartition(".")
+            setattr(target.get_submodule(parent) if parent else target, attr, new)
+            experts = new
+        _set_counts((block, router, experts), layer.num_experts, len(keep))
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# The masked reference
+# --------------------------------------------------------------------------------------------
+
+class _MaskLogits(torch.overrides.TorchFunctionMode):
+    """While active, F.linear(x, router.weight, ...) gets -inf at the removed experts' logits."""
+
+    def __init__(self, weight: Tensor, idx: Tensor):
+        super().__init__()
+        self.weight, self.idx, self.hits = weight, idx, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        w = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+        if func is F.linear and w is self.weight:
+            self.hits += 1
+            out = out.index_fill(-1, self.idx.to(out.device), float("-inf"))
+        return out
+
+
+def mask_router(router: nn.Module, removed: Sequence[int], name: str = "router") -> None:
+    """Hook ``router`` so the experts ``removed`` get ``-inf`` logits in the model's own routing."""
+    idx = torch.tensor(sorted(set(int(i) for i in removed)), dtype=torch.long)
+    state: Dict[str, Any] = {}
+
+    def pre(mod, args):
+        state["mode"] = _MaskLogits(mod.weight, idx)
+        state["mode"].__enter__()
+
+    def post(mod, args, out):
+        mode = state.pop("mode")
+        mode.__exit__(None, None, None)
+        if mode.hits == 0:
+            raise UnsupportedModelError(f"router {name!r} does not compute its logits with "
+                                        "F.linear(x, weight): cannot mask it")
+    router.register_forward_pre_hook(pre)
+    router.register_forward_hook(post)
+
+
+def mask_experts(model: nn.Module, removed: Dict[str, Sequence[int]]) -> nn.Module:
+    """A copy of ``model`` whose removed experts are never selected: their router logits are
+    ``-inf`` inside the model's own routing code. :func:`prune_experts` must equal it."""
+    masked = copy.deepcopy(model)
+    by_group = {l.group_name: l for l in find_moe_layers(masked)}
+    for g, idxs in removed.items():
+        if idxs:
+            check_removal(by_group[g], idxs)
+            mask_router(masked.get_submodule(by_group[g].router), idxs, by_group[g].router)
+    return masked
+
+
+# --------------------------------------------------------------------------------------------
+# The unit family: calibration taps, signals, cost, surgery and widths for fair_pruner.llm
+# --------------------------------------------------------------------------------------------
+
+class _Handles:
+    def __init__(self, hs):
+        self.hs = hs
+
+    def remove(self):
+        for h in self.hs:
+            h.remove()
+
+
+class RoutedExperts(UnitFamily):
+    """The routed experts of one MoE block (a decoder layer's feed-forward child).
+
+    Tap: ``y`` [batch, seq, E * H], the router-weighted output of every expert for every token
+    (zero where the token is not routed to it); the block's output is rebuilt as
+    ``out + (sum_e y_e - sum_e y_e.detach())`` so its value is unchanged and dL/dy_e is the
+    gradient at the block output. Hence R_e = |sum <y_e, dL/dy_e>| (the calibrator's Taylor sum)
+    and U_e = class-conditional sliced W1 of y_e over H (its reservoir samples). Also recorded:
+    ``freq`` (routed fraction of tokens) and ``reap`` (mean ||y_e|| over routed tokens, REAP).
+    """
+
+    role, kind = "ffn", "expert"
+
+    def __init__(self, layer: int, name: str, block: nn.Module, config):
+        super().__init__(layer, name)
+        self.moe = _map_block(config, name, block)
+        self.size = self.n_sub = self.moe.num_experts
+        self.feat = self.moe.hidden
+        self.top_k = self.moe.top_k
+        self.tap = self.moe.experts
+        self.freq = torch.zeros(self.size, dtype=torch.float64)
+        self.reap = torch.zeros(self.size, dtype=torch.float64)
+        self.tokens = 0
+        self._checked = False
+
+    @classmethod
+    def match(cls, layer, name, module, config, options):
+        return cls(layer, name, module, config) if _looks_like_moe(module) else None
+
+    @property
+    def group_name(self) -> str:
+        return self.moe.group_name
+
+    # ---- calibration ----------------------------------------------------------------------
+    def _pair_outputs(self, model: nn.Module, h: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        """[N, E, H] router-weighted expert outputs (zero where not routed), no grad."""
+        N, k = idx.shape
+        E, H = self.size, h.shape[-1]
+        tok = torch.arange(N, device=h.device).repeat_interleave(k)
+        e = idx.reshape(-1)
+        with torch.no_grad():
+            hs = h.detach()[tok]
+            if self.moe.storage == "fused":
+                experts = model.get_submodule(self.moe.experts)
+                o = experts.forward(hs, e[:, None], torch.ones_like(w.reshape(-1, 1)))
+            else:
+                experts = model.get_submodule(self.moe.experts)
+                o = torch.zeros_like(hs)
+                for j in torch.unique(e).tolist():
+                    sel = (e == j).nonzero().flatten()
+                    o[sel] = experts[j](hs[sel]).to(o.dtype)
+            y = torch.zeros(N, E, H, dtype=h.dtype, device=h.device)
+            y[tok, e] = (o.float() * w.detach().reshape(-1, 1).float()).to(y.dtype)
+            self.freq += torch.bincount(e, minlength=E).double().cpu()
+            self.reap.index_add_(0, e.cpu(), y[tok, e].float().norm(dim=-1).double().cpu())
+            self.tokens += N
+        return y
+
+    def _check(self, y: Tensor, ref: Tensor, what: str) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        s, ref = y.sum(dim=1).float(), ref.detach()
+        tol = 1e-3 * float(ref.float().abs().max().clamp_min(1e-6))
+        if not torch.allclose(s, ref.float(), rtol=1e-3, atol=tol):
+            raise UnsupportedModelError(
+                f"{self.name}: the per-expert outputs fair_pruner computes do not add up to the "
+                f"{what} (max diff {float((s - ref.float()).abs().max()):.3g}); this MoE block "
+                "routes in a way fair_pruner does not reproduce")
+
+    def install_tap(self, model: nn.Module, on_input):
+        block = model.get_submodule(self.name)
+        experts = model.get_submodule(self.moe.experts)
+        router = model.get_submodule(self.moe.router)
+        state: Dict[str, Any] = {}
+        E = self.size
+
+        def rebuild(out: Tensor, y: Tensor) -> Tensor:
+            B, T = state["shape"][:2]
+            z = on_input(y.reshape(B, T, -1))
+            s = z.reshape(-1, E, y.shape[-1]).sum(dim=1)
+            return out + (s - s.detach()).reshape(out.shape).to(out.dtype)
+
+        def block_pre(mod, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            state["shape"] = tuple(x.shape)
+            state["rows"] = torch.zeros(E, dtype=torch.long)
+
+        hs = [block.register_forward_pre_hook(block_pre, with_kwargs=True)]
+        if self.moe.storage == "fused":
+            def experts_post(mod, args, kwargs, out):
+                a = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index",
+                                                          "top_k_weights")][len(args):]
+                h, idx, w = a[0], a[1], a[2]
+                y = self._pair_outputs(model, h, idx, w)
+                self._check(y, out.reshape(-1, y.shape[-1]), "experts module's output")
+                return rebuild(out, y)
+            hs.append(experts.register_forward_hook(experts_post, with_kwargs=True))
+        else:
+            def router_post(mod, args, out):
+                state["logits"] = out
+            norm = getattr(block, "norm_topk_prob", getattr(router, "norm_topk_prob", True))
+
+            def count(j):
+                def pre(mod, args):
+                    if "rows" in state:
+                        state["rows"][j] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+                return pre
+
+            def block_post(mod, args, kwargs, out):
+                x = args[0] if args else kwargs.get("hidden_states")
+                rows = state.pop("rows")
+                main = out[0] if isinstance(out, tuple) else out
+                probs = F.softmax(state.pop("logits").float().reshape(-1, E), dim=-1)
+                w, idx = torch.topk(probs, self.top_k, dim=-1)
+                if norm:
+                    w = w / w.sum(dim=-1, keepdim=True)
+                y = self._pair_outputs(model, x.reshape(-1, x.shape[-1]), idx,
+                                       w.to(x.dtype))
+                got = torch.bincount(idx.reshape(-1).cpu(), minlength=E)
+                if not torch.equal(got, rows):
+                    raise UnsupportedModelError(
+                        f"{self.name}: softmax/top-{self.top_k} routing reproduced from "
+                        f"{self.moe.router} sends {got.tolist()} tokens to the experts, the "
+                        f"block sent {rows.tolist()}; unsupported routing")
+                if not self.moe.shared:
+                    self._check(y, main.reshape(-1, y.shape[-1]), "block's output")
+                new = rebuild(main, y)
+                return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+            hs.append(router.register_forward_hook(router_post))
+            hs += [ex.register_forward_pre_hook(count(j)) for j, ex in enumerate(experts)]
+            hs.append(block.register_forward_hook(block_post, with_kwargs=True))
+        return _Handles(hs)
+
+    def extra_signals(self) -> Dict[str, Tensor]:
+        """Alternative removal signals: routing frequency and REAP (mean routed ||y_e||)."""
+        return {"freq": self.freq / max(1, self.tokens),
+                "reap": self.reap / self.freq.clamp_min(1.0)}
+
+    def extra_meta(self) -> Dict[str, Any]:
+        return {"top_k": self.top_k, "storage": self.moe.storage, "router": self.moe.router,
+                "experts": self.moe.experts, "shared": self.moe.shared}
+
+    # ---- signals on weights -----------------------------------------------------------------
+    def unit_weights(self, model: nn.Module) -> Tensor:
+        experts = model.get_submodule(self.moe.experts)
+        if self.moe.storage == "fused":
+            parts = [p.detach().reshape(self.size, -1) for p in experts.parameters()]
+        else:
+            parts = [torch.stack([torch.cat([p.detach().reshape(-1) for p in ex.parameters()])
+                                  for ex in experts])]
+        return torch.cat([p.float().cpu() for p in parts], dim=1)
+
+    def tap_column_sq(self, model: nn.Module) -> Tensor:
+        # y_e is added to the residual stream unchanged: its consumer is the identity.
+        return torch.ones(self.size * self.feat, dtype=torch.float64)
+
+    # ---- cost -----------------------------------------------------------------------------
+    def cost_terms(self, model: nn.Module, context: float) -> List[CostTerm]:
+        """Params: every expert tensor and router row goes with its expert. MACs per token:
+        router H per kept expert; routed experts top_k x (expert MACs), which expert removal
+        does not change; the shared expert(s) and their gate are constant terms."""
+        E = self.size
+        experts = model.get_submodule(self.moe.experts)
+        router = model.get_submodule(self.moe.router)
+        terms: List[CostTerm] = []
+        if self.moe.storage == "fused":
+            per = [tuple(p.shape) for p in experts.parameters()]
+        else:
+            per = [(E,) + tuple(p.shape) for p in experts[0].parameters()]
+        expert_macs = 0.0
+        for shp in per:
+            terms.append(CostTerm(shp, {0: 1.0}))
+            if len(shp) == 3:
+                expert_macs += float(shp[1] * shp[2])
+        terms.append(CostTerm((1,), {}, macs=self.top_k * expert_macs, params=False))
+        for n, p in router.named_parameters():
+            if p.shape and p.shape[0] == E:
+                terms.append(CostTerm(tuple(p.shape), {0: 1.0}, macs=1.0 if p.dim() == 2 else 0.0))
+            else:
+                terms.append(CostTerm(tuple(p.shape), {}))
+        for sname in self.moe.shared:
+            for n, p in model.get_submodule(sname).named_parameters():
+                terms.append(CostTerm(tuple(p.shape), {}, macs=1.0 if p.dim() == 2 else 0.0))
+        return terms
+
+    # ---- surgery ----------------------------------------------------------------------------
+    def check_removal(self, removed: Sequence[int]) -> None:
+        super().check_removal(removed)
+        check_removal(self.moe, removed)
+
+    def prune(self, model: nn.Module, keep: Tensor) -> None:
+        keep_set = set(keep.tolist())
+        removed = [i for i in range(self.size) if i not in keep_set]
+        prune_experts(model, {self.group_name: removed}, inplace=True, layers=[self.moe])
+
+    def mask_units(self, masked: nn.Module, removed: Sequence[int]) -> None:
+        """The masked reference: removed experts' router logits are -inf."""
+        check_removal(self.moe, removed)
+        mask_router(masked.get_submodule(self.moe.router), removed, self.moe.router)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def widths(self, model: nn.Module) -> dict:
+        blk = model.get_submodule(self.name)
+        return {"num_experts": _map_block(getattr(model, "config", None), "", blk).num_experts}
+
+    @staticmethod
+    def resize(block: nn.Module, widths: dict) -> None:
+        # fair_pruner.llm.io resolves a saved role ("ffn") to the first family registered for it
+        # (this one): dense MLP blocks of a mixed model go on to MLPNeurons.
+        if not _looks_like_moe(block):
+            if "num_experts" in widths:
+                raise FairPrunerError(f"saved widths {widths} name routed experts, but the "
+                                      f"rebuilt block is dense ({type(block).__name__}); the "
+                                      "config and weights do not match")
+            return MLPNeurons.resize(block, widths)
+        layer = _map_block(None, "", block)
+        n = int(widths["num_experts"])
+        if n < layer.num_experts:
+            prune_experts(block, {layer.group_name: list(range(n, layer.num_experts))},
+                          inplace=True, layers=[layer])
+        elif n > layer.num_experts:
+            raise FairPrunerError(f"saved width {n} experts exceeds the {layer.num_experts} the "
+                                  "config builds; the config and weights do not match")
+
+
+register_family(RoutedExperts, before=MLPNeurons)
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation: an exact fraction of routed experts, model-wide
+# --------------------------------------------------------------------------------------------
+
+def _m_hat_capped(overlap: Tensor, n: int, cap_m: int, alpha: float) -> int:
+    """max{m <= cap_m : overlap(m) / m <= alpha} (0 if none): ToD with a per-group cap."""
+    if cap_m < 1:
+        return 0
+    m = torch.arange(1, cap_m + 1, dtype=torch.float64)
+    ok = (overlap[1: cap_m + 1].double() <= alpha * m + 1e-12).nonzero()
+    return int(ok[-1]) + 1 if ok.numel() else 0
+
+
+def allocate_experts(book, fraction: float, *, strategy: str = "tod", cap: float = 0.99,
+                     signal: str = "u", protect: str = "r", tod: Optional[float] = None):
+    """:func:`fair_pruner.allocate` with ``experts=fraction``; see there. Returns a Plan.
+
+    Removes exactly ``round(fraction * E_total)`` routed experts over all ``kind == "expert"``
+    groups. ToD (one shared α, each layer capped at ``n - top_k`` and ``floor(cap * n)``) picks
+    the per-layer counts: α is the smallest tolerance at which ToD removes at least the budget;
+    any surplus from layers that jumped at that α is trimmed one expert at a time, dropping the
+    marginal expert with the highest U relative to its layer's mean U (ties, e.g. never-routed
+    experts with U = 0: the layer that loses the largest fraction, then the later layer).
+    ``strategy="uniform"`` removes the same count from every layer (the remainder, if the budget
+    does not divide, goes one each to the layers whose next expert has the lowest relative U).
+    Non-expert groups (dense MLP neurons / heads in a mixed model) are pruned at ``tod`` if given,
+    else left intact.
+    """
+    from ..plan import Plan
+    from ..tod import ToDCurves
+
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+        raise TargetError(f"experts= is the fraction of routed experts to remove and must lie in "
+                          f"(0, 1), got {fraction!r}")
+    if strategy not in ("tod", "uniform"):
+        raise TargetError(f"strategy must be 'tod' or 'uniform', got {strategy!r}")
+    egroups = [g for g in book.groups if g.kind == "expert"]
+    if not egroups:
+        raise TargetError("experts= needs routed-expert groups in the score book; this book has "
+                          "none (score an MoE model with fp.score)")
+    for g in egroups:
+        for s in (signal, protect) if strategy == "tod" else (signal,):
+            if s not in g.signals:
+                raise FairPrunerError(f"signal {s!r} is missing for expert group {g.name} (it "
+                                      f"has {sorted(g.signals)}); add it with book.set_signal()")
+    sizes = [g.size for g in egroups]
+    topk = [int(g.meta.get("top_k", 1)) for g in egroups]
+    cap_m = [max(0, min(int(math.floor(cap * n)), n - k)) for n, k in zip(sizes, topk)]
+    total = sum(sizes)
+    budget = int(round(fraction * total))
+    if budget < 1:
+        raise TargetError(f"experts={fraction} of {total} routed experts rounds to 0; raise it")
+    if budget > sum(cap_m):
+        raise TargetError(
+            f"experts={fraction} asks for {budget} of {total} routed experts, but at most "
+            f"{sum(cap_m)} can go while every layer keeps >= top_k experts (top_k per layer "
+            f"{sorted(set(topk))}, cap={cap}). Lower the target")
+    u = [g.signals[signal].double() for g in egroups]
+    rel = [x / x.mean() if float(x.mean()) > 0 else torch.zeros_like(x) for x in u]
+    order = [torch.argsort(x, stable=True) for x in u]
+
+    def marginal(gi: int, pos: int) -> float:
+        return float(rel[gi][order[gi][pos]])
+
+    alpha = None
+    if strategy == "tod":
+        curves = ToDCurves(u, [g.signals[protect] for g in egroups], cap)
+        overlaps = [curves.curve(i) for i in range(len(egroups))]
+        cands = sorted({0.0} | {float(overlaps[i][m]) / m for i in range(len(egroups))
+                                for m in range(1, cap_m[i] + 1)})
+        counts_at = lambda a: [_m_hat_capped(overlaps[i], sizes[i], cap_m[i], a)
+                               for i in range(len(egroups))]
+        lo, hi = 0, len(cands) - 1                       # smallest α reaching the budget
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(counts_at(cands[mid])) >= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        alpha = cands[lo]
+        m = counts_at(alpha)
+        below = counts_at(cands[lo - 1]) if lo > 0 else [0] * len(egroups)
+        moved = 0
+        while sum(m) > budget:          # trim the surplus among layers that jumped at α
+            cand = [i for i in range(len(egroups)) if m[i] > below[i]]
+            i = max(cand, key=lambda i: (marginal(i, m[i] - 1), m[i] / sizes[i], i))
+            m[i] -= 1
+            moved += 1
+        adjust = {"trimmed": moved, "topped_up": 0}
+    else:
+        L = len(egroups)
+        base = budget // L
+        m = [min(base, c) for c in cap_m]
+        moved = 0
+        while sum(m) < budget:          # remainder / capped layers: lowest relative U first
+            cand = [i for i in range(L) if m[i] < cap_m[i]]
+            i = min(cand, key=lambda i: (marginal(i, m[i]), m[i] / sizes[i], i))
+            m[i] += 1
+            moved += 1
+        adjust = {"trimmed": 0, "topped_up": moved}
+
+    removed: Dict[str, List[int]] = {}
+    for i, g in enumerate(egroups):
+        removed[g.name] = sorted(order[i][: m[i]].tolist())
+    dense_alpha = None
+    others = [g for g in book.groups if g.kind != "expert"]
+    if others and tod is not None:
+        dcurves = ToDCurves([g.signals[signal] for g in others], [g.signals[protect] for g in others],
+                            cap)
+        dm = dcurves.m_hat(float(tod)).tolist()
+        for g, k in zip(others, dm):
+            removed[g.name] = sorted(torch.argsort(g.signals[signal], stable=True)[:k].tolist())
+        dense_alpha = float(tod)
+    for g in others:
+        removed.setdefault(g.name, [])
+    removed = {g.name: removed[g.name] for g in book.groups}
+    mvec = torch.tensor([len(removed[g.name]) for g in book.groups], dtype=torch.int64)
+    base_p, base_f = book.cost.evaluate(torch.zeros_like(mvec))
+    p_after, f_after = book.cost.evaluate(mvec)
+    kept = {g.name: g.size - len(removed[g.name]) for g in egroups}
+    return Plan(alpha=alpha, strategy=strategy, removed=removed,
+                sizes={g.name: g.size for g in book.groups},
+                params_before=int(round(float(base_p))), params_after=int(round(float(p_after))),
+                flops_before=int(round(float(base_f))), flops_after=int(round(float(f_after))),
+                signal=signal, protect=protect, target={"experts": float(fraction)}, cap=cap,
+                round_to=1, fingerprint=book.fingerprint,
+                meta={"input_spec": book.meta.get("input_spec"), "kind": book.meta.get("kind"),
+                      "uniform_fraction": None, "ignored": book.meta.get("ignored", []),
+                      "experts": {"budget": budget, "total": total,
+                                  "fraction_reached": budget / total,
+                                  "kept_per_layer": kept,
+                                  "min_kept_per_layer": {g.name: k for g, k in zip(egroups, topk)},
+                                  "bound": "every MoE layer keeps >= top_k experts "
+                                           f"(top_k={sorted(set(topk))}) and at most "
+                                           f"floor(cap * n) are removed (cap={cap})",
+                                  "budget_adjust": adjust, "dense_tod": dense_alpha}})

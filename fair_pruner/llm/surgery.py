@@ -1,0 +1,94 @@
+"""Surgery for causal LMs: apply a :class:`~fair_pruner.plan.Plan` to a Llama-style model.
+
+:func:`prune` physically removes MLP neurons and attention heads (per-layer widths; the model
+stays the same transformers class and a valid GQA model). :func:`mask` builds the reference it must
+equal: the original model with the removed units' channels zeroed at the input of the Linear that
+consumes them (``down_proj`` / ``o_proj``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from ..errors import BookMismatchError, FairPrunerError
+from ..plan import Plan
+from ..surgery import _check
+from .layout import Layout, UnitFamily, find_layout
+
+CONFIG_KEY = "fair_pruner"
+FORMAT = 1
+
+
+def _heads_mode(plan: Plan) -> str:
+    return "query" if any(g.endswith(".query_heads") for g in plan.sizes) else "kv"
+
+
+def _resolve(model: nn.Module, plan: Plan) -> Dict[str, UnitFamily]:
+    """Plan group -> family of ``model``, after checking sizes and removals (nothing changed)."""
+    _check(model, plan)
+    fams = find_layout(model, heads=_heads_mode(plan)).by_group()
+    out = {}
+    for name, removed in plan.removed.items():
+        fam = fams.get(name)
+        if fam is None:
+            raise BookMismatchError(f"plan group {name!r} is not a prunable block of this model "
+                                    f"(its groups are e.g. {list(fams)[:3]})")
+        if plan.sizes.get(name, fam.size) != fam.size:
+            raise BookMismatchError(f"group {name} has {fam.size} units in this model but "
+                                    f"{plan.sizes[name]} in the plan")
+        fam.check_removal(removed)
+        out[name] = fam
+    return out
+
+
+def layer_widths(model: nn.Module, layout: Layout = None) -> List[dict]:
+    """Per decoder layer: {role: widths} (e.g. ``{"attention": {...}, "ffn": {...}}``)."""
+    layout = layout or find_layout(model)
+    return [{f.role: f.widths(model) for f in layer.families} for layer in layout.layers]
+
+
+def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with the plan's units removed (a deep copy unless ``inplace``).
+
+    The result records its per-layer widths in ``config.fair_pruner`` (what
+    :func:`fair_pruner.save_pretrained` writes) and keeps the plan as ``_fair_pruner_plan``.
+    """
+    fams = _resolve(model, plan)          # validates everything before any change
+    target = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        fams = _resolve(target, plan)
+    for name, fam in fams.items():
+        removed = set(plan.removed[name])
+        if not removed:
+            continue
+        keep = torch.tensor([i for i in range(fam.size) if i not in removed], dtype=torch.int64)
+        fam.prune(target, keep)
+    cfg = getattr(target, "config", None)
+    if cfg is not None:
+        setattr(cfg, CONFIG_KEY, {"format": FORMAT, "layers": layer_widths(target)})
+    target._fair_pruner_plan = plan
+    return target
+
+
+def mask(model: nn.Module, plan: Plan) -> nn.Module:
+    """A copy of ``model`` whose removed units are zeroed at their consumer's input."""
+    if not isinstance(plan, Plan):
+        raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
+    masked = copy.deepcopy(model)
+    for name, fam in _resolve(masked, plan).items():
+        if not plan.removed[name]:
+            continue
+        if hasattr(fam, "mask_units"):            # a family with its own reference (MoE)
+            fam.mask_units(masked, plan.removed[name])
+            continue
+        ch = fam.removed_channels(plan.removed[name])
+
+        def pre(mod, args, ch=ch):
+            x = args[0].clone()
+            x.index_fill_(x.dim() - 1, ch.to(x.device), 0)
+            return (x,) + tuple(args[1:])
+        masked.get_submodule(fam.tap).register_forward_pre_hook(pre)
+    return masked
