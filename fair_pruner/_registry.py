@@ -10,11 +10,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 _FAMILIES: List[Tuple[str, Callable, Callable]] = []   # (kind, detect, score)
 _SURGERY: Dict[str, Callable] = {}
+_MASK: Dict[str, Callable] = {}
 
 
-def register(kind: str, detect: Callable, score: Callable, surgery: Callable) -> None:
+def register(kind: str, detect: Callable, score: Callable, surgery: Callable,
+             mask: Optional[Callable] = None) -> None:
+    """``mask(model, plan)`` builds the masked reference of a plan (see fair_pruner.mask)."""
     _FAMILIES.append((kind, detect, score))
     _SURGERY[kind] = surgery
+    if mask is not None:
+        _MASK[kind] = mask
 
 
 def scorer_for(model) -> Optional[Callable]:
@@ -31,6 +36,14 @@ def surgery(kind: str) -> Callable:
         from .errors import FairPrunerError
         raise FairPrunerError(f"no surgery registered for model kind {kind!r}")
     return _SURGERY[kind]
+
+
+def masker(kind: str) -> Callable:
+    _load_builtin()
+    if kind not in _MASK:
+        from .errors import FairPrunerError
+        raise FairPrunerError(f"no masked reference registered for model kind {kind!r}")
+    return _MASK[kind]
 
 
 _BUILTIN_LOADED = False

@@ -105,8 +105,13 @@ class _MaskedLayerNorm(nn.Module):
 def mask(model: nn.Module, plan: Plan, book=None) -> nn.Module:
     """A copy of ``model`` where the plan's removed units are zeroed at their consumers.
 
-    Needs the score book's group structure (consumer modules and their channel indices).
+    CNN plans need the score book's group structure (consumer modules and channel indices);
+    other model kinds (LLMs, MoE) build their masked reference from the plan alone.
     """
+    if isinstance(plan, Plan) and (plan.meta.get("kind") or "cnn") != "cnn":
+        from . import _registry
+        _check(model, plan)
+        return _registry.masker(plan.meta["kind"])(model, plan)
     if book is None:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
     _check(model, plan)

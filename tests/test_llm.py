@@ -84,6 +84,8 @@ def test_pruned_equals_masked_original(arch):
     assert attn_params(pruned) == int(params_after)
     assert attn_params(m) == book.totals()[0]
     assert type(pruned) is type(m)
+    # The public fp.mask routes an LLM plan to the same reference.
+    torch.testing.assert_close(logits(fp.mask(m, plan), X), want)
 
 
 def test_param_target_is_exact_and_reported():

@@ -27,7 +27,7 @@ def _detect(model) -> bool:
     return is_hf_model(model)
 
 
-_registry.register(KIND, _detect, score, prune)
+_registry.register(KIND, _detect, score, prune, mask)
 
 __all__ = ["score", "restrict", "prune", "mask", "find_layout", "register_family", "UnitFamily",
            "MLPNeurons", "AttentionHeads", "CostTerm", "Layout", "layer_widths", "load_model",
