@@ -470,7 +470,8 @@ def _store(p: _Producer, z: Tensor, rows: List[Tuple[int, int, int]], K: int, S:
     feats = _features(p, z, projections, u_mode, seed)
     if p.buf is None:
         dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        p.buf = torch.zeros((K, S, feats.shape[1], feats.shape[2]), dtype=dtype,
+        # Unfilled slots are never read: quantiles use each class's first counts[k] rows.
+        p.buf = torch.empty((K, S, feats.shape[1], feats.shape[2]), dtype=dtype,
                             device=feats.device)
     k = torch.tensor([x[1] for x in rows], device=feats.device)
     s = torch.tensor([x[2] for x in rows], device=feats.device)
@@ -631,7 +632,7 @@ def _finish_u(p: _Producer, res: Reservoir, classes: List[int]) -> None:
             f"the U-Score needs at least two classes with >= 2 samples each; the calibration "
             f"data has {keep.numel()} (class counts {res.counts()[:20]}). Use more or more "
             "varied calibration samples")
-    buf = p.buf.index_select(0, keep.to(p.buf.device))
+    buf = p.buf if keep.numel() == p.buf.shape[0] else p.buf.index_select(0, keep.to(p.buf.device))
     c = counts[keep]
     # Bound the fp32 sketch memory: units in chunks.
     C = buf.shape[2]
