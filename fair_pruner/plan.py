@@ -85,7 +85,11 @@ class Plan:
 
     def save(self, path) -> None:
         text = json.dumps(asdict(self), indent=1)
-        atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path) -> "Plan":
