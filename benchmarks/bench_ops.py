@@ -158,11 +158,13 @@ def _agrees(got, ref) -> bool:
     return bool(torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-3, equal_nan=True))
 
 
-def run(device: str, quick: bool, repeats: int) -> List[Dict]:
+def run(device: str, quick: bool, repeats: int, only: str = "") -> List[Dict]:
     torch.set_num_threads(int(os.environ.get("FAIR_PRUNER_BENCH_THREADS", "2")))
     bw = copy_bandwidth(device) if device == "cuda" else None
     rows = []
     for name, op, make, nbytes in cases(quick, device):
+        if only and only not in name:
+            continue
         args = make(device)
         moved = nbytes(args)
         base = ref = None
@@ -200,10 +202,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--only", default="", help="run only cases whose name contains this")
     a = ap.parse_args(argv)
     print(f"# device={a.device} threads={os.environ.get('FAIR_PRUNER_BENCH_THREADS', '2')} "
           f"torch={torch.__version__}", flush=True)
-    rows = run(a.device, a.quick, a.repeats)
+    rows = run(a.device, a.quick, a.repeats, a.only)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
