@@ -251,9 +251,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
     _validate(samples_per_class, max_classes, projections, u_mode, bn_mode, memory_budget)
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device) if device is not None else model_device
-    work = model if device == model_device else copy.deepcopy(model).to(device)
+    work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(logits_of(out).float(), y, reduction="sum"))
     all_signals: Dict[str, Signal] = dict(BUILTIN)
@@ -340,13 +338,26 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
     return ScoreBook(groups, cost, meta)
 
 
-def _validate(spc, maxc, proj, u_mode, bn_mode, budget):
-    if not isinstance(spc, int) or spc < 2:
+def check_sampling(samples_per_class, projections) -> None:
+    """Shared argument checks of every scorer's U-Score sampling."""
+    if not isinstance(samples_per_class, int) or samples_per_class < 2:
         raise CalibrationDataError("samples_per_class must be an int >= 2")
+    if not isinstance(projections, int) or projections < 1:
+        raise CalibrationDataError("projections must be an int >= 1")
+
+
+def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
+    """The model to calibrate on ``device`` (default: where it lives): the model itself, or a
+    copy when it lives elsewhere, so the caller's model is never moved."""
+    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device) if device is not None else model_device
+    return (model if device == model_device else copy.deepcopy(model).to(device)), device
+
+
+def _validate(spc, maxc, proj, u_mode, bn_mode, budget):
+    check_sampling(spc, proj)
     if not isinstance(maxc, int) or maxc < 2:
         raise CalibrationDataError("max_classes must be an int >= 2")
-    if not isinstance(proj, int) or proj < 1:
-        raise CalibrationDataError("projections must be an int >= 1")
     if u_mode not in ("sliced", "pooled"):
         raise CalibrationDataError(f"u_mode must be 'sliced' or 'pooled', got {u_mode!r}")
     if bn_mode not in ("eval", "train"):
@@ -663,13 +674,13 @@ def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],
     groups = []
     for gi, spec in enumerate(specs):
         n = spec.size
+        members = [(p, _stats(p, seed)) for p in by_group[gi]]
         sigs: Dict[str, Tensor] = {}
         for name, sig in all_signals.items():
+            if name == "u" and any(st.u is None for _, st in members):
+                continue
             acc = None
-            for p in by_group[gi]:
-                st = _stats(p, seed)
-                if name == "u" and st.u is None:
-                    break
+            for p, st in members:
                 v = torch.as_tensor(sig(st), dtype=torch.float64).cpu()
                 full = torch.full((n,), -math.inf if sig.reduce == "max" else 0.0,
                                   dtype=torch.float64)
@@ -679,15 +690,14 @@ def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],
                 else:
                     full.index_add_(0, p.root_idxs, v[p.idxs])
                     acc = full if acc is None else acc + full
-            else:
-                if acc is None:
-                    continue
-                if sig.signed_sum_then_abs:
-                    acc = acc.abs()
-                acc = torch.where(torch.isinf(acc), torch.zeros_like(acc), acc)
-                if not torch.isfinite(acc).all():
-                    raise NonFiniteError(f"signal {name!r} is not finite for group {spec.name}")
-                sigs[name] = acc
+            if acc is None:
+                continue
+            if sig.signed_sum_then_abs:
+                acc = acc.abs()
+            acc = torch.where(torch.isinf(acc), torch.zeros_like(acc), acc)
+            if not torch.isfinite(acc).all():
+                raise NonFiniteError(f"signal {name!r} is not finite for group {spec.name}")
+            sigs[name] = acc
         groups.append(Group(spec.name, n, sigs, spec))
     return groups
 

@@ -65,12 +65,11 @@ def _load_backend(backend: str) -> bool:
                 _LOADED[backend] = True
             except Exception as exc:  # missing extension must never break import
                 _LOADED[backend] = False
+                # A forced backend gets a clear error from active_backend instead of a warning.
                 if os.environ.get("FAIR_PRUNER_BACKEND") != backend:
                     warnings.warn(f"fair_pruner: {backend} backend unavailable ({exc}); "
                                   "falling back to the next backend", RuntimeWarning, stacklevel=3)
-                else:
-                    _LOADED[backend] = exc
-        return _LOADED[backend] is True
+        return _LOADED[backend]
 
 
 def implementations(op: str) -> Dict[str, Callable]:

@@ -17,7 +17,6 @@ unit's heads, R sums their signed Taylor terms before the absolute value (SPEC, 
 """
 from __future__ import annotations
 
-import copy
 import resource
 import time
 from collections import Counter
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..calibrate import Reservoir, _finish_u, _preserved, _store, split_batch
+from ..calibrate import (Reservoir, _finish_u, _preserved, _store, check_sampling, split_batch,
+                         working_model)
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from ..graph import CostBuilder, CostModel, GroupSpec, Member, model_fingerprint
 from ..scorebook import Group, ScoreBook
@@ -173,15 +173,10 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     t0 = time.perf_counter()
     if not isinstance(classes, int) or classes < 2:
         raise CalibrationDataError("classes must be an int >= 2 (the K most frequent next tokens)")
-    if not isinstance(samples_per_class, int) or samples_per_class < 2:
-        raise CalibrationDataError("samples_per_class must be an int >= 2")
-    if not isinstance(projections, int) or projections < 1:
-        raise CalibrationDataError("projections must be an int >= 1")
+    check_sampling(samples_per_class, projections)
     layout = find_layout(model, heads=heads)
     _check_roles(layout, roles)
-    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device) if device is not None else model_device
-    work = model if device == model_device else copy.deepcopy(model).to(device)
+    work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
 
     loader = _materialize(loader)
