@@ -11,27 +11,39 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import errors, ops, signals
+from . import adapters, errors, ops, signals
 from .errors import (BookMismatchError, CalibrationDataError, FairPrunerError, NonFiniteError,
                      TargetError, UnsupportedModelError)
 from .plan import Plan, allocate
 from .rounds import prune_in_rounds
 from .scorebook import Group, ScoreBook
 from .signals import Signal, UnitStats, signal
-from .surgery import mask, prune
 
 
 def score(model, loader, **kwargs) -> ScoreBook:
     """Calibrate ``model`` on ``loader`` and return its :class:`ScoreBook`.
 
-    CNNs and MLPs go through :func:`fair_pruner.calibrate.score` (see it for every argument);
-    registered model families (e.g. Hugging Face causal LMs) through their own scorer.
+    The model's adapter (:mod:`fair_pruner.adapters`) does the work: CNNs and MLPs through
+    :func:`fair_pruner.calibrate.score`, Hugging Face causal LMs through
+    :func:`fair_pruner.llm.score` (see each for its options).
     """
-    from . import _registry
-    from .calibrate import score as cnn_score
+    return adapters.for_model(model).score(model, loader, **kwargs)
 
-    family = _registry.scorer_for(model)
-    return (family or cnn_score)(model, loader, **kwargs)
+
+def prune(model, plan: Plan, inplace: bool = False):
+    """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``)."""
+    if not isinstance(plan, Plan):
+        raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
+                              "make one with fp.allocate(book, ...)")
+    return adapters.named(plan.meta.get("kind")).prune(model, plan, inplace=inplace)
+
+
+def mask(model, plan: Plan, book: ScoreBook = None):
+    """The reference a pruned model equals: ``model`` with the removed units zeroed where they
+    are consumed (CNN plans need their ``book``; LLM plans carry what they need)."""
+    if not isinstance(plan, Plan):
+        raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
+    return adapters.named(plan.meta.get("kind")).mask(model, plan, book)
 
 
 def save_pretrained(model, directory, **kwargs) -> None:
@@ -46,7 +58,7 @@ def from_pretrained(directory, **kwargs):
     return _load(directory, **kwargs)
 
 
-__all__ = ["save_pretrained", "from_pretrained", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal",
+__all__ = ["save_pretrained", "from_pretrained", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal", "adapters",
            "UnitStats", "signal", "ops", "signals", "errors", "FairPrunerError",
            "CalibrationDataError", "NonFiniteError", "UnsupportedModelError", "TargetError",
            "BookMismatchError", "__version__"]

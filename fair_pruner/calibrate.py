@@ -13,13 +13,10 @@ restored afterwards.
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
 import warnings
-import zlib
-from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,78 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .engine import (Reservoir, SketchTap, call_model, check_sampling, finish_u, first_tensor,
+                     len_or_none, logits_of, map_tensors, preserved, split_batch, store_samples,
+                     working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, find_groups,
                     model_fingerprint)
 from .scorebook import Group, ScoreBook
 from .signals import BUILTIN, Signal, UnitStats
 
-_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
-_INPUT_KEYS = ("inputs", "input", "x", "pixel_values", "images", "image")
-
-
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
-
-def split_batch(batch: Any) -> Tuple[Any, Optional[Tensor]]:
-    """(inputs, labels) from a tuple/list ``(inputs, labels, ...)`` or a dict; labels may be None."""
-    if isinstance(batch, dict):
-        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-        rest = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
-        key = next((k for k in _INPUT_KEYS if k in rest), None)
-        return (rest[key] if key is not None and len(rest) == 1 else rest), labels
-    if isinstance(batch, (tuple, list)):
-        if len(batch) >= 2:
-            return batch[0], batch[1]
-        return batch[0] if batch else batch, None
-    return batch, None
-
-
-def _map(obj: Any, fn) -> Any:
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map(v, fn) for v in obj)
-    return obj
-
-
-def _first_tensor(obj: Any) -> Optional[Tensor]:
-    if isinstance(obj, Tensor):
-        return obj
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        for v in obj:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    return None
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def logits_of(out: Any) -> Tensor:
-    """The logits tensor of a model output (tensor, tuple, dict or ModelOutput)."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        if "logits" in out:
-            return out["logits"]
-    t = _first_tensor(out if not hasattr(out, "to_tuple") else out.to_tuple())
-    if t is None:
-        raise UnsupportedModelError("the model's output holds no tensor; pass a loss_fn that "
-                                    "takes the raw output")
-    return t
-
 
 def _check_labels(labels: Optional[Tensor], batch_idx: int,
                   num_classes: Optional[int] = None) -> Tensor:
@@ -126,48 +63,16 @@ def _check_labels(labels: Optional[Tensor], batch_idx: int,
 # Sample selection: seeded per-class reservoirs, replayable on later passes
 # --------------------------------------------------------------------------------------------
 
-class Reservoir:
-    """Seeded per-class reservoir of sample slots, decided sample by sample in arrival order."""
-
-    def __init__(self, classes: Sequence[int], per_class: int, seed: int):
-        self.index = {int(c): k for k, c in enumerate(classes)}
-        self.per_class = per_class
-        self.seen = [0] * len(classes)
-        self.rng = random.Random(seed)
-        self.final: Dict[int, Tuple[int, int]] = {}   # global sample index -> (class k, slot)
-        self._slot_owner: Dict[Tuple[int, int], int] = {}
-
-    def offer(self, labels: List[int], first_index: int) -> List[Tuple[int, int, int]]:
-        """Rows of this batch to store now: (row, class k, slot)."""
-        rows = []
-        for row, y in enumerate(labels):
-            k = self.index.get(y)
-            if k is None:
-                continue
-            self.seen[k] += 1
-            n = self.seen[k]
-            slot = n - 1 if n <= self.per_class else self.rng.randrange(n)
-            if slot < self.per_class:
-                gidx = first_index + row
-                old = self._slot_owner.get((k, slot))
-                if old is not None:
-                    del self.final[old]
-                self._slot_owner[(k, slot)] = gidx
-                self.final[gidx] = (k, slot)
-                rows.append((row, k, slot))
-        return rows
-
-    def counts(self) -> List[int]:
-        return [min(n, self.per_class) for n in self.seen]
-
-
 # --------------------------------------------------------------------------------------------
 # Taps
 # --------------------------------------------------------------------------------------------
 
-class _Producer:
+class _Producer(SketchTap):
+    """The output of one Conv/Linear whose channels belong to a group (a CNN sketch tap)."""
+
     def __init__(self, name: str, module: nn.Module, group: int, idxs, root_idxs):
-        self.name, self.module, self.group = name, module, group
+        super().__init__(name)
+        self.module, self.group = module, group
         self.idxs, self.root_idxs = idxs, root_idxs
         self.unit_dim = 1 if not isinstance(module, nn.Linear) else -1
         self.units = module.out_features if isinstance(module, nn.Linear) else module.out_channels
@@ -175,9 +80,6 @@ class _Producer:
         self.taylor: Optional[Tensor] = None
         self.act_abs = self.act_sum = self.act_sq = None
         self.positions = 0          # samples x positions seen (for the means)
-        self.directions: Optional[Tensor] = None
-        self.buf: Optional[Tensor] = None   # [K, S, C, P] projected class samples
-        self.u: Optional[Tensor] = None
 
     def to_units_last(self, z: Tensor) -> Tensor:
         """[B, C, D]: units in dim 1, every other non-batch dim flattened into D."""
@@ -187,32 +89,12 @@ class _Producer:
         return zz.transpose(1, 2)
 
 
-@contextmanager
-def _preserved(model: nn.Module, restore_buffers: bool):
-    """Restore every module's train/eval flag (and buffers if asked) on exit."""
-    modes = {m: m.training for m in model.modules()}
-    bufs = {n: b.detach().clone() for n, b in model.named_buffers()} if restore_buffers else None
-    try:
-        yield
-    finally:
-        for m, t in modes.items():
-            m.training = t  # per module: model.train(t) would overwrite children's own flags
-        if bufs is not None:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    b.copy_(bufs[n])
-
-
 def _set_modes(model: nn.Module, bn_mode: str) -> None:
     model.eval()
     if bn_mode == "train":
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
-
-
-def _module_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,12 +147,12 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         raise CalibrationDataError("the calibration loader is empty") from None
     inputs0, labels0 = split_batch(first)
     _check_labels(labels0, 0)
-    x0 = _first_tensor(inputs0)
+    x0 = first_tensor(inputs0)
     if x0 is None or x0.shape[0] < 1:
         raise CalibrationDataError("the first calibration batch holds no input tensor")
-    example = _map(inputs0, lambda t: t[:1].to(device))
+    example = map_tensors(inputs0, lambda t: t[:1].to(device))
 
-    with _preserved(work, restore_buffers=(bn_mode == "train")):
+    with preserved(work, restore_buffers=(bn_mode == "train")):
         _set_modes(work, "eval")
         probe = _probe(work, example)
         if num_classes is None:
@@ -331,27 +213,11 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         "u_passes": len(chunks), "output_layer": probe["names"].get(out_layer),
         "ignored": [probe["names"].get(m, str(m)) for m in ignored],
         "skipped_groups": skipped,
-        "input_spec": _map(example, lambda t: {"shape": list(t.shape), "dtype": str(t.dtype)}),
+        "input_spec": map_tensors(example, lambda t: {"shape": list(t.shape), "dtype": str(t.dtype)}),
         "kind": "cnn", "seconds": time.perf_counter() - t0,
         "torch": torch.__version__,
     }
     return ScoreBook(groups, cost, meta)
-
-
-def check_sampling(samples_per_class, projections) -> None:
-    """Shared argument checks of every scorer's U-Score sampling."""
-    if not isinstance(samples_per_class, int) or samples_per_class < 2:
-        raise CalibrationDataError("samples_per_class must be an int >= 2")
-    if not isinstance(projections, int) or projections < 1:
-        raise CalibrationDataError("projections must be an int >= 1")
-
-
-def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
-    """The model to calibrate on ``device`` (default: where it lives): the model itself, or a
-    copy when it lives elsewhere, so the caller's model is never moved."""
-    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device) if device is not None else model_device
-    return (model if device == model_device else copy.deepcopy(model).to(device)), device
 
 
 def _validate(spc, maxc, proj, u_mode, bn_mode, budget):
@@ -452,43 +318,6 @@ def _plan_chunks(producers, probe, K, S, P, u_mode, budget) -> List[List[_Produc
     return chunks
 
 
-def _features(p: _Producer, z: Tensor, projections: int, u_mode: str, seed: int) -> Tensor:
-    """[B, C, P] sketch coordinates of each sample: projections of its map, or its scalar."""
-    zz = p.to_units_last(z.detach())
-    D = zz.shape[-1]
-    if D == 1:
-        return zz
-    if u_mode == "pooled":
-        return zz.float().mean(dim=-1, keepdim=True)
-    if p.directions is None or p.directions.shape[0] != D:
-        g = torch.Generator().manual_seed(_module_seed(seed, p.name))
-        theta = torch.randn(D, projections, generator=g)
-        p.directions = F.normalize(theta, dim=0).to(device=z.device)
-    return torch.matmul(zz.to(p.directions.dtype), p.directions)
-
-
-def _store(p: _Producer, z: Tensor, rows: List[Tuple[int, int, int]], K: int, S: int,
-           projections: int, u_mode: str, seed: int) -> None:
-    """Project the selected rows of ``z`` (only those) into their (class, slot) sample places.
-
-    Finiteness is not checked here: pass 1 checks every activation it stores through the fused
-    unit statistics, and later passes replay the same samples.
-    """
-    if not rows:
-        return
-    if len(rows) != z.shape[0] or any(r[0] != i for i, r in enumerate(rows)):
-        z = z.index_select(0, torch.tensor([x[0] for x in rows], device=z.device))
-    feats = _features(p, z, projections, u_mode, seed)
-    if p.buf is None:
-        dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        # Unfilled slots are never read: quantiles use each class's first counts[k] rows.
-        p.buf = torch.empty((K, S, feats.shape[1], feats.shape[2]), dtype=dtype,
-                            device=feats.device)
-    k = torch.tensor([x[1] for x in rows], device=feats.device)
-    s = torch.tensor([x[2] for x in rows], device=feats.device)
-    p.buf[k, s] = feats.to(p.buf.dtype)
-
-
 def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes, S, P, u_mode,
               seed, device, tqdm, progress, num_classes) -> Dict[str, Any]:
     """Forward + backward over every batch: Taylor terms and moments for all producers, and
@@ -511,13 +340,13 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
         passed = z.clone() if p.clone else z
         with torch.no_grad():
             if id(p) in in_chunk:
-                _store(p, z, rows_now, K, S, P, u_mode, seed)
+                store_samples(p, z, rows_now, K, S, P, u_mode, seed)
         return passed if passed is not out else None
 
     hooks = [p.module.register_forward_hook(hook) for p in producers]
     label_hashes: List[int] = []
     n_samples = n_batches = 0
-    total = _len_or_none(loader)
+    total = len_or_none(loader)
     bar = tqdm(total=total, desc="fair_pruner: calibrating", disable=not progress, leave=False)
     try:
         batch = first
@@ -528,7 +357,7 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
             lab_list = labels.tolist()
             label_hashes.append(hash(tuple(lab_list)))
             rows_now[:] = res.offer(lab_list, n_samples)
-            inputs = _map(inputs, lambda t: t.to(device))
+            inputs = map_tensors(inputs, lambda t: t.to(device))
             labels = labels.to(device)
             taps.clear()
             with torch.enable_grad():
@@ -581,7 +410,7 @@ def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes,
             raise UnsupportedModelError(f"{p.name} never ran during calibration; pass it in "
                                         "ignore= or fix the model's forward")
     for p in chunk:
-        _finish_u(p, res, classes)
+        finish_u(p, res, classes)
     return {"samples": n_samples, "batches": n_batches, "label_hashes": label_hashes}
 
 
@@ -594,7 +423,7 @@ def _u_pass(model, producers, chunk, loader, res, label_hashes, classes, S, P, u
 
     def hook(mod, inp, out):
         p = by_module[mod]
-        _store(p, out, rows_now, K, S, P, u_mode, seed)
+        store_samples(p, out, rows_now, K, S, P, u_mode, seed)
 
     hooks = [p.module.register_forward_hook(hook) for p in chunk]
     bar = tqdm(total=len(label_hashes), desc="fair_pruner: U pass", disable=not progress,
@@ -618,7 +447,7 @@ def _u_pass(model, producers, chunk, loader, res, label_hashes, classes, S, P, u
                 continue
             idx = torch.tensor([s[0] for s in sel])
             rows_now[:] = [(i, k, s) for i, (_, k, s) in enumerate(sel)]
-            sub = _map(inputs, lambda t: t.index_select(0, idx.to(t.device)).to(device))
+            sub = map_tensors(inputs, lambda t: t.index_select(0, idx.to(t.device)).to(device))
             with torch.no_grad():
                 call_model(model, sub)
     finally:
@@ -626,43 +455,7 @@ def _u_pass(model, producers, chunk, loader, res, label_hashes, classes, S, P, u
             h.remove()
         bar.close()
     for p in chunk:
-        _finish_u(p, res, classes)
-
-
-def _finish_u(p: _Producer, res: Reservoir, classes: List[int]) -> None:
-    """Turn the producer's class samples into its U-Score and free them."""
-    counts = torch.tensor(res.counts())
-    keep = (counts >= 2).nonzero().flatten()
-    dropped = [classes[i] for i in range(len(classes)) if 0 < int(counts[i]) < 2]
-    if dropped and not getattr(res, "_warned", False):
-        warnings.warn(f"fair_pruner: classes {dropped[:10]} have fewer than 2 calibration "
-                      "samples and are left out of the U-Score")
-        res._warned = True
-    if keep.numel() < 2:
-        raise CalibrationDataError(
-            f"the U-Score needs at least two classes with >= 2 samples each; the calibration "
-            f"data has {keep.numel()} (class counts {res.counts()[:20]}). Use more or more "
-            "varied calibration samples")
-    buf = p.buf if keep.numel() == p.buf.shape[0] else p.buf.index_select(0, keep.to(p.buf.device))
-    c = counts[keep]
-    # Bound the fp32 sketch memory: units in chunks.
-    C = buf.shape[2]
-    step = max(1, int((256 << 20) // max(1, buf.shape[0] * buf.shape[1] * buf.shape[3] * 4)))
-    out = []
-    for s in range(0, C, step):
-        sk = ops.class_quantiles(buf[:, :, s:s + step], c, buf.shape[1])
-        out.append(ops.pairwise_w1_max(sk))
-    p.u = torch.cat(out).double().cpu()
-    p.buf = None
-    if not torch.isfinite(p.u).all():
-        raise NonFiniteError(f"non-finite U-Score at {p.name}: NaN/inf activations")
-
-
-def _len_or_none(loader) -> Optional[int]:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
+        finish_u(p, res, classes)
 
 
 def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],

@@ -23,7 +23,7 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ OP_NAMES = ("taylor_sum", "unit_stats", "class_quantiles", "pairwise_w1_max", "t
 # Preference per device type when nothing is forced: fastest first, reference last.
 _PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 # Where each compiled backend lives; importing the module registers its implementations.
-_BACKEND_MODULES = {"cpp": "fair_pruner._cpp_backend", "triton": "fair_pruner.kernels",
+_BACKEND_MODULES = {"cpp": "fair_pruner._cpp_backend", "triton": "fair_pruner._triton_backend",
                     "cuda": "fair_pruner._cuda_backend"}
 
 _IMPLS: Dict[str, Dict[str, Callable]] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from .errors import FairPrunerError, TargetError
 from .scorebook import ScoreBook, atomic_write
-from .tod import ToDCurves
+from .tod import ToDCurves, m_hat_capped
 
 
 @dataclass
@@ -139,9 +138,8 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         if params is not None or flops is not None or units is not None:
             raise TargetError("experts= cannot be combined with params=/flops=/units=; give "
                               "tod= for the dense groups instead")
-        from .llm.moe import allocate_experts
-        return allocate_experts(book, experts, strategy=strategy, cap=cap, signal=signal,
-                                protect=protect, tod=tod)
+        return _allocate_experts(book, experts, strategy=strategy, cap=cap, signal=signal,
+                                 protect=protect, tod=tod)
     targets = {k: v for k, v in (("params", params), ("flops", flops), ("units", units))
                if v is not None}
     if len(targets) > 1:
@@ -171,11 +169,11 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
                                   f"{book.signal_names}); add it with book.set_signal()")
 
     sizes = torch.tensor([g.size for g in book.groups], dtype=torch.int64)
-    # round_to is for widths (channels, MLP neurons); heads and experts are counted exactly.
-    roundable = torch.tensor([g.kind in ("channel", "neuron") for g in book.groups])
-    # routed MoE experts: every layer keeps >= top_k (each token is routed to top_k experts)
-    min_keep = torch.tensor([int(g.meta.get("top_k", 1)) if g.kind == "expert" else 1
-                             for g in book.groups], dtype=torch.int64)
+    # Each group carries its own constraints (see Group): round_to only for widths, a floor of
+    # kept units, frozen groups never pruned.
+    roundable = torch.tensor([g.roundable for g in book.groups])
+    min_keep = torch.tensor([g.size if g.frozen else g.min_keep for g in book.groups],
+                            dtype=torch.int64)
     base_p, base_f = book.cost.evaluate(torch.zeros_like(sizes))
     total_units = int(sizes.sum())
 
@@ -214,19 +212,31 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
 
     removed = {}
     for g, k in zip(book.groups, m.tolist()):
-        order = torch.argsort(g.signals[signal], stable=True)
-        removed[g.name] = sorted(order[:k].tolist())
-    p_after, f_after = book.cost.evaluate(m)
-    plan = Plan(alpha=alpha, strategy=strategy, removed=removed,
-                sizes={g.name: g.size for g in book.groups},
+        removed[g.name] = _lowest(g, signal, k)
+    return _make_plan(book, removed, alpha=alpha, strategy=strategy, signal=signal,
+                      protect=protect, target=targets or None, cap=cap, round_to=round_to,
+                      meta={"uniform_fraction": None if strategy == "tod" else float(alpha_f)})
+
+
+def _lowest(g, signal: str, k: int) -> List[int]:
+    """The ``k`` units of group ``g`` with the lowest removal signal (ties by index), sorted."""
+    return sorted(torch.argsort(g.signals[signal], stable=True)[:k].tolist())
+
+
+def _make_plan(book: ScoreBook, removed: Dict[str, List[int]], *, meta: Dict[str, Any],
+               **fields) -> Plan:
+    """A :class:`Plan` for ``removed`` with the exact costs of the book's cost model."""
+    removed = {g.name: removed.get(g.name, []) for g in book.groups}
+    mvec = torch.tensor([len(removed[g.name]) for g in book.groups], dtype=torch.int64)
+    base_p, base_f = book.cost.evaluate(torch.zeros_like(mvec))
+    p_after, f_after = book.cost.evaluate(mvec)
+    full_meta = {"input_spec": book.meta.get("input_spec"), "kind": book.meta.get("kind"),
+                 "ignored": book.meta.get("ignored", [])}
+    full_meta.update(meta)
+    return Plan(removed=removed, sizes={g.name: g.size for g in book.groups},
                 params_before=int(round(float(base_p))), params_after=int(round(float(p_after))),
                 flops_before=int(round(float(base_f))), flops_after=int(round(float(f_after))),
-                signal=signal, protect=protect, target=targets or None, cap=cap,
-                round_to=round_to, fingerprint=book.fingerprint,
-                meta={"input_spec": book.meta.get("input_spec"), "kind": book.meta.get("kind"),
-                      "uniform_fraction": None if strategy == "tod" else float(alpha_f),
-                      "ignored": book.meta.get("ignored", [])})
-    return plan
+                fingerprint=book.fingerprint, meta=full_meta, **fields)
 
 
 def _search(cands: Tensor, counts_at, reduction, targets) -> float:
@@ -247,3 +257,110 @@ def _search(cands: Tensor, counts_at, reduction, targets) -> float:
         else:
             lo = mid + 1
     return float(cands[lo])
+
+
+def _allocate_experts(book: ScoreBook, fraction: float, *, strategy: str = "tod",
+                      cap: float = 0.99, signal: str = "u", protect: str = "r",
+                      tod: Optional[float] = None) -> Plan:
+    """:func:`allocate` with ``experts=fraction``: an exact count of units over the expert groups.
+
+    Removes exactly ``round(fraction * E_total)`` units over all groups whose units are routed
+    experts (``kind == "expert"``). ToD (one shared α, each group capped at ``n - min_keep`` and
+    ``floor(cap * n)``) picks the per-group counts: α is the smallest tolerance at which ToD
+    removes at least the budget; any surplus from groups that jumped at that α is trimmed one
+    unit at a time, dropping the marginal unit with the highest U relative to its group's mean U
+    (ties, e.g. never-routed experts with U = 0: the group that loses the largest fraction, then
+    the later group). ``strategy="uniform"`` removes the same count from every group (the
+    remainder, if the budget does not divide, goes one each to the groups whose next unit has the
+    lowest relative U). Other groups are pruned at ``tod`` if given, else left intact.
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+        raise TargetError(f"experts= is the fraction of routed experts to remove and must lie in "
+                          f"(0, 1), got {fraction!r}")
+    if strategy not in ("tod", "uniform"):
+        raise TargetError(f"strategy must be 'tod' or 'uniform', got {strategy!r}")
+    egroups = [g for g in book.groups if g.kind == "expert" and not g.frozen]
+    if not egroups:
+        raise TargetError("experts= needs routed-expert groups in the score book; this book has "
+                          "none (score an MoE model with fp.score)")
+    for g in egroups:
+        for s in (signal, protect) if strategy == "tod" else (signal,):
+            if s not in g.signals:
+                raise FairPrunerError(f"signal {s!r} is missing for expert group {g.name} (it "
+                                      f"has {sorted(g.signals)}); add it with book.set_signal()")
+    sizes = [g.size for g in egroups]
+    floor = [g.min_keep for g in egroups]
+    cap_m = [max(0, min(int(math.floor(cap * n)), n - k)) for n, k in zip(sizes, floor)]
+    total = sum(sizes)
+    budget = int(round(fraction * total))
+    if budget < 1:
+        raise TargetError(f"experts={fraction} of {total} routed experts rounds to 0; raise it")
+    if budget > sum(cap_m):
+        raise TargetError(
+            f"experts={fraction} asks for {budget} of {total} routed experts, but at most "
+            f"{sum(cap_m)} can go while every layer keeps >= top_k experts (top_k per layer "
+            f"{sorted(set(floor))}, cap={cap}). Lower the target")
+    u = [g.signals[signal].double() for g in egroups]
+    rel = [x / x.mean() if float(x.mean()) > 0 else torch.zeros_like(x) for x in u]
+    order = [torch.argsort(x, stable=True) for x in u]
+
+    def marginal(gi: int, pos: int) -> float:
+        return float(rel[gi][order[gi][pos]])
+
+    alpha = None
+    G = len(egroups)
+    if strategy == "tod":
+        curves = ToDCurves(u, [g.signals[protect] for g in egroups], cap)
+        overlaps = [curves.curve(i) for i in range(G)]
+        cands = sorted({0.0} | {float(overlaps[i][m]) / m for i in range(G)
+                                for m in range(1, cap_m[i] + 1)})
+        counts_at = lambda a: [m_hat_capped(overlaps[i], cap_m[i], a) for i in range(G)]
+        lo, hi = 0, len(cands) - 1                       # smallest α reaching the budget
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(counts_at(cands[mid])) >= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        alpha = cands[lo]
+        m = counts_at(alpha)
+        below = counts_at(cands[lo - 1]) if lo > 0 else [0] * G
+        moved = 0
+        while sum(m) > budget:          # trim the surplus among groups that jumped at α
+            cand = [i for i in range(G) if m[i] > below[i]]
+            i = max(cand, key=lambda i: (marginal(i, m[i] - 1), m[i] / sizes[i], i))
+            m[i] -= 1
+            moved += 1
+        adjust = {"trimmed": moved, "topped_up": 0}
+    else:
+        m = [min(budget // G, c) for c in cap_m]
+        moved = 0
+        while sum(m) < budget:          # remainder / capped groups: lowest relative U first
+            cand = [i for i in range(G) if m[i] < cap_m[i]]
+            i = min(cand, key=lambda i: (marginal(i, m[i]), m[i] / sizes[i], i))
+            m[i] += 1
+            moved += 1
+        adjust = {"trimmed": 0, "topped_up": moved}
+
+    removed: Dict[str, List[int]] = {g.name: sorted(order[i][: m[i]].tolist())
+                                     for i, g in enumerate(egroups)}
+    dense_alpha = None
+    others = [g for g in book.groups if g.name not in removed and not g.frozen]
+    if others and tod is not None:
+        dcurves = ToDCurves([g.signals[signal] for g in others],
+                            [g.signals[protect] for g in others], cap)
+        for g, k in zip(others, dcurves.m_hat(float(tod)).tolist()):
+            removed[g.name] = _lowest(g, signal, min(k, g.size - g.min_keep))
+        dense_alpha = float(tod)
+    kept = {g.name: g.size - len(removed[g.name]) for g in egroups}
+    return _make_plan(
+        book, removed, alpha=alpha, strategy=strategy, signal=signal, protect=protect,
+        target={"experts": float(fraction)}, cap=cap, round_to=1,
+        meta={"uniform_fraction": None,
+              "experts": {"budget": budget, "total": total, "fraction_reached": budget / total,
+                          "kept_per_layer": kept,
+                          "min_kept_per_layer": {g.name: k for g, k in zip(egroups, floor)},
+                          "bound": "every MoE layer keeps >= top_k experts "
+                                   f"(top_k={sorted(set(floor))}) and at most "
+                                   f"floor(cap * n) are removed (cap={cap})",
+                          "budget_adjust": adjust, "dense_tod": dense_alpha}})

@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from .errors import TargetError
 from .plan import Plan, allocate
-from .surgery import prune
 
 
 def prune_in_rounds(model: nn.Module, loader, *, params: Optional[float] = None,
@@ -25,7 +24,7 @@ def prune_in_rounds(model: nn.Module, loader, *, params: Optional[float] = None,
     ``finetune(pruned_model, round_index)`` runs after each round but the last one (train it in
     place). Returns the pruned copy and the plan of every round. ``model`` is not changed.
     """
-    from . import score
+    from . import prune, score
 
     which = [k for k, v in (("params", params), ("flops", flops)) if v is not None]
     if len(which) != 1:

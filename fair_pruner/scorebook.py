@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from torch import Tensor
 from .errors import BookMismatchError, FairPrunerError
 from .graph import CostModel, GroupSpec, Member
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -32,8 +32,17 @@ class Group:
     size: int
     signals: Dict[str, Tensor]
     spec: GroupSpec
-    kind: str = "channel"          # "channel" (CNN), "neuron", "head", "expert" (LLM issues)
+    kind: str = "channel"          # what a unit is: "channel", "neuron", "head", "expert"
     meta: Dict[str, Any] = field(default_factory=dict)
+    # Constraints allocation reads (it never looks at ``kind``):
+    min_keep: int = 1              # units every plan keeps (e.g. an MoE layer's top_k)
+    roundable: bool = True         # whether ``round_to`` rounds this group's kept width
+    frozen: bool = False           # scored, but never pruned
+
+    def __post_init__(self):
+        if not (isinstance(self.min_keep, int) and 1 <= self.min_keep <= max(1, self.size)):
+            raise FairPrunerError(f"group {self.name}: min_keep={self.min_keep!r} must be an int "
+                                  f"in [1, size={self.size}]")
 
     @property
     def u(self) -> Tensor:
@@ -118,7 +127,8 @@ class ScoreBook:
                 tensors[f"g{i}.{s}"] = t.contiguous()
             groups_meta.append({
                 "name": g.name, "size": g.size, "kind": g.kind, "signals": sorted(g.signals),
-                "meta": g.meta,
+                "meta": g.meta, "min_keep": g.min_keep, "roundable": g.roundable,
+                "frozen": g.frozen,
                 "members": [[m.module, m.role, m.idxs, m.root_idxs] for m in g.spec.members],
             })
         header = {"format": "fair_pruner.scorebook", "version": str(FORMAT_VERSION),
@@ -143,8 +153,13 @@ class ScoreBook:
         for i, gm in enumerate(json.loads(header["groups"])):
             spec = GroupSpec(gm["name"], gm["size"], [Member(*m) for m in gm["members"]])
             sig = {s: tensors[f"g{i}.{s}"] for s in gm["signals"]}
-            groups.append(Group(gm["name"], gm["size"], sig, spec, gm.get("kind", "channel"),
-                                gm.get("meta", {})))
+            kind, gmeta = gm.get("kind", "channel"), gm.get("meta", {})
+            if "min_keep" in gm:
+                cons = {k: gm[k] for k in ("min_keep", "roundable", "frozen")}
+            else:   # format 1 books stored no constraints: they followed from the unit kind
+                cons = {"min_keep": int(gmeta.get("top_k", 1)) if kind == "expert" else 1,
+                        "roundable": kind in ("channel", "neuron"), "frozen": False}
+            groups.append(Group(gm["name"], gm["size"], sig, spec, kind, gmeta, **cons))
         return cls(groups, CostModel.from_tensors(tensors), json.loads(header["meta"]))
 
     def __repr__(self) -> str:

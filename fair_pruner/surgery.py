@@ -1,4 +1,4 @@
-"""Model surgery: apply a :class:`Plan` to a CNN through Torch-Pruning's dependency graph.
+"""CNN surgery (the ``"cnn"`` adapter): apply a :class:`Plan` through Torch-Pruning's graph.
 
 :func:`prune` physically removes the planned units (and everything coupled to them);
 :func:`mask` builds the reference it must equal: the original model with the removed units zeroed
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import adapters
 from .errors import BookMismatchError, FairPrunerError
 from .graph import build_dependency_graph, model_fingerprint
 from .plan import Plan
@@ -43,10 +44,6 @@ def _check(model: nn.Module, plan: Plan) -> None:
 def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``)."""
     _check(model, plan)
-    kind = plan.meta.get("kind") or "cnn"
-    if kind != "cnn":
-        from . import _registry
-        return _registry.surgery(kind)(model, plan, inplace=inplace)
     target = model if inplace else copy.deepcopy(model)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
     modes = {n: m.training for n, m in target.named_modules()}
@@ -105,13 +102,8 @@ class _MaskedLayerNorm(nn.Module):
 def mask(model: nn.Module, plan: Plan, book=None) -> nn.Module:
     """A copy of ``model`` where the plan's removed units are zeroed at their consumers.
 
-    CNN plans need the score book's group structure (consumer modules and channel indices);
-    other model kinds (LLMs, MoE) build their masked reference from the plan alone.
+    Needs the score book's group structure (consumer modules and channel indices).
     """
-    if isinstance(plan, Plan) and (plan.meta.get("kind") or "cnn") != "cnn":
-        from . import _registry
-        _check(model, plan)
-        return _registry.masker(plan.meta["kind"])(model, plan)
     if book is None:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
     _check(model, plan)
@@ -148,3 +140,15 @@ def mask(model: nn.Module, plan: Plan, book=None) -> nn.Module:
         # torchvision's LayerNorm2d normalises dim 1; the wrapper replaces its forward wholesale.
         setattr(mods[parent] if parent else masked, attr, _MaskedLayerNorm(ln, keep, channels_first))
     return masked
+
+
+def _is_module(model) -> bool:
+    return isinstance(model, nn.Module)
+
+
+def _score(model, loader, **kwargs):
+    from .calibrate import score
+    return score(model, loader, **kwargs)
+
+
+adapters.register(adapters.Adapter("cnn", _is_module, _score, prune, mask), fallback=True)

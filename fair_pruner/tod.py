@@ -54,6 +54,16 @@ class ToDCurves:
         return torch.unique(torch.cat(ratios + [torch.zeros(1, dtype=torch.float64)]))
 
 
+def m_hat_capped(overlap: Tensor, cap_m: int, alpha: float) -> int:
+    """max{1 <= m <= cap_m : overlap(m) / m <= alpha} (0 if none) for one group's curve
+    (``overlap`` as :meth:`ToDCurves.curve` returns it), with an explicit per-group cap."""
+    if cap_m < 1:
+        return 0
+    m = torch.arange(1, cap_m + 1, dtype=torch.float64)
+    ok = (overlap[1: cap_m + 1].double() <= alpha * m + 1e-12).nonzero()
+    return int(ok[-1]) + 1 if ok.numel() else 0
+
+
 def brute_force_m_hat(u: Tensor, r: Tensor, alpha: float, cap: float = 0.99) -> int:
     """The rule as the authors' package computes it (O(n^2)); a test oracle."""
     n = u.numel()

@@ -89,3 +89,72 @@ def count_macs(model, x):
     for h in hs:
         h.remove()
     return total[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny Hugging Face causal LMs of any family (no downloads)
+# --------------------------------------------------------------------------------------------
+
+LM_VOCAB = 61
+LM_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=LM_VOCAB,
+                max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                n_inner=48, ffn_dim=48, num_layers=2, d_model=32, moe_intermediate_size=16,
+                shared_expert_intermediate_size=16, n_routed_experts=6, num_experts=6,
+                num_local_experts=6, num_experts_per_tok=2, n_shared_experts=1,
+                first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,
+                qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, rotary_dim=4,
+                decoder_sparse_step=1, mlp_only_layers=[], moe_layer_freq=1)
+# Per family: what the generic small config gets wrong.
+LM_OVERRIDES = {
+    "falcon": dict(num_kv_heads=2, new_decoder_architecture=True),
+    "gpt_neox": dict(rotary_pct=0.5),
+    "phi": dict(partial_rotary_factor=0.5),
+    "llama4_text": dict(intermediate_size_mlp=48, interleave_moe_layer_step=1,
+                        no_rope_layers=[1, 1]),
+    "dbrx": dict(ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 6, "moe_top_k": 2},
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0}, max_seq_len=64),
+    "deepseek_v2": dict(head_dim=4),
+    "deepseek_v3": dict(head_dim=4),
+}
+
+
+def tiny_lm(model_type, seed=0, perturb=True, **overrides):
+    """A random 2-layer model of ``model_type`` with widths from LM_SMALL, weights perturbed so
+    norms, biases and near-zero inits are not trivial (else pruned == masked compares little)."""
+    from fair_pruner.llm import transformers_module
+    tf = transformers_module()
+    over = {**LM_OVERRIDES.get(model_type, {}), **overrides}
+    # nested sub-configs (DBRX) go to the constructor; plain fields are set after
+    cfg = tf.AutoConfig.for_model(model_type, **{k: v for k, v in over.items()
+                                                 if isinstance(v, dict)})
+    for k, v in {**LM_SMALL, **over}.items():
+        if not isinstance(v, dict) and hasattr(cfg, k):
+            try:
+                setattr(cfg, k, v)
+            except (AttributeError, TypeError):
+                pass
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v >= LM_VOCAB:
+            setattr(cfg, k, 0)
+    if hasattr(cfg, "tie_word_embeddings"):
+        cfg.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    m = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    if not perturb:
+        return m
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.is_floating_point():
+                scale = 3.0 if p.dim() == 2 and "embed" not in n else 1.0
+                p.mul_(scale).add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def token_batches(n=4, b=2, t=24, seed=1, high=20):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, high, (b, t), generator=g)} for _ in range(n)]

@@ -342,10 +342,10 @@ def test_error_sequence_shorter_than_two():
 
 
 def test_error_unknown_layout_names_the_module():
-    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
-    gpt2 = tf.AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(UnsupportedModelError, match=r"transformer\.h\.0\.attn"):
-        fp.score(gpt2, batches(), progress=False)
+    m = tiny()      # an attention block holding a module fair_pruner does not know
+    m.model.layers[0].self_attn.extra = torch.nn.Linear(32, 32)
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.0\.self_attn\.extra"):
+        fp.score(m, batches(), progress=False)
 
 
 def test_error_plan_removing_every_head():

@@ -309,7 +309,7 @@ def synthetic_book(sizes, top_k, seed=0):
         sig = {"u": torch.rand(n, generator=g, dtype=torch.float64) * (i + 1),
                "r": torch.rand(n, generator=g, dtype=torch.float64)}
         groups.append(Group(f"layers.{i}.mlp.experts", n, sig, GroupSpec(f"l{i}", n, []),
-                            "expert", {"top_k": top_k}))
+                            "expert", {"top_k": top_k}, min_keep=top_k, roundable=False))
     return ScoreBook(groups, _ExpertCost(sizes), {"kind": "llm", "fingerprint": "x"})
 
 
@@ -326,7 +326,7 @@ class _ExpertCost:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_experts_budget_is_exact_and_tod_shaped(seed):
-    from fair_pruner.tod import ToDCurves
+    from fair_pruner.tod import ToDCurves, m_hat_capped
 
     book = synthetic_book([16, 16, 12, 16, 8], top_k=2, seed=seed)
     total = sum(g.size for g in book.groups)
@@ -342,7 +342,7 @@ def test_experts_budget_is_exact_and_tod_shaped(seed):
             assert plan.removed[g.name] == sorted(torch.argsort(g.u, stable=True)[:k].tolist())
         # ToD at the plan's alpha (per-layer cap n - top_k) removes >= m, exactly m + trimmed
         curves = ToDCurves([g.u for g in book.groups], [g.r for g in book.groups], 0.99)
-        at = [moe._m_hat_capped(curves.curve(i), g.size, g.size - 2, plan.alpha)
+        at = [m_hat_capped(curves.curve(i), g.size - 2, plan.alpha)
               for i, g in enumerate(book.groups)]
         assert all(a >= k for a, k in zip(at, m))
         assert sum(at) - sum(m) == info["budget_adjust"]["trimmed"]

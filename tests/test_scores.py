@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fair_pruner as fp
-from fair_pruner.calibrate import _module_seed
+from fair_pruner.engine import module_seed
 from helpers import TinyCNN, TinyMLP, batches, randomize_bn
 
 
@@ -63,7 +63,7 @@ def test_map_units_sliced_w1():
     g = book.group("conv1")
     with torch.no_grad():
         z = model.conv1(x).reshape(24, 6, -1)
-    gen = torch.Generator().manual_seed(_module_seed(5, "conv1"))
+    gen = torch.Generator().manual_seed(module_seed(5, "conv1"))
     theta = F.normalize(torch.randn(64, P, generator=gen), dim=0)
     proj = z @ theta  # [N, C, P]
     want = []

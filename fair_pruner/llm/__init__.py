@@ -1,4 +1,4 @@
-"""FAIR-Pruner for Hugging Face causal LMs: MLP neurons and GQA-aware attention heads.
+"""FAIR-Pruner for Hugging Face causal LMs: MLP neurons, GQA-aware attention heads, MoE experts.
 
     import fair_pruner as fp
     book = fp.score(model, token_batches)        # routed here for transformers models
@@ -7,28 +7,34 @@
     fp.save_pretrained(small, "out/", tokenizer=tok); fp.from_pretrained("out/")
 
 Importing this package does not import transformers (that happens on first use, see
-:mod:`fair_pruner.llm._hf`). Modules: :mod:`.layout` (structure detection and unit families, the
-extension point for new unit kinds such as MoE experts), :mod:`.calibrate` (token-level scorer),
-:mod:`.surgery` (prune / mask), :mod:`.io` (save / reload), :mod:`.cli` (``prune-lm``).
+:mod:`fair_pruner.llm._hf`). Modules, in the order data flows: :mod:`.arch` (the architecture
+table, keyed by ``config.model_type``), :mod:`.layout` (the table applied to a model: unit
+families per decoder layer), :mod:`.verify` (self-check of model types not in the table),
+:mod:`.moe` (routed-expert family), :mod:`.calibrate` (token-level scorer), :mod:`.surgery`
+(prune / mask), :mod:`.io` (save / reload), :mod:`.cli` (``prune-lm``).
 """
 from __future__ import annotations
 
-from .. import _registry
-from ._hf import is_hf_model, load_model, transformers_module
+from ._hf import is_hf_model, transformers_module
+from .arch import ARCHITECTURES, Arch, AttnSpec, MLPSpec, register_architecture
 from .calibrate import KIND, restrict, score
 from .cli import cli_prune_lm, perplexity, text_batches
-from .layout import (AttentionHeads, CostTerm, Layout, MLPNeurons, UnitFamily, find_layout,
-                     register_family)
+from .io import load_model
+from .layout import (AttentionHeads, CostTerm, FrozenBlock, Layout, MLPNeurons, UnitFamily,
+                     find_layout, register_family)
 from .surgery import layer_widths, mask, prune
 from . import moe  # noqa: E402,F401  (registers the routed-expert unit family)
+from .. import adapters
 
 
-def _detect(model) -> bool:
-    return is_hf_model(model)
+def _mask(model, plan, book=None):
+    return mask(model, plan)
 
 
-_registry.register(KIND, _detect, score, prune, mask)
+adapters.register(adapters.Adapter(KIND, is_hf_model, score, prune, _mask))
 
 __all__ = ["score", "restrict", "prune", "mask", "find_layout", "register_family", "UnitFamily",
-           "MLPNeurons", "AttentionHeads", "CostTerm", "Layout", "layer_widths", "load_model",
-           "cli_prune_lm", "text_batches", "perplexity", "transformers_module", "KIND"]
+           "MLPNeurons", "AttentionHeads", "FrozenBlock", "CostTerm", "Layout", "layer_widths",
+           "load_model", "cli_prune_lm", "text_batches", "perplexity", "transformers_module",
+           "is_hf_model", "KIND", "ARCHITECTURES", "Arch", "AttnSpec", "MLPSpec",
+           "register_architecture"]

@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..calibrate import (Reservoir, _finish_u, _preserved, _store, check_sampling, split_batch,
-                         working_model)
+from ..engine import (Reservoir, SketchTap, check_sampling, finish_u, preserved, split_batch,
+                      store_samples, working_model)
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from ..graph import CostBuilder, CostModel, GroupSpec, Member, model_fingerprint
 from ..scorebook import Group, ScoreBook
 from ..signals import BUILTIN, Signal, UnitStats
 from .layout import Layout, UnitFamily, find_layout
+from .verify import checked_layout
 
 KIND = "llm"
 
@@ -114,23 +115,21 @@ def _top_classes(loader: Iterable, k: int) -> Tuple[List[int], int, int]:
 # Per-family accumulators
 # --------------------------------------------------------------------------------------------
 
-class _Tap:
-    """Running statistics of one family's tap (``name``/``buf``/``u`` as ``_finish_u`` expects)."""
+class _Tap(SketchTap):
+    """Running statistics of one family's tap (an LM sketch tap: token rows, sub-units)."""
 
     def __init__(self, fam: UnitFamily):
-        self.fam, self.name = fam, fam.tap
+        super().__init__(fam.tap)
+        self.fam = fam
         self.taylor = torch.zeros(fam.n_sub, dtype=torch.float64)
         self.act_abs = torch.zeros(fam.n_sub, dtype=torch.float64)
         self.ch_sum = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
         self.ch_sq = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
         self.tokens = 0
-        self.directions: Optional[Tensor] = None
-        self.buf: Optional[Tensor] = None
-        self.u: Optional[Tensor] = None
 
     def to_units_last(self, z: Tensor) -> Tensor:
         """[r, n_sub, feat]: token rows split into sub-units (the layout ``_store`` expects;
-        heads are projected onto P seeded directions over head_dim there, sliced W1)."""
+        heads are projected onto P seeded directions over head_dim, sliced W1)."""
         return z.reshape(z.shape[0], self.fam.n_sub, self.fam.feat)
 
 
@@ -141,7 +140,7 @@ class _Tap:
 def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_class: int = 32,
           projections: int = 128, heads: str = "kv", seed: int = 0, device=None,
           progress: bool = True, signals: Sequence[Signal] = (),
-          roles: Sequence[str] = ("attention", "ffn")) -> ScoreBook:
+          roles: Optional[Sequence[str]] = None) -> ScoreBook:
     """Calibrate a Hugging Face causal LM on token batches and return its :class:`ScoreBook`.
 
     Args:
@@ -160,8 +159,9 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         progress: tqdm progress bar.
         signals: extra :class:`~fair_pruner.signals.Signal` objects evaluated on each group's
             :class:`~fair_pruner.signals.UnitStats` and stored in the book.
-        roles: which unit families to score and prune (``"attention"``, ``"ffn"``); the others
-            are kept whole but still count in the parameter/MAC totals (see :func:`restrict`).
+        roles: which unit families to score and prune (``"attention"``, ``"ffn"``; default:
+            every one the architecture table lets this model prune); the others are kept whole
+            but still count in the parameter/MAC totals (see :func:`restrict`).
 
     The book stores, per group, ``u``, ``r``, ``l1``, ``l2``, ``activation``, ``random`` and
     ``fluctuation`` (FLAP: variance of each tap channel times the squared norm of the weight
@@ -174,7 +174,9 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     if not isinstance(classes, int) or classes < 2:
         raise CalibrationDataError("classes must be an int >= 2 (the K most frequent next tokens)")
     check_sampling(samples_per_class, projections)
-    layout = find_layout(model, heads=heads)
+    layout = checked_layout(model, heads=heads)
+    if roles is None:      # every role this model can prune (a frozen block is kept whole)
+        roles = sorted({f.role for f in layout.prunable})
     _check_roles(layout, roles)
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
@@ -182,15 +184,15 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     loader = _materialize(loader)
     cls, n_labelled, n_batches = _top_classes(loader, classes)
     res = Reservoir(cls, samples_per_class, seed)
-    taps = [_Tap(f) for f in layout.families if f.role in roles]
+    taps = [_Tap(f) for f in layout.prunable if f.role in roles]
     seq_lens: List[int] = []
 
-    with _preserved(work, restore_buffers=False):
+    with preserved(work, restore_buffers=False):
         work.eval()
         _calibration_pass(work, taps, loader, res, cls, samples_per_class, projections, seed,
                           device, tqdm, progress, n_batches, seq_lens)
     for tp in taps:
-        _finish_u(tp, res, cls)
+        finish_u(tp, res, cls)
 
     context = (max(seq_lens) + 1) / 2.0          # mean causal context of a calibration sequence
     all_signals: Dict[str, Signal] = dict(BUILTIN)
@@ -204,6 +206,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "roles": list(roles),
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "architecture": type(model).__name__, "layers_module": layout.layers_name,
+        "in_architecture_table": layout.in_table, "frozen": layout.frozen(),
         "num_layers": len(layout.layers), "classes": cls, "class_counts": counts,
         "classes_used": [c for c, n in zip(cls, counts) if n >= 2],
         "samples_per_class": samples_per_class, "projections": projections,
@@ -231,7 +234,7 @@ def _calibration_pass(model, taps: List[_Tap], loader, res: Reservoir, cls, S, P
             if rows:
                 with torch.no_grad():
                     flat = z.detach()[:, :-1].reshape(-1, z.shape[-1])
-                    _store(tp, flat, rows, K, S, P, "sliced", seed)
+                    store_samples(tp, flat, rows, K, S, P, "sliced", seed)
             return z
         return on_input
 
@@ -328,10 +331,7 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
     sigs["fluctuation"] = flap
     if hasattr(fam, "extra_signals"):             # e.g. MoE experts: routing freq, REAP
         sigs.update({k: v.double().cpu() for k, v in fam.extra_signals().items()})
-    block = model.get_submodule(fam.name)
-    members = [Member(f"{fam.name}.{n}", "consumer" if f"{fam.name}.{n}" == fam.tap else
-                      "producer", [], []) for n, c in block.named_children()
-               if isinstance(c, nn.Linear)]
+    members = [Member(m, role, [], []) for m, role in fam.members(model)]
     spec = GroupSpec(fam.group_name, fam.size, members)
     meta = {"layer": fam.layer, "family": fam.role, "module": fam.name, "tap": fam.tap,
             "sub_units": fam.n_sub, "features": fam.feat}
@@ -340,14 +340,18 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
     if fam.kind == "head":
         meta.update({"head_dim": fam.head_dim, "num_heads": fam.n_heads,
                      "num_kv_heads": fam.n_kv, "mode": fam.mode})
-    return Group(fam.group_name, fam.size, sigs, spec, fam.kind, meta)
+    return Group(fam.group_name, fam.size, sigs, spec, fam.kind, meta,
+                 min_keep=min(fam.min_keep(), fam.size), roundable=fam.round_to_applies)
 
 
 def _check_roles(layout: Layout, roles: Sequence[str]) -> None:
-    have = {f.role for f in layout.families}
+    have = {f.role for f in layout.prunable}
     bad = [r for r in roles if r not in have]
     if not roles or bad:
-        raise CalibrationDataError(f"roles={list(roles)}: choose one or more of {sorted(have)}")
+        frozen = sorted({f"{f.role} ({f.frozen})" for f in layout.families if f.frozen})
+        raise CalibrationDataError(
+            f"roles={list(roles)}: choose one or more of {sorted(have)}"
+            + (f"; kept whole in this model: {'; '.join(frozen)}" if frozen else ""))
 
 
 def restrict(book: ScoreBook, model: nn.Module, roles: Sequence[str]) -> ScoreBook:
@@ -359,7 +363,7 @@ def restrict(book: ScoreBook, model: nn.Module, roles: Sequence[str]) -> ScoreBo
     book.check_model(model)
     layout = find_layout(model, heads=book.meta.get("heads", "kv"))
     _check_roles(layout, roles)
-    fams = [f for f in layout.families if f.role in roles]
+    fams = [f for f in layout.prunable if f.role in roles]
     groups = [book.group(f.group_name) for f in fams]
     meta = dict(book.meta, roles=list(roles))
     return ScoreBook(groups, _cost_model(model, layout, book.meta["mac_context"], fams), meta)

@@ -79,7 +79,7 @@ def cli_prune_lm(args) -> int:
     """Entry point of ``fair-pruner prune-lm`` (arguments parsed by :mod:`fair_pruner.cli`)."""
     import fair_pruner as fp
 
-    from ._hf import load_model
+    from .io import load_model
     from .io import save_pretrained
 
     say = (lambda *a, **k: None) if args.quiet else print

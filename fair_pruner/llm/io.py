@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..errors import FairPrunerError
 from ..scorebook import atomic_write
 from ._hf import transformers_module
-from .layout import FAMILIES, find_layout
+from .layout import find_layout
 from .surgery import CONFIG_KEY, FORMAT, layer_widths
 
 WEIGHTS = "model.safetensors"
@@ -128,14 +128,6 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None) -> N
                                  lambda tmp, p=p: shutil.copyfile(p, tmp))
 
 
-def _family_for(role: str):
-    fam = next((f for f in FAMILIES if f.role == role), None)
-    if fam is None:
-        raise FairPrunerError(f"saved layer widths name an unknown block role {role!r}; this "
-                              "fair_pruner has no unit family for it (upgrade fair_pruner)")
-    return fam
-
-
 def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
     """Load a model written by :func:`save_pretrained` into its transformers class (eval mode)."""
     from safetensors import safe_open
@@ -172,12 +164,12 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
         raise FairPrunerError(f"{directory}: config has {len(layout.layers)} decoder layers but "
                               f"the saved widths list {len(entry['layers'])}")
     for layer, widths in zip(layout.layers, entry["layers"]):
-        blocks = {f.role: f.name for f in layer.families}
+        fams = {f.role: f for f in layer.families}
         for role, w in widths.items():
-            if role not in blocks:
+            if role not in fams:
                 raise FairPrunerError(f"{directory}: layer {layer.index} has no {role} block to "
                                       "resize")
-            _family_for(role).resize(model.get_submodule(blocks[role]), w)
+            fams[role].resize(model, w)
     with safe_open(os.path.join(directory, WEIGHTS), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("fair_pruner_aliases", "{}"))
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -201,3 +193,34 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def load_model(path: str, dtype=None) -> Tuple[Any, Optional[Any]]:
+    """(model, tokenizer) from a transformers directory, a fair_pruner pruned directory, or a
+    ``.gguf`` file (dequantized by transformers; needs ``gguf``). The tokenizer is None when the
+    directory has none."""
+    tf = transformers_module()
+    dtype = dtype or torch.float32
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path}: give a transformers model directory or a "
+                                ".gguf file")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise FileNotFoundError(f"{path} is a file but not a .gguf model; give a directory "
+                                    "or a .gguf file")
+        d, f = os.path.split(os.path.abspath(path))
+        tok = tf.AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+        return model.eval(), tok
+    cfg_path = os.path.join(path, "config.json")
+    tok = None
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(path)
+    except Exception:  # a weights-only directory is fine
+        tok = None
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as fh:
+            if CONFIG_KEY in json.load(fh):
+                return from_pretrained(path), tok
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval(), tok

@@ -1,25 +1,28 @@
-"""Where the prunable units of a decoder-only transformer live, found by structure.
+"""Where the prunable units of a decoder-only transformer live: the table entry applied to a model.
 
-A Llama-style causal LM (Llama, Mistral, Qwen2, Qwen3 and anything with the same module layout)
-is a ``ModuleList`` of decoder layers; each layer holds an attention block with ``q_proj``,
-``k_proj``, ``v_proj`` and ``o_proj`` ``nn.Linear`` children and a feed-forward block with
-``gate_proj``, ``up_proj`` and ``down_proj``. Class names are never consulted, and widths are
-read off the module shapes, so an already-pruned model (per-layer widths) is mapped as well.
+:func:`find_layout` reads ``config.model_type``, takes its :class:`~fair_pruner.llm.arch.Arch`
+from the architecture table (or the Llama layout for a type not in the table, see
+:func:`verify_fallback`), and maps every decoder layer to its unit families, one per role:
 
-Every layer yields a list of :class:`UnitFamily` objects, one per kind of unit it holds
-(``role`` ``"attention"`` and ``"ffn"``). A family knows its units' tap (the ``nn.Linear`` whose
-*input* carries them), how tap channels group into units, its exact parameter/MAC cost terms,
-physical surgery, the masked reference, and how to rebuild its modules at saved widths.
+* :class:`AttentionHeads` (``role="attention"``, group kind ``"head"``): units are KV groups (a
+  key/value head with the query heads sharing it) or, with ``heads="query"``, query-head slots of
+  every KV group. Tap: the input of the output projection, split into heads of ``head_dim``.
+* :class:`MLPNeurons` (``role="ffn"``, kind ``"neuron"``): unit j = output row j of every up
+  projection (rows j and I + j of a fused gate_up) and input column j of the down projection
+  (the tap).
+* routed MoE experts (kind ``"expert"``, :mod:`fair_pruner.llm.moe`), registered with
+  :func:`register_family` and tried first on the feed-forward block.
+* :class:`FrozenBlock`: a block that is kept whole (the table says why); it still counts in the
+  parameter and MAC totals.
 
-Extension point (e.g. routed MoE experts): subclass :class:`UnitFamily`, implement ``match`` and
-the methods below, and :func:`register_family` it (``before=MLPNeurons`` to claim sparse-MoE
-blocks first). The calibrator, surgery, masking and :mod:`fair_pruner.llm.io` only talk to
-families through this interface; a family whose units are not channels of one Linear's input
-overrides :meth:`UnitFamily.install_tap` (the calibrator hands it a callback taking the tapped
-tensor, and uses the returned tensor for the gradient).
+Widths are read off module shapes, never off the global config, so an already-pruned model
+(per-layer widths) maps too. Every parameterised child of a layer and block must be understood;
+anything else is refused with an :class:`~fair_pruner.UnsupportedModelError` naming the module.
+Projections may be ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored transposed).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -28,9 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import FairPrunerError, UnsupportedModelError
-
-ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+from .arch import LLAMA, Arch, AttnSpec, MLPSpec, arch_for
 
 
 @dataclass
@@ -44,24 +45,116 @@ class CostTerm:
     params: bool = True
 
 
+# --------------------------------------------------------------------------------------------
+# Projections: nn.Linear and transformers' Conv1D (weight [in, out])
+# --------------------------------------------------------------------------------------------
+
+def is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def is_proj(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def n_out(m: nn.Module) -> int:
+    return int(m.weight.shape[1] if is_conv1d(m) else m.weight.shape[0])
+
+
+def n_in(m: nn.Module) -> int:
+    return int(m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])
+
+
+def out_dim(m: nn.Module) -> int:
+    """The weight dim that indexes outputs (0 for Linear, 1 for Conv1D)."""
+    return 1 if is_conv1d(m) else 0
+
+
+def weight_oi(m: nn.Module) -> Tensor:
+    """The weight as [out, in] (a view)."""
+    w = m.weight.detach()
+    return w.T if is_conv1d(m) else w
+
+
+def proj_like(m: nn.Module, out_f: int, in_f: int) -> nn.Module:
+    """An uninitialised projection of ``m``'s kind, dtype, device, bias and flags."""
+    w = m.weight
+    if is_conv1d(m):
+        with torch.device(w.device):
+            new = type(m)(out_f, in_f).to(dtype=w.dtype)
+    else:
+        new = nn.Linear(in_f, out_f, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.requires_grad_(w.requires_grad)
+    if m.bias is not None:
+        new.bias.requires_grad_(m.bias.requires_grad)
+    new.train(m.training)
+    return new
+
+
+def slice_proj(m: nn.Module, idx: Tensor, side: str) -> nn.Module:
+    """``m`` keeping outputs (``side="out"``) or inputs (``"in"``) ``idx``."""
+    idx = idx.to(m.weight.device)
+    w = weight_oi(m)
+    w = w.index_select(0 if side == "out" else 1, idx)
+    new = proj_like(m, w.shape[0], w.shape[1])
+    with torch.no_grad():
+        new.weight.copy_(w.T if is_conv1d(m) else w)
+        if m.bias is not None:
+            new.bias.copy_(m.bias.detach().index_select(0, idx) if side == "out" else m.bias)
+    return new
+
+
+def _proj_terms(m: nn.Module, side: str, per_unit: float) -> List[CostTerm]:
+    """Cost terms of a projection whose outputs (or inputs) lose ``per_unit`` entries a unit."""
+    d = out_dim(m) if side == "out" else 1 - out_dim(m)
+    terms = [CostTerm(tuple(m.weight.shape), {d: per_unit} if per_unit else {}, macs=1.0)]
+    if m.bias is not None:
+        terms.append(CostTerm(tuple(m.bias.shape), {0: per_unit} if side == "out" and per_unit
+                              else {}))
+    return terms
+
+
+def _param_children(block: nn.Module) -> Dict[str, nn.Module]:
+    return {n: c for n, c in block.named_children() if any(True for _ in c.parameters())}
+
+
+def _strict(where: str, block: nn.Module, known: Sequence[str], direct_ok: Sequence[str] = ()
+            ) -> None:
+    """Refuse a block holding parameters fair_pruner does not know how to keep consistent."""
+    extra = [n for n in _param_children(block) if n not in known]
+    direct = [n for n, _ in block.named_parameters(recurse=False) if n not in direct_ok]
+    if extra or direct:
+        what = ", ".join([f"{where}.{n} ({type(getattr(block, n)).__name__})" for n in extra] +
+                         [f"parameter {where}.{n}" for n in direct])
+        raise UnsupportedModelError(
+            f"cannot prune {where} ({type(block).__name__}) exactly: it holds {what}, which "
+            "fair_pruner does not know how to keep consistent with removed units. Add an "
+            "architecture entry (fair_pruner.llm.arch.register_architecture) or a unit family "
+            "for it")
+
+
+# --------------------------------------------------------------------------------------------
+# Unit families
+# --------------------------------------------------------------------------------------------
+
 class UnitFamily:
-    """The prunable units of one kind in one decoder layer (see the module docstring)."""
+    """The prunable units of one kind in one decoder layer."""
 
     role: str = ""        # "attention" | "ffn": one family of each role per decoder layer
     kind: str = ""        # the score-book group kind ("neuron", "head", "expert")
+    frozen: Optional[str] = None     # reason the family is kept whole (not scored)
+    round_to_applies: bool = False   # whether allocation's round_to rounds this group's width
 
     def __init__(self, layer: int, name: str):
         self.layer = layer          # decoder layer index
-        self.name = name            # module name of the block (also the group name base)
+        self.name = name            # module name of the block
 
-    # ---- detection --------------------------------------------------------------------
     @classmethod
     def match(cls, layer: int, name: str, module: nn.Module, config, options: dict
               ) -> Optional["UnitFamily"]:
-        """A family for ``module`` (a direct child of a decoder layer), or None."""
+        """A family for ``module`` (a decoder layer's block for ``cls.role``), or None."""
         raise NotImplementedError
 
-    # ---- structure ----------------------------------------------------------------------
     @property
     def group_name(self) -> str:
         return self.name
@@ -69,7 +162,11 @@ class UnitFamily:
     size: int = 0             # units in the group
     n_sub: int = 0            # sub-units at the tap (neurons, query heads)
     feat: int = 1             # tap features per sub-unit (1, or head_dim)
-    tap: str = ""             # module name of the Linear whose input carries the sub-units
+    tap: str = ""             # module name of the projection whose input carries the sub-units
+
+    def min_keep(self) -> int:
+        """Units every plan must keep in this group."""
+        return 1
 
     def sub_of_unit(self) -> Tensor:
         """int64 [size, k]: the sub-units forming each unit (identity for scalar units)."""
@@ -85,35 +182,50 @@ class UnitFamily:
             return None if x is args[0] else (x,) + tuple(args[1:])
         return mod.register_forward_pre_hook(pre)
 
-    # ---- signals ------------------------------------------------------------------------
     def unit_weights(self, model: nn.Module) -> Tensor:
-        """fp32 [size, fan]: every weight entry a unit owns, flattened (for l1/l2 signals)."""
+        """fp32 [size, fan]: the weights (and biases) that produce each unit's output, flattened:
+        the same meaning as a CNN filter, for the l1/l2 signals (docs/method.md)."""
         raise NotImplementedError
 
     def tap_column_sq(self, model: nn.Module) -> Tensor:
-        """fp64 [n_sub * feat]: squared L2 norm of each input column of the tap Linear (FLAP)."""
-        w = model.get_submodule(self.tap).weight.detach()
-        return w.double().pow(2).sum(dim=0).cpu()
+        """fp64 [n_sub * feat]: squared L2 norm of each input column of the tap (FLAP)."""
+        return weight_oi(model.get_submodule(self.tap)).double().pow(2).sum(dim=0).cpu()
 
-    # ---- cost ---------------------------------------------------------------------------
     def cost_terms(self, model: nn.Module, context: float) -> List[CostTerm]:
         raise NotImplementedError
 
-    # ---- surgery ------------------------------------------------------------------------
+    def members(self, model: nn.Module) -> List[Tuple[str, str]]:
+        """(module, role) pairs the group covers: ``producer`` or ``consumer`` (the tap)."""
+        block = model.get_submodule(self.name)
+        return [(f"{self.name}.{n}", "consumer" if f"{self.name}.{n}" == self.tap else "producer")
+                for n, c in block.named_children() if is_proj(c)]
+
     def check_removal(self, removed: Sequence[int]) -> None:
-        if len(set(removed)) >= self.size:
-            raise FairPrunerError(
-                f"the plan removes every unit of {self.group_name} ({self.size} of {self.size}); "
-                "a layer must keep at least one. Re-allocate with fp.allocate (cap < 1 keeps one), "
-                "or edit the plan")
         bad = [i for i in removed if not 0 <= i < self.size]
         if bad:
             raise FairPrunerError(f"plan units {bad[:5]} out of range for {self.group_name} "
                                   f"({self.size} units)")
+        k = len(set(removed))
+        if self.size - k < self.min_keep():
+            what = "every unit" if k >= self.size else f"{k} units"
+            raise FairPrunerError(
+                f"the plan removes {what} of {self.group_name} ({k} of {self.size}); a layer "
+                f"must keep at least {self.min_keep()}. Re-allocate with fp.allocate (cap < 1 "
+                "keeps one), or edit the plan")
 
     def prune(self, model: nn.Module, keep: Tensor) -> None:
         """Physically keep only units ``keep`` (sorted int64) in ``model``."""
         raise NotImplementedError
+
+    def mask_units(self, model: nn.Module, removed: Sequence[int]) -> None:
+        """The masked reference: zero the removed units' channels at the tap's input."""
+        ch = self.removed_channels(removed)
+
+        def pre(mod, args, ch=ch):
+            x = args[0].clone()
+            x.index_fill_(x.dim() - 1, ch.to(x.device), 0)
+            return (x,) + tuple(args[1:])
+        model.get_submodule(self.tap).register_forward_pre_hook(pre)
 
     def removed_channels(self, removed: Sequence[int]) -> Tensor:
         """Tap input channels carrying the removed units (zeroed by the masked reference)."""
@@ -121,285 +233,350 @@ class UnitFamily:
         ch = subs[:, None] * self.feat + torch.arange(self.feat)[None]
         return ch.flatten()
 
-    # ---- persistence --------------------------------------------------------------------
     def widths(self, model: nn.Module) -> dict:
         """This block's widths, for the saved config (``fair_pruner.layers[i][role]``)."""
         raise NotImplementedError
 
-    @staticmethod
-    def resize(block: nn.Module, widths: dict) -> None:
-        """Rebuild ``block`` (freshly built at the config's full widths) at ``widths``."""
+    def resize(self, model: nn.Module, widths: dict) -> None:
+        """Rebuild this block (freshly built at the config's full widths) at ``widths``."""
         raise NotImplementedError
 
 
-# --------------------------------------------------------------------------------------------
-# Linear helpers
-# --------------------------------------------------------------------------------------------
+class FrozenBlock(UnitFamily):
+    """A block kept whole; its parameters (and MACs of its 2-D weights) are constant costs."""
 
-def linear_like(lin: nn.Linear, out_f: int, in_f: int) -> nn.Linear:
-    """An uninitialised-size copy of ``lin``'s kind: same dtype/device/bias/requires_grad."""
-    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device=lin.weight.device,
-                    dtype=lin.weight.dtype)
-    new.weight.requires_grad_(lin.weight.requires_grad)
-    if lin.bias is not None:
-        new.bias.requires_grad_(lin.bias.requires_grad)
-    new.train(lin.training)
-    return new
+    kind = "frozen"
 
+    def __init__(self, layer: int, name: str, role: str, reason: str):
+        super().__init__(layer, name)
+        self.role, self.frozen = role, reason
 
-def slice_linear(lin: nn.Linear, idx: Tensor, dim: int) -> nn.Linear:
-    """``lin`` keeping output rows (dim 0) or input columns (dim 1) ``idx``."""
-    idx = idx.to(lin.weight.device)
-    w = lin.weight.detach().index_select(dim, idx)
-    new = linear_like(lin, w.shape[0], w.shape[1])
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias.detach().index_select(0, idx) if dim == 0 else lin.bias)
-    return new
+    def cost_terms(self, model, context):
+        return [CostTerm(tuple(p.shape), {}, macs=1.0 if p.dim() == 2 else 0.0)
+                for p in model.get_submodule(self.name).parameters()] if self.name else []
 
+    def widths(self, model):
+        return {}
 
-def _linears(module: nn.Module, names: Sequence[str]) -> Optional[List[nn.Linear]]:
-    mods = [getattr(module, n, None) for n in names]
-    return mods if all(isinstance(m, nn.Linear) for m in mods) else None
+    def resize(self, model, widths):
+        if widths:
+            raise FairPrunerError(f"saved widths {widths} for {self.name}, which this "
+                                  "fair_pruner keeps whole; the config and weights do not match")
 
-
-# --------------------------------------------------------------------------------------------
-# MLP neurons
-# --------------------------------------------------------------------------------------------
 
 class MLPNeurons(UnitFamily):
-    """Neuron j = row j of gate_proj and up_proj and column j of down_proj (tap: down_proj input)."""
+    """Neuron j = output row j of each up projection and input column j of the down projection."""
 
-    role, kind, feat = "ffn", "neuron", 1
+    role, kind, feat, round_to_applies = "ffn", "neuron", 1, True
 
-    def __init__(self, layer: int, name: str, module: nn.Module):
+    def __init__(self, layer: int, name: str, block: nn.Module, spec: MLPSpec, inline: bool):
         super().__init__(layer, name)
-        gate, up, down = _linears(module, MLP_NAMES)
-        n = down.in_features
-        if gate.out_features != n or up.out_features != n:
+        self.spec, self.inline = spec, inline
+        mods = [getattr(block, n, None) for n in spec.up + (spec.down,)]
+        missing = [n for n, m in zip(spec.up + (spec.down,), mods) if not is_proj(m)]
+        if missing:
+            kids = ", ".join(n for n, _ in block.named_children()) or "none"
             raise UnsupportedModelError(
-                f"{name}: gate_proj/up_proj have {gate.out_features}/{up.out_features} outputs but "
-                f"down_proj takes {n} inputs; cannot map its neurons")
+                f"unsupported layout: cannot map feed-forward module {name} "
+                f"({type(block).__name__}, children: {kids}); expected projections "
+                f"{'/'.join(spec.up + (spec.down,))}")
+        if not inline:
+            _strict(name, block, spec.up + (spec.down,))
+        down = mods[-1]
+        n = n_in(down)
+        for nm, m in zip(spec.up, mods[:-1]):
+            if n_out(m) != n * spec.halves:
+                raise UnsupportedModelError(
+                    f"{name}: {nm} has {n_out(m)} outputs but {spec.down} takes {n} inputs "
+                    f"({spec.halves} row(s) per neuron); cannot map its neurons")
         self.size = self.n_sub = n
-        self.hidden = down.out_features
-        self.tap = f"{name}.down_proj"
+        self.tap = f"{name}.{spec.down}"
 
-    @classmethod
-    def match(cls, layer, name, module, config, options):
-        return cls(layer, name, module) if _linears(module, MLP_NAMES) else None
+    @property
+    def group_name(self) -> str:
+        return f"{self.name}.ffn" if self.inline else self.name
 
-    def _mods(self, model):
-        block = model.get_submodule(self.name)
-        return block, block.gate_proj, block.up_proj, block.down_proj
+    def _block(self, model):
+        return model.get_submodule(self.name)
+
+    def _rows(self, neurons: Tensor) -> Tensor:
+        if self.spec.halves == 1:
+            return neurons
+        return torch.cat([neurons + h * self.size for h in range(self.spec.halves)])
+
+    def members(self, model):
+        return ([(f"{self.name}.{n}", "producer") for n in self.spec.up] +
+                [(self.tap, "consumer")])
 
     def unit_weights(self, model):
-        _, g, u, d = self._mods(model)
-        parts = [g.weight.detach(), u.weight.detach(), d.weight.detach().T]
-        for lin in (g, u):
-            if lin.bias is not None:
-                parts.append(lin.bias.detach()[:, None])
+        block = self._block(model)
+        parts = []
+        for nm in self.spec.up:
+            m = getattr(block, nm)
+            w = weight_oi(m).reshape(self.spec.halves, self.size, -1)
+            parts.append(w.permute(1, 0, 2).reshape(self.size, -1))
+            if m.bias is not None:
+                parts.append(m.bias.detach().reshape(self.spec.halves, self.size).T)
         return torch.cat([p.float().cpu() for p in parts], dim=1)
 
     def cost_terms(self, model, context):
-        _, g, u, d = self._mods(model)
+        block = self._block(model)
         terms = []
-        for lin in (g, u):
-            terms.append(CostTerm(tuple(lin.weight.shape), {0: 1.0}, macs=1.0))
-            if lin.bias is not None:
-                terms.append(CostTerm(tuple(lin.bias.shape), {0: 1.0}))
-        terms.append(CostTerm(tuple(d.weight.shape), {1: 1.0}, macs=1.0))
-        if d.bias is not None:
-            terms.append(CostTerm(tuple(d.bias.shape), {}))
+        for nm in self.spec.up:
+            terms += _proj_terms(getattr(block, nm), "out", float(self.spec.halves))
+        terms += _proj_terms(getattr(block, self.spec.down), "in", 1.0)
         return terms
 
+    def _set_attrs(self, block, n: int) -> None:
+        if self.inline:
+            return
+        for a in self.spec.attrs:
+            if isinstance(getattr(block, a, None), int):
+                setattr(block, a, n)
+
     def prune(self, model, keep):
-        block, g, u, d = self._mods(model)
-        block.gate_proj = slice_linear(g, keep, 0)
-        block.up_proj = slice_linear(u, keep, 0)
-        block.down_proj = slice_linear(d, keep, 1)
-        if hasattr(block, "intermediate_size"):
-            block.intermediate_size = int(keep.numel())
+        block = self._block(model)
+        rows = torch.sort(self._rows(keep)).values
+        for nm in self.spec.up:
+            setattr(block, nm, slice_proj(getattr(block, nm), rows, "out"))
+        setattr(block, self.spec.down, slice_proj(getattr(block, self.spec.down), keep, "in"))
+        self._set_attrs(block, int(keep.numel()))
 
     def widths(self, model):
-        return {"intermediate_size": model.get_submodule(self.tap).in_features}
+        return {"intermediate_size": self.size}
 
-    @staticmethod
-    def resize(block, widths):
+    def resize(self, model, widths):
         n = int(widths["intermediate_size"])
-        for nm in ("gate_proj", "up_proj"):
-            lin = getattr(block, nm)
-            setattr(block, nm, linear_like(lin, n, lin.in_features))
-        block.down_proj = linear_like(block.down_proj, block.down_proj.out_features, n)
-        if hasattr(block, "intermediate_size"):
-            block.intermediate_size = n
+        block = self._block(model)
+        for nm in self.spec.up:
+            m = getattr(block, nm)
+            setattr(block, nm, proj_like(m, n * self.spec.halves, n_in(m)))
+        d = getattr(block, self.spec.down)
+        setattr(block, self.spec.down, proj_like(d, n_out(d), n))
+        self._set_attrs(block, n)
 
 
-# --------------------------------------------------------------------------------------------
-# Attention heads (GQA-aware)
-# --------------------------------------------------------------------------------------------
-
-def _head_dim(module: nn.Module, config) -> int:
-    hd = getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
-    if not hd:
-        hd = config.hidden_size // config.num_attention_heads
-    return int(hd)
+def _head_dim(block: nn.Module, config) -> int:
+    for obj, attr in ((block, "head_dim"), (block, "head_size"), (config, "head_dim")):
+        v = getattr(obj, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return int(config.hidden_size // config.num_attention_heads)
 
 
 class AttentionHeads(UnitFamily):
-    """Attention heads; the tap is o_proj's input, split into query heads of ``head_dim``.
+    """Attention heads of one layer; the tap is the output projection's input, in head_dim heads.
 
     ``mode="kv"`` (default): unit = one key/value head with the query heads sharing it, so the
-    model stays a valid GQA model (q_proj/o_proj lose ``rep * head_dim`` rows/columns per unit,
-    k_proj/v_proj ``head_dim`` rows). ``mode="query"``: unit j = query-head slot j of *every* KV
-    group (heads ``g * rep + j``), so each KV group loses the same number of query heads and
-    k_proj/v_proj are untouched. head_dim, hidden size and q_norm/k_norm are never pruned.
+    model stays a valid GQA model. ``mode="query"``: unit j = query-head slot j of *every* KV
+    group (heads ``g * rep + j``), so each KV group loses the same number of query heads and the
+    key/value projections are untouched. head_dim, the hidden size and per-head norms are never
+    pruned.
     """
 
     role, kind = "attention", "head"
 
-    def __init__(self, layer: int, name: str, module: nn.Module, config, mode: str):
+    def __init__(self, layer: int, name: str, block: nn.Module, config, mode: str,
+                 spec: AttnSpec):
         super().__init__(layer, name)
-        q, k, v, o = _linears(module, ATTN_NAMES)
-        hd = _head_dim(module, config)
-        if q.out_features % hd or k.out_features % hd or o.in_features != q.out_features:
-            raise UnsupportedModelError(
-                f"{name}: q_proj/k_proj/o_proj shapes ({q.out_features}, {k.out_features}, "
-                f"{o.in_features}) are not whole heads of head_dim {hd}; cannot map its heads")
-        self.head_dim = hd
-        self.n_heads = q.out_features // hd
-        self.n_kv = k.out_features // hd
-        if v.out_features != k.out_features or self.n_heads % self.n_kv:
-            raise UnsupportedModelError(
-                f"{name}: {self.n_heads} query heads cannot share {self.n_kv} key/value heads "
-                f"(v_proj has {v.out_features // hd}); not a GQA layout")
-        self.rep = self.n_heads // self.n_kv
         if mode not in ("kv", "query"):
             raise FairPrunerError(f"heads= must be 'kv' (prune whole KV groups) or 'query' "
                                   f"(query heads within every KV group), got {mode!r}")
-        self.mode = mode
+        self.spec, self.mode = spec, mode
+        names = (spec.qkv,) if spec.qkv else (spec.q, spec.k, spec.v)
+        mods = [getattr(block, n, None) for n in names + (spec.o,)]
+        if not all(is_proj(m) for m in mods):
+            kids = ", ".join(n for n, _ in block.named_children()) or "none"
+            raise UnsupportedModelError(
+                f"unsupported layout: cannot map attention module {name} "
+                f"({type(block).__name__}, children: {kids}); expected projections "
+                f"{'/'.join(names + (spec.o,))}")
+        hd = _head_dim(block, config)
+        o = mods[-1]
+        if n_in(o) % hd:
+            raise UnsupportedModelError(f"{name}: {spec.o} takes {n_in(o)} inputs, not whole "
+                                        f"heads of head_dim {hd}; cannot map its heads")
+        nq = n_in(o) // hd
+        if spec.qkv:
+            total = n_out(mods[0])
+            if spec.qkv_layout == "per_head":
+                nkv = nq
+                ok = total == 3 * nq * hd
+            elif spec.qkv_layout == "grouped":
+                nkv = (total // hd - nq) // 2
+                ok = total == (nq + 2 * nkv) * hd and nkv >= 1
+            else:
+                nkv = (total // hd - nq) // 2
+                ok = total == (nq + 2 * nkv) * hd and nkv >= 1
+        else:
+            q, k, v = mods[:3]
+            nkv = n_out(k) // hd
+            ok = n_out(q) == nq * hd and n_out(k) == n_out(v) == nkv * hd and nkv >= 1
+        if not ok or nq % max(nkv, 1):
+            raise UnsupportedModelError(
+                f"{name}: projection shapes {[tuple(weight_oi(m).shape) for m in mods]} are not "
+                f"{nq} query heads sharing whole key/value heads of head_dim {hd}; not a GQA "
+                "layout fair_pruner can map")
+        norms = [n for n in spec.head_norms if n in _param_children(block)]
+        for n in norms:
+            numel = sum(p.numel() for p in getattr(block, n).parameters())
+            if numel != hd:
+                raise UnsupportedModelError(
+                    f"cannot prune {name}.{n} exactly: it has {numel} parameters, not one per "
+                    f"head_dim channel ({hd}), so it normalises across heads")
+        for p in spec.head_params:
+            t = getattr(block, p, None)
+            if not isinstance(t, Tensor) or t.shape[:1] != (nq,):
+                raise UnsupportedModelError(f"{name}.{p} is not a [{nq}] per-head parameter")
+        _strict(name, block, names + (spec.o,) + tuple(norms), spec.head_params)
+        self.head_dim, self.n_heads, self.n_kv = hd, nq, nkv
+        self.rep = nq // nkv
         self.size = self.n_kv if mode == "kv" else self.rep
         self.n_sub, self.feat = self.n_heads, hd
-        self.tap = f"{name}.o_proj"
-
-    @classmethod
-    def match(cls, layer, name, module, config, options):
-        if _linears(module, ATTN_NAMES) is None:
-            return None
-        return cls(layer, name, module, config, options.get("heads", "kv"))
+        self.tap = f"{name}.{spec.o}"
 
     @property
     def group_name(self) -> str:
         return self.name if self.mode == "kv" else f"{self.name}.query_heads"
 
     def sub_of_unit(self):
-        g = torch.arange(self.n_kv)
-        j = torch.arange(self.rep)
-        heads = g[:, None] * self.rep + j[None, :]        # [n_kv, rep]
-        return heads if self.mode == "kv" else heads.T.contiguous()   # [rep, n_kv]
-
-    def _mods(self, model):
-        block = model.get_submodule(self.name)
-        return block, block.q_proj, block.k_proj, block.v_proj, block.o_proj
+        heads = torch.arange(self.n_kv)[:, None] * self.rep + torch.arange(self.rep)[None, :]
+        return heads if self.mode == "kv" else heads.T.contiguous()   # [n_kv, rep] | [rep, n_kv]
 
     def _rows(self, heads: Tensor) -> Tensor:
         return (heads[:, None] * self.head_dim + torch.arange(self.head_dim)[None]).flatten()
 
+    def _in_projections(self, heads: Tensor, kvs: Tensor) -> List[Tuple[str, Tensor]]:
+        """(projection, output rows) holding query ``heads`` and key/value heads ``kvs``."""
+        s, hd = self.spec, self.head_dim
+        if not s.qkv:
+            return [(s.q, self._rows(heads)), (s.k, self._rows(kvs)), (s.v, self._rows(kvs))]
+        if s.qkv_layout == "per_head":      # [q_h k_h v_h] per head; MHA, so kvs == heads
+            rows = (heads[:, None] * 3 * hd + torch.arange(3 * hd)[None]).flatten()
+        elif s.qkv_layout == "grouped":     # [q_g,1 .. q_g,rep k_g v_g] per KV group g
+            w = (self.rep + 2) * hd
+            slot = [(h // self.rep) * w + (h % self.rep) * hd for h in heads.tolist()]
+            slot += [g * w + (self.rep + j) * hd for g in kvs.tolist() for j in (0, 1)]
+            rows = (torch.tensor(slot, dtype=torch.long)[:, None] + torch.arange(hd)[None]).flatten()
+        else:
+            q = self.n_heads * hd
+            rows = torch.cat([self._rows(heads), q + self._rows(kvs),
+                              q + self.n_kv * hd + self._rows(kvs)])
+        return [(s.qkv, torch.sort(rows).values)]
+
+    def _kv_of(self, heads: Tensor) -> Tensor:
+        return torch.unique(heads // self.rep) if self.mode == "kv" else torch.zeros(0, dtype=torch.long)
+
+    def members(self, model):
+        s = self.spec
+        return [(f"{self.name}.{n}", "producer") for n in ((s.qkv,) if s.qkv else (s.q, s.k, s.v))
+                ] + [(self.tap, "consumer")]
+
     def unit_weights(self, model):
-        _, q, k, v, o = self._mods(model)
+        block = model.get_submodule(self.name)
         out = []
         for heads in self.sub_of_unit():
-            rows = self._rows(heads)
-            parts = [q.weight.detach()[rows].flatten(), o.weight.detach()[:, rows].flatten()]
-            if q.bias is not None:
-                parts.append(q.bias.detach()[rows])
-            if self.mode == "kv":
-                kv = self._rows(torch.unique(heads // self.rep))
-                for lin in (k, v):
-                    parts.append(lin.weight.detach()[kv].flatten())
-                    if lin.bias is not None:
-                        parts.append(lin.bias.detach()[kv])
+            parts = []
+            for nm, rows in self._in_projections(heads, self._kv_of(heads)):
+                m = getattr(block, nm)
+                parts.append(weight_oi(m)[rows].flatten())
+                if m.bias is not None:
+                    parts.append(m.bias.detach()[rows])
             out.append(torch.cat([p.float().cpu() for p in parts]))
         return torch.stack(out)
 
-    def cost_terms(self, model, context):
-        _, q, k, v, o = self._mods(model)
+    def _widths_per_unit(self) -> Tuple[float, float]:
         hd = self.head_dim
-        qw = float(self.rep * hd if self.mode == "kv" else self.n_kv * hd)
-        kvw = float(hd) if self.mode == "kv" else None
-        terms = [CostTerm(tuple(q.weight.shape), {0: qw}, macs=1.0)]
-        if q.bias is not None:
-            terms.append(CostTerm(tuple(q.bias.shape), {0: qw}))
-        for lin in (k, v):
-            terms.append(CostTerm(tuple(lin.weight.shape), {0: kvw} if kvw else {}, macs=1.0))
-            if lin.bias is not None:
-                terms.append(CostTerm(tuple(lin.bias.shape), {0: kvw} if kvw else {}))
-        terms.append(CostTerm(tuple(o.weight.shape), {1: qw}, macs=1.0))
-        if o.bias is not None:
-            terms.append(CostTerm(tuple(o.bias.shape), {}))
+        if self.mode == "kv":
+            return float(self.rep * hd), float(hd)
+        return float(self.n_kv * hd), 0.0
+
+    def cost_terms(self, model, context):
         block = model.get_submodule(self.name)
-        for nm in ("q_norm", "k_norm"):
-            w = getattr(getattr(block, nm, None), "weight", None)
-            if isinstance(w, Tensor):
-                terms.append(CostTerm(tuple(w.shape), {}))
+        s = self.spec
+        qw, kvw = self._widths_per_unit()
+        terms: List[CostTerm] = []
+        if s.qkv:
+            terms += _proj_terms(getattr(block, s.qkv), "out", qw + 2 * kvw)
+        else:
+            terms += _proj_terms(getattr(block, s.q), "out", qw)
+            for nm in (s.k, s.v):
+                terms += _proj_terms(getattr(block, nm), "out", kvw)
+        terms += _proj_terms(getattr(block, s.o), "in", qw)
+        for nm in s.head_norms:
+            for p in (getattr(block, nm).parameters() if nm in _param_children(block) else ()):
+                terms.append(CostTerm(tuple(p.shape), {}))
+        for nm in s.head_params:
+            t = getattr(block, nm)
+            terms.append(CostTerm(tuple(t.shape), {0: qw / self.head_dim}))
         # QK^T and AV: 2 * context MACs per query-head channel per token (no parameters).
-        terms.append(CostTerm((q.out_features,), {0: qw}, macs=2.0 * context, params=False))
+        terms.append(CostTerm((self.n_heads * self.head_dim,), {0: qw}, macs=2.0 * context,
+                              params=False))
         return terms
 
+    def _set_attrs(self, block: nn.Module, nq: int, nkv: int) -> None:
+        if nq % nkv:
+            raise FairPrunerError(f"{nq} query heads cannot share {nkv} KV heads")
+        val = {"nq": nq, "nkv": nkv, "rep": nq // nkv, "nq*hd": nq * self.head_dim,
+               "nkv*hd": nkv * self.head_dim}
+        for attr, what in self.spec.attrs:
+            if attr.startswith("config."):
+                # The forward reads head counts from the config, which all layers share: give
+                # this module its own copy.
+                if getattr(block, "config", None) is None:
+                    continue
+                if not getattr(block, "_fair_pruner_own_config", False):
+                    block.config = copy.copy(block.config)
+                    block._fair_pruner_own_config = True
+                setattr(block.config, attr[len("config."):], val[what])
+            elif isinstance(getattr(block, attr, None), int):
+                setattr(block, attr, val[what])
+
+    def _apply(self, block: nn.Module, heads: Tensor, kvs: Tensor, build) -> None:
+        for nm, rows in self._in_projections(heads, kvs):
+            setattr(block, nm, build(getattr(block, nm), rows, "out"))
+        setattr(block, self.spec.o, build(getattr(block, self.spec.o), self._rows(heads), "in"))
+        for nm in self.spec.head_params:
+            t = getattr(block, nm)
+            new = t.detach().index_select(0, heads.to(t.device)).clone()
+            setattr(block, nm, nn.Parameter(new, requires_grad=t.requires_grad)
+                    if isinstance(t, nn.Parameter) else new)
+        self._set_attrs(block, int(heads.numel()), int(kvs.numel()))
+
     def prune(self, model, keep):
-        block, q, k, v, o = self._mods(model)
-        heads = self.sub_of_unit()[keep.cpu()]
-        heads = torch.sort(heads.flatten()).values
-        rows = self._rows(heads)
-        block.q_proj = slice_linear(q, rows, 0)
-        block.o_proj = slice_linear(o, rows, 1)
-        if self.mode == "kv":
-            kv_rows = self._rows(keep.cpu())
-            block.k_proj = slice_linear(k, kv_rows, 0)
-            block.v_proj = slice_linear(v, kv_rows, 0)
-            n_kv = int(keep.numel())
-        else:
-            n_kv = self.n_kv
-        _set_head_attrs(block, int(heads.numel()), n_kv)
+        heads = torch.sort(self.sub_of_unit()[keep.cpu()].flatten()).values
+        kvs = keep.cpu() if self.mode == "kv" else torch.arange(self.n_kv)
+        self._apply(model.get_submodule(self.name), heads, kvs, slice_proj)
 
     def widths(self, model):
-        _, q, k, _, _ = self._mods(model)
-        return {"num_attention_heads": q.out_features // self.head_dim,
-                "num_key_value_heads": k.out_features // self.head_dim,
+        return {"num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv,
                 "head_dim": self.head_dim}
 
-    @staticmethod
-    def resize(block, widths):
-        hd = int(widths["head_dim"])
+    def resize(self, model, widths):
+        if int(widths["head_dim"]) != self.head_dim:
+            raise FairPrunerError(f"saved head_dim {widths['head_dim']} != {self.head_dim} of "
+                                  f"the rebuilt {self.name}; the config and weights do not match")
         nh, nkv = int(widths["num_attention_heads"]), int(widths["num_key_value_heads"])
-        hidden = block.q_proj.in_features
-        block.q_proj = linear_like(block.q_proj, nh * hd, hidden)
-        block.k_proj = linear_like(block.k_proj, nkv * hd, hidden)
-        block.v_proj = linear_like(block.v_proj, nkv * hd, hidden)
-        block.o_proj = linear_like(block.o_proj, block.o_proj.out_features, nh * hd)
-        _set_head_attrs(block, nh, nkv)
+        # The first nh query heads / nkv KV heads: only the shapes matter, weights load after.
+        heads, kvs = torch.arange(nh), torch.arange(nkv)
+        self._apply(model.get_submodule(self.name), heads, kvs, self._empty_like)
 
-
-def _set_head_attrs(block: nn.Module, n_heads: int, n_kv: int) -> None:
-    """Keep the attention module's own head counts consistent with its new projections."""
-    if n_heads % n_kv:
-        raise FairPrunerError(f"{n_heads} query heads cannot share {n_kv} KV heads")
-    block.num_key_value_groups = n_heads // n_kv
-    for attr, val in (("num_heads", n_heads), ("num_attention_heads", n_heads),
-                      ("num_key_value_heads", n_kv)):
-        if isinstance(getattr(block, attr, None), int):
-            setattr(block, attr, val)
+    def _empty_like(self, m: nn.Module, rows: Tensor, side: str) -> nn.Module:
+        n = int(rows.numel())
+        return proj_like(m, n, n_in(m)) if side == "out" else proj_like(m, n_out(m), n)
 
 
 # --------------------------------------------------------------------------------------------
 # Layout
 # --------------------------------------------------------------------------------------------
 
-FAMILIES: List[Type[UnitFamily]] = [AttentionHeads, MLPNeurons]
+# Families registered by other modules (e.g. routed MoE experts), tried before the table's.
+FAMILIES: List[Type[UnitFamily]] = []
 
 
 def register_family(cls: Type[UnitFamily], before: Optional[Type[UnitFamily]] = None) -> None:
-    """Add a unit family (tried in order on each direct child of every decoder layer)."""
+    """Add a unit family, tried on each decoder layer's block of ``cls.role`` before the
+    architecture table's own families (``before`` orders it among registered ones)."""
     if cls in FAMILIES:
         return
     FAMILIES.insert(FAMILIES.index(before) if before in FAMILIES else len(FAMILIES), cls)
@@ -419,77 +596,113 @@ class DecoderLayer:
 class Layout:
     layers_name: str
     layers: List[DecoderLayer]
+    model_type: Optional[str] = None
+    in_table: bool = True         # False: the Llama layout found by structure (fallback)
 
     @property
     def families(self) -> List[UnitFamily]:
         return [f for layer in self.layers for f in layer.families]
 
+    @property
+    def prunable(self) -> List[UnitFamily]:
+        return [f for f in self.families if not f.frozen]
+
     def by_group(self) -> Dict[str, UnitFamily]:
-        return {f.group_name: f for f in self.families}
+        return {f.group_name: f for f in self.prunable}
+
+    def frozen(self) -> Dict[str, str]:
+        """Blocks kept whole: module name -> reason."""
+        return {f.name: f.frozen for f in self.families if f.frozen}
 
 
-_HINTS = {"attention": ("attn", "attention"), "ffn": ("mlp", "feed_forward", "ffn", "moe",
-                                                      "experts")}
+def _num_layers(config) -> Optional[int]:
+    for a in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(config, a, None)
+        if isinstance(v, int):
+            return v
+    return None
 
 
-def _layer_list(model: nn.Module) -> Tuple[str, nn.ModuleList]:
-    cfg = getattr(model, "config", None)
-    n_layers = getattr(cfg, "num_hidden_layers", None)
+def _layer_list(model: nn.Module, arch: Arch) -> Tuple[str, nn.ModuleList]:
+    n_layers = _num_layers(getattr(model, "config", None))
     lists = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) > 0]
-    for n, m in lists:    # the first list whose items hold a q/k/v/o attention block
-        if any(_linears(c, ATTN_NAMES) for c in m[0].children()):
+             if isinstance(m, nn.ModuleList) and len(m) > 0
+             and (n_layers is None or len(m) == n_layers)]
+    for n, m in lists:
+        if all(isinstance(getattr(layer, arch.attn.block, None), nn.Module) for layer in m):
             return n, m
-    cands = [(n, m) for n, m in lists if n_layers is None or len(m) == n_layers]
-    if cands:
-        n, m = cands[0]
-        sub = next((f"{n}.0.{cn}" for cn, c in m[0].named_children()
-                    if any(h in cn.lower() for h in _HINTS["attention"])), f"{n}.0")
-        kids = ", ".join(cn for cn, _ in model.get_submodule(sub).named_children()) or "none"
+    if lists:
+        n, m = lists[0]
+        kids = ", ".join(f"{cn} ({type(c).__name__})" for cn, c in m[0].named_children())
         raise UnsupportedModelError(
-            f"unsupported layout: cannot map attention module {sub} "
-            f"({type(model.get_submodule(sub)).__name__}, children: {kids}); fair_pruner.llm "
-            "needs Llama-style q_proj/k_proj/v_proj/o_proj nn.Linear children (fused qkv or "
-            "Conv1D projections are not supported)")
+            f"unsupported layout: {type(model).__name__} (model_type "
+            f"{getattr(model.config, 'model_type', None)!r}): decoder layer {n}.0 has no "
+            f"attention child {arch.attn.block!r} in every layer (children: {kids}). Hybrid, "
+            "encoder-decoder and non-attention layers are not supported; a new family needs an "
+            "entry in fair_pruner.llm.arch")
     raise UnsupportedModelError(
-        f"unsupported layout: {type(model).__name__} has no ModuleList of decoder layers with a "
-        "q_proj/k_proj/v_proj/o_proj attention block; fair_pruner.llm supports Llama-style "
-        "causal LMs (Llama, Mistral, Qwen2, Qwen3, ...)")
+        f"unsupported layout: {type(model).__name__} has no ModuleList of decoder layers; "
+        "fair_pruner.llm supports the decoder-only causal LMs of its architecture table")
+
+
+def _family(role: str, layer: int, name: str, block: nn.Module, config, options: dict,
+            arch: Arch) -> UnitFamily:
+    for fam in FAMILIES:
+        if fam.role == role:
+            f = fam.match(layer, name, block, config, options)
+            if f is not None:
+                return f
+    if role == "attention":
+        if arch.attn.frozen:
+            return FrozenBlock(layer, name, role, arch.attn.frozen)
+        return AttentionHeads(layer, name, block, config, options.get("heads", "kv"), arch.attn)
+    if arch.mlp.frozen:
+        return FrozenBlock(layer, name, role, arch.mlp.frozen)
+    return MLPNeurons(layer, name, block, arch.mlp, inline=not arch.mlp.block)
 
 
 def find_layout(model: nn.Module, heads: str = "kv") -> Layout:
     """Map every decoder layer of ``model`` to its unit families (see the module docstring).
 
     Raises :class:`~fair_pruner.errors.UnsupportedModelError` naming the first module that could
-    not be mapped.
+    not be mapped, or the reason the family is refused.
     """
     config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    arch = arch_for(config)
+    in_table = arch is not None
+    if arch is not None and arch.refuse:
+        raise UnsupportedModelError(f"{type(model).__name__} (model_type {model_type!r}) cannot "
+                                    f"be pruned exactly: {arch.refuse}")
+    arch = arch or LLAMA
     options = {"heads": heads}
-    lname, layers = _layer_list(model)
+    lname, layers = _layer_list(model, arch)
     out = []
     for i, layer in enumerate(layers):
         lpath = f"{lname}.{i}"
-        dl = DecoderLayer(i, lpath)
-        for cname, child in layer.named_children():
-            for fam in FAMILIES:
-                f = fam.match(i, f"{lpath}.{cname}", child, config, options)
-                if f is not None:
-                    dl.families.append(f)
-                    break
-        for role in ("attention", "ffn"):
-            n = sum(f.role == role for f in dl.families)
-            if n == 1:
-                continue
-            if n > 1:
-                raise UnsupportedModelError(f"{lpath} has {n} {role} blocks; only one is supported")
-            sub = next((f"{lpath}.{cn}" for cn, _ in layer.named_children()
-                        if any(h in cn.lower() for h in _HINTS[role])), lpath)
-            kids = ", ".join(cn for cn, _ in model.get_submodule(sub).named_children()) or "none"
-            want = ("q_proj/k_proj/v_proj/o_proj" if role == "attention"
-                    else "gate_proj/up_proj/down_proj")
+        attn = getattr(layer, arch.attn.block)
+        ffn = getattr(layer, arch.mlp.block, None) if arch.mlp.block else layer
+        if not isinstance(ffn, nn.Module):
+            kids = ", ".join(f"{cn} ({type(c).__name__})" for cn, c in layer.named_children())
             raise UnsupportedModelError(
-                f"unsupported layout: cannot map {role} module {sub} "
-                f"({type(model.get_submodule(sub)).__name__}, children: {kids}); expected "
-                f"{want} nn.Linear children (or register a UnitFamily for it)")
+                f"unsupported layout: decoder layer {lpath} has no feed-forward child "
+                f"{arch.mlp.block!r} (children: {kids})")
+        fpath = f"{lpath}.{arch.mlp.block}" if arch.mlp.block else lpath
+        dl = DecoderLayer(i, lpath, [
+            _family("attention", i, f"{lpath}.{arch.attn.block}", attn, config, options, arch),
+            _family("ffn", i, fpath, ffn, config, options, arch)])
+        # Other parameterised children of the layer must be hidden-size norms (or, for an
+        # inline MLP, its projections): anything else may read the units we remove.
+        hidden = getattr(config, "hidden_size", None)
+        known = {arch.attn.block, arch.mlp.block} | (set(arch.mlp.up + (arch.mlp.down,))
+                                                     if not arch.mlp.block else set())
+        for cn, c in _param_children(layer).items():
+            if cn in known:
+                continue
+            if any(p.dim() != 1 or (hidden and p.numel() != hidden) for p in c.parameters()):
+                raise UnsupportedModelError(
+                    f"cannot prune {lpath} exactly: its child {lpath}.{cn} "
+                    f"({type(c).__name__}) is neither the attention, the feed-forward block nor "
+                    "a hidden-size norm. Add an architecture entry for this family")
         out.append(dl)
-    return Layout(lname, out)
+    return Layout(lname, out, model_type, in_table)

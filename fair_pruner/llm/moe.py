@@ -35,7 +35,6 @@ i.e. the fused storage (a ModuleList-layout model prunes and masks, but is not r
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import FairPrunerError, TargetError, UnsupportedModelError
-from .layout import CostTerm, MLPNeurons, UnitFamily, register_family
+from .layout import CostTerm, UnitFamily, register_family
 
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
@@ -133,6 +132,16 @@ def _map_block(config, name: str, block: nn.Module) -> MoELayer:
             raise UnsupportedModelError(
                 f"{where}: `{prefix}experts` ({type(experts).__name__}) has no fused "
                 "gate_up_proj/up_proj and down_proj [E, ., .] parameters; cannot map its experts")
+        import inspect
+        try:
+            n_args = len(inspect.signature(experts.forward).parameters)
+        except (TypeError, ValueError):
+            n_args = 0
+        if n_args < 3:
+            raise UnsupportedModelError(
+                f"{where}: `{prefix}experts` ({type(experts).__name__}) is not called as "
+                "experts(hidden, top_k_index, top_k_weights) (e.g. every expert runs on every "
+                "token, Llama-4 style); this routed-expert layout is not supported yet")
         E = int(three_d["down_proj"].shape[0])
         bad = [n for n, p in t.items() if p.dim() == 0 or p.shape[0] != E]
         if bad:
@@ -512,8 +521,8 @@ class RoutedExperts(UnitFamily):
 
     # ---- surgery ----------------------------------------------------------------------------
     def check_removal(self, removed: Sequence[int]) -> None:
-        super().check_removal(removed)
         check_removal(self.moe, removed)
+        super().check_removal(removed)
 
     def prune(self, model: nn.Module, keep: Tensor) -> None:
         keep_set = set(keep.tolist())
@@ -530,162 +539,17 @@ class RoutedExperts(UnitFamily):
         blk = model.get_submodule(self.name)
         return {"num_experts": _map_block(getattr(model, "config", None), "", blk).num_experts}
 
-    @staticmethod
-    def resize(block: nn.Module, widths: dict) -> None:
-        # fair_pruner.llm.io resolves a saved role ("ffn") to the first family registered for it
-        # (this one): dense MLP blocks of a mixed model go on to MLPNeurons.
-        if not _looks_like_moe(block):
-            if "num_experts" in widths:
-                raise FairPrunerError(f"saved widths {widths} name routed experts, but the "
-                                      f"rebuilt block is dense ({type(block).__name__}); the "
-                                      "config and weights do not match")
-            return MLPNeurons.resize(block, widths)
-        layer = _map_block(None, "", block)
+    def min_keep(self) -> int:
+        return self.top_k
+
+    def resize(self, model: nn.Module, widths: dict) -> None:
         n = int(widths["num_experts"])
-        if n < layer.num_experts:
-            prune_experts(block, {layer.group_name: list(range(n, layer.num_experts))},
-                          inplace=True, layers=[layer])
-        elif n > layer.num_experts:
-            raise FairPrunerError(f"saved width {n} experts exceeds the {layer.num_experts} the "
-                                  "config builds; the config and weights do not match")
+        if n < self.moe.num_experts:
+            prune_experts(model, {self.group_name: list(range(n, self.moe.num_experts))},
+                          inplace=True, layers=[self.moe])
+        elif n > self.moe.num_experts:
+            raise FairPrunerError(f"saved width {n} experts exceeds the {self.moe.num_experts} "
+                                  "the config builds; the config and weights do not match")
 
 
-register_family(RoutedExperts, before=MLPNeurons)
-
-
-# --------------------------------------------------------------------------------------------
-# Allocation: an exact fraction of routed experts, model-wide
-# --------------------------------------------------------------------------------------------
-
-def _m_hat_capped(overlap: Tensor, n: int, cap_m: int, alpha: float) -> int:
-    """max{m <= cap_m : overlap(m) / m <= alpha} (0 if none): ToD with a per-group cap."""
-    if cap_m < 1:
-        return 0
-    m = torch.arange(1, cap_m + 1, dtype=torch.float64)
-    ok = (overlap[1: cap_m + 1].double() <= alpha * m + 1e-12).nonzero()
-    return int(ok[-1]) + 1 if ok.numel() else 0
-
-
-def allocate_experts(book, fraction: float, *, strategy: str = "tod", cap: float = 0.99,
-                     signal: str = "u", protect: str = "r", tod: Optional[float] = None):
-    """:func:`fair_pruner.allocate` with ``experts=fraction``; see there. Returns a Plan.
-
-    Removes exactly ``round(fraction * E_total)`` routed experts over all ``kind == "expert"``
-    groups. ToD (one shared α, each layer capped at ``n - top_k`` and ``floor(cap * n)``) picks
-    the per-layer counts: α is the smallest tolerance at which ToD removes at least the budget;
-    any surplus from layers that jumped at that α is trimmed one expert at a time, dropping the
-    marginal expert with the highest U relative to its layer's mean U (ties, e.g. never-routed
-    experts with U = 0: the layer that loses the largest fraction, then the later layer).
-    ``strategy="uniform"`` removes the same count from every layer (the remainder, if the budget
-    does not divide, goes one each to the layers whose next expert has the lowest relative U).
-    Non-expert groups (dense MLP neurons / heads in a mixed model) are pruned at ``tod`` if given,
-    else left intact.
-    """
-    from ..plan import Plan
-    from ..tod import ToDCurves
-
-    if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
-        raise TargetError(f"experts= is the fraction of routed experts to remove and must lie in "
-                          f"(0, 1), got {fraction!r}")
-    if strategy not in ("tod", "uniform"):
-        raise TargetError(f"strategy must be 'tod' or 'uniform', got {strategy!r}")
-    egroups = [g for g in book.groups if g.kind == "expert"]
-    if not egroups:
-        raise TargetError("experts= needs routed-expert groups in the score book; this book has "
-                          "none (score an MoE model with fp.score)")
-    for g in egroups:
-        for s in (signal, protect) if strategy == "tod" else (signal,):
-            if s not in g.signals:
-                raise FairPrunerError(f"signal {s!r} is missing for expert group {g.name} (it "
-                                      f"has {sorted(g.signals)}); add it with book.set_signal()")
-    sizes = [g.size for g in egroups]
-    topk = [int(g.meta.get("top_k", 1)) for g in egroups]
-    cap_m = [max(0, min(int(math.floor(cap * n)), n - k)) for n, k in zip(sizes, topk)]
-    total = sum(sizes)
-    budget = int(round(fraction * total))
-    if budget < 1:
-        raise TargetError(f"experts={fraction} of {total} routed experts rounds to 0; raise it")
-    if budget > sum(cap_m):
-        raise TargetError(
-            f"experts={fraction} asks for {budget} of {total} routed experts, but at most "
-            f"{sum(cap_m)} can go while every layer keeps >= top_k experts (top_k per layer "
-            f"{sorted(set(topk))}, cap={cap}). Lower the target")
-    u = [g.signals[signal].double() for g in egroups]
-    rel = [x / x.mean() if float(x.mean()) > 0 else torch.zeros_like(x) for x in u]
-    order = [torch.argsort(x, stable=True) for x in u]
-
-    def marginal(gi: int, pos: int) -> float:
-        return float(rel[gi][order[gi][pos]])
-
-    alpha = None
-    if strategy == "tod":
-        curves = ToDCurves(u, [g.signals[protect] for g in egroups], cap)
-        overlaps = [curves.curve(i) for i in range(len(egroups))]
-        cands = sorted({0.0} | {float(overlaps[i][m]) / m for i in range(len(egroups))
-                                for m in range(1, cap_m[i] + 1)})
-        counts_at = lambda a: [_m_hat_capped(overlaps[i], sizes[i], cap_m[i], a)
-                               for i in range(len(egroups))]
-        lo, hi = 0, len(cands) - 1                       # smallest α reaching the budget
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if sum(counts_at(cands[mid])) >= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        alpha = cands[lo]
-        m = counts_at(alpha)
-        below = counts_at(cands[lo - 1]) if lo > 0 else [0] * len(egroups)
-        moved = 0
-        while sum(m) > budget:          # trim the surplus among layers that jumped at α
-            cand = [i for i in range(len(egroups)) if m[i] > below[i]]
-            i = max(cand, key=lambda i: (marginal(i, m[i] - 1), m[i] / sizes[i], i))
-            m[i] -= 1
-            moved += 1
-        adjust = {"trimmed": moved, "topped_up": 0}
-    else:
-        L = len(egroups)
-        base = budget // L
-        m = [min(base, c) for c in cap_m]
-        moved = 0
-        while sum(m) < budget:          # remainder / capped layers: lowest relative U first
-            cand = [i for i in range(L) if m[i] < cap_m[i]]
-            i = min(cand, key=lambda i: (marginal(i, m[i]), m[i] / sizes[i], i))
-            m[i] += 1
-            moved += 1
-        adjust = {"trimmed": 0, "topped_up": moved}
-
-    removed: Dict[str, List[int]] = {}
-    for i, g in enumerate(egroups):
-        removed[g.name] = sorted(order[i][: m[i]].tolist())
-    dense_alpha = None
-    others = [g for g in book.groups if g.kind != "expert"]
-    if others and tod is not None:
-        dcurves = ToDCurves([g.signals[signal] for g in others], [g.signals[protect] for g in others],
-                            cap)
-        dm = dcurves.m_hat(float(tod)).tolist()
-        for g, k in zip(others, dm):
-            removed[g.name] = sorted(torch.argsort(g.signals[signal], stable=True)[:k].tolist())
-        dense_alpha = float(tod)
-    for g in others:
-        removed.setdefault(g.name, [])
-    removed = {g.name: removed[g.name] for g in book.groups}
-    mvec = torch.tensor([len(removed[g.name]) for g in book.groups], dtype=torch.int64)
-    base_p, base_f = book.cost.evaluate(torch.zeros_like(mvec))
-    p_after, f_after = book.cost.evaluate(mvec)
-    kept = {g.name: g.size - len(removed[g.name]) for g in egroups}
-    return Plan(alpha=alpha, strategy=strategy, removed=removed,
-                sizes={g.name: g.size for g in book.groups},
-                params_before=int(round(float(base_p))), params_after=int(round(float(p_after))),
-                flops_before=int(round(float(base_f))), flops_after=int(round(float(f_after))),
-                signal=signal, protect=protect, target={"experts": float(fraction)}, cap=cap,
-                round_to=1, fingerprint=book.fingerprint,
-                meta={"input_spec": book.meta.get("input_spec"), "kind": book.meta.get("kind"),
-                      "uniform_fraction": None, "ignored": book.meta.get("ignored", []),
-                      "experts": {"budget": budget, "total": total,
-                                  "fraction_reached": budget / total,
-                                  "kept_per_layer": kept,
-                                  "min_kept_per_layer": {g.name: k for g, k in zip(egroups, topk)},
-                                  "bound": "every MoE layer keeps >= top_k experts "
-                                           f"(top_k={sorted(set(topk))}) and at most "
-                                           f"floor(cap * n) are removed (cap={cap})",
-                                  "budget_adjust": adjust, "dense_tod": dense_alpha}})
+register_family(RoutedExperts)

@@ -17,6 +17,7 @@ from ..errors import BookMismatchError, FairPrunerError
 from ..plan import Plan
 from ..surgery import _check
 from .layout import Layout, UnitFamily, find_layout
+from .verify import checked_layout
 
 CONFIG_KEY = "fair_pruner"
 FORMAT = 1
@@ -29,7 +30,7 @@ def _heads_mode(plan: Plan) -> str:
 def _resolve(model: nn.Module, plan: Plan) -> Dict[str, UnitFamily]:
     """Plan group -> family of ``model``, after checking sizes and removals (nothing changed)."""
     _check(model, plan)
-    fams = find_layout(model, heads=_heads_mode(plan)).by_group()
+    fams = checked_layout(model, heads=_heads_mode(plan)).by_group()
     out = {}
     for name, removed in plan.removed.items():
         fam = fams.get(name)
@@ -47,7 +48,8 @@ def _resolve(model: nn.Module, plan: Plan) -> Dict[str, UnitFamily]:
 def layer_widths(model: nn.Module, layout: Layout = None) -> List[dict]:
     """Per decoder layer: {role: widths} (e.g. ``{"attention": {...}, "ffn": {...}}``)."""
     layout = layout or find_layout(model)
-    return [{f.role: f.widths(model) for f in layer.families} for layer in layout.layers]
+    return [{f.role: f.widths(model) for f in layer.families if not f.frozen}
+            for layer in layout.layers]
 
 
 def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
@@ -79,16 +81,6 @@ def mask(model: nn.Module, plan: Plan) -> nn.Module:
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
     masked = copy.deepcopy(model)
     for name, fam in _resolve(masked, plan).items():
-        if not plan.removed[name]:
-            continue
-        if hasattr(fam, "mask_units"):            # a family with its own reference (MoE)
+        if plan.removed[name]:
             fam.mask_units(masked, plan.removed[name])
-            continue
-        ch = fam.removed_channels(plan.removed[name])
-
-        def pre(mod, args, ch=ch):
-            x = args[0].clone()
-            x.index_fill_(x.dim() - 1, ch.to(x.device), 0)
-            return (x,) + tuple(args[1:])
-        masked.get_submodule(fam.tap).register_forward_pre_hook(pre)
     return masked

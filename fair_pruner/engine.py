@@ -1,0 +1,254 @@
+"""The calibration engine shared by every adapter: batches, sample selection, U sketches.
+
+Both adapters (CNNs through Torch-Pruning's graph in :mod:`fair_pruner.calibrate`, Hugging Face
+causal LMs in :mod:`fair_pruner.llm.calibrate`) build on these pieces, so a signal means the same
+thing everywhere (see ``docs/method.md``):
+
+* :func:`split_batch` / :func:`call_model` / :func:`logits_of`: what a batch and an output are.
+* :class:`Reservoir`: seeded per-class reservoirs of sample slots, replayable on later passes.
+* :func:`store_samples` -> :func:`finish_u`: the U-Score of a *sketch tap* (anything with
+  ``name``, ``to_units_last(z) -> [rows, units, D]``, ``directions``, ``buf`` and ``u``; see
+  :class:`SketchTap`): the selected rows are projected onto P seeded directions (sliced W1; D = 1
+  needs none) as they arrive, then sorted into per-class quantile sketches and reduced to the
+  max over class pairs of W1.
+* :func:`preserved` / :func:`working_model`: the caller's model is left exactly as it was.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+import zlib
+from contextlib import contextmanager
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
+
+
+class SketchTap:
+    """Base of the per-tap accumulators: U samples (``buf``), directions and the U-Score."""
+
+    unit_dim: int = 1
+
+    def __init__(self, name: str):
+        self.name = name
+        self.directions: Optional[Tensor] = None
+        self.buf: Optional[Tensor] = None   # [K, S, units, P] projected class samples
+        self.u: Optional[Tensor] = None
+
+    def to_units_last(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
+        """[rows, units, D]: one row per sample, D features per unit."""
+        raise NotImplementedError
+
+
+_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+_INPUT_KEYS = ("inputs", "input", "x", "pixel_values", "images", "image")
+
+
+def split_batch(batch: Any) -> Tuple[Any, Optional[Tensor]]:
+    """(inputs, labels) from a tuple/list ``(inputs, labels, ...)`` or a dict; labels may be None."""
+    if isinstance(batch, dict):
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+        rest = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+        key = next((k for k in _INPUT_KEYS if k in rest), None)
+        return (rest[key] if key is not None and len(rest) == 1 else rest), labels
+    if isinstance(batch, (tuple, list)):
+        if len(batch) >= 2:
+            return batch[0], batch[1]
+        return batch[0] if batch else batch, None
+    return batch, None
+
+
+def map_tensors(obj: Any, fn) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def first_tensor(obj: Any) -> Optional[Tensor]:
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for v in obj:
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def logits_of(out: Any) -> Tensor:
+    """The logits tensor of a model output (tensor, tuple, dict or ModelOutput)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        if "logits" in out:
+            return out["logits"]
+    t = first_tensor(out if not hasattr(out, "to_tuple") else out.to_tuple())
+    if t is None:
+        raise UnsupportedModelError("the model's output holds no tensor; pass a loss_fn that "
+                                    "takes the raw output")
+    return t
+
+
+class Reservoir:
+    """Seeded per-class reservoir of sample slots, decided sample by sample in arrival order."""
+
+    def __init__(self, classes: Sequence[int], per_class: int, seed: int):
+        self.index = {int(c): k for k, c in enumerate(classes)}
+        self.per_class = per_class
+        self.seen = [0] * len(classes)
+        self.rng = random.Random(seed)
+        self.final: Dict[int, Tuple[int, int]] = {}   # global sample index -> (class k, slot)
+        self._slot_owner: Dict[Tuple[int, int], int] = {}
+
+    def offer(self, labels: List[int], first_index: int) -> List[Tuple[int, int, int]]:
+        """Rows of this batch to store now: (row, class k, slot)."""
+        rows = []
+        for row, y in enumerate(labels):
+            k = self.index.get(y)
+            if k is None:
+                continue
+            self.seen[k] += 1
+            n = self.seen[k]
+            slot = n - 1 if n <= self.per_class else self.rng.randrange(n)
+            if slot < self.per_class:
+                gidx = first_index + row
+                old = self._slot_owner.get((k, slot))
+                if old is not None:
+                    del self.final[old]
+                self._slot_owner[(k, slot)] = gidx
+                self.final[gidx] = (k, slot)
+                rows.append((row, k, slot))
+        return rows
+
+    def counts(self) -> List[int]:
+        return [min(n, self.per_class) for n in self.seen]
+
+
+@contextmanager
+def preserved(model: nn.Module, restore_buffers: bool):
+    """Restore every module's train/eval flag (and buffers if asked) on exit."""
+    modes = {m: m.training for m in model.modules()}
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()} if restore_buffers else None
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t  # per module: model.train(t) would overwrite children's own flags
+        if bufs is not None:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(bufs[n])
+
+
+def module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+def check_sampling(samples_per_class, projections) -> None:
+    """Shared argument checks of every scorer's U-Score sampling."""
+    if not isinstance(samples_per_class, int) or samples_per_class < 2:
+        raise CalibrationDataError("samples_per_class must be an int >= 2")
+    if not isinstance(projections, int) or projections < 1:
+        raise CalibrationDataError("projections must be an int >= 1")
+
+
+def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
+    """The model to calibrate on ``device`` (default: where it lives): the model itself, or a
+    copy when it lives elsewhere, so the caller's model is never moved."""
+    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device) if device is not None else model_device
+    return (model if device == model_device else copy.deepcopy(model).to(device)), device
+
+
+def sketch_features(p: "SketchTap", z: Tensor, projections: int, u_mode: str, seed: int) -> Tensor:
+    """[B, C, P] sketch coordinates of each sample: projections of its map, or its scalar."""
+    zz = p.to_units_last(z.detach())
+    D = zz.shape[-1]
+    if D == 1:
+        return zz
+    if u_mode == "pooled":
+        return zz.float().mean(dim=-1, keepdim=True)
+    if p.directions is None or p.directions.shape[0] != D:
+        g = torch.Generator().manual_seed(module_seed(seed, p.name))
+        theta = torch.randn(D, projections, generator=g)
+        p.directions = F.normalize(theta, dim=0).to(device=z.device)
+    return torch.matmul(zz.to(p.directions.dtype), p.directions)
+
+
+def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]], K: int, S: int,
+           projections: int, u_mode: str, seed: int) -> None:
+    """Project the selected rows of ``z`` (only those) into their (class, slot) sample places.
+
+    Finiteness is not checked here: pass 1 checks every activation it stores through the fused
+    unit statistics, and later passes replay the same samples.
+    """
+    if not rows:
+        return
+    if len(rows) != z.shape[0] or any(r[0] != i for i, r in enumerate(rows)):
+        z = z.index_select(0, torch.tensor([x[0] for x in rows], device=z.device))
+    feats = sketch_features(p, z, projections, u_mode, seed)
+    if p.buf is None:
+        dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        # Unfilled slots are never read: quantiles use each class's first counts[k] rows.
+        p.buf = torch.empty((K, S, feats.shape[1], feats.shape[2]), dtype=dtype,
+                            device=feats.device)
+    k = torch.tensor([x[1] for x in rows], device=feats.device)
+    s = torch.tensor([x[2] for x in rows], device=feats.device)
+    p.buf[k, s] = feats.to(p.buf.dtype)
+
+
+def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
+    """Turn the producer's class samples into its U-Score and free them."""
+    counts = torch.tensor(res.counts())
+    keep = (counts >= 2).nonzero().flatten()
+    dropped = [classes[i] for i in range(len(classes)) if 0 < int(counts[i]) < 2]
+    if dropped and not getattr(res, "_warned", False):
+        warnings.warn(f"fair_pruner: classes {dropped[:10]} have fewer than 2 calibration "
+                      "samples and are left out of the U-Score")
+        res._warned = True
+    if keep.numel() < 2:
+        raise CalibrationDataError(
+            f"the U-Score needs at least two classes with >= 2 samples each; the calibration "
+            f"data has {keep.numel()} (class counts {res.counts()[:20]}). Use more or more "
+            "varied calibration samples")
+    buf = p.buf if keep.numel() == p.buf.shape[0] else p.buf.index_select(0, keep.to(p.buf.device))
+    c = counts[keep]
+    # Bound the fp32 sketch memory: units in chunks.
+    C = buf.shape[2]
+    step = max(1, int((256 << 20) // max(1, buf.shape[0] * buf.shape[1] * buf.shape[3] * 4)))
+    out = []
+    for s in range(0, C, step):
+        sk = ops.class_quantiles(buf[:, :, s:s + step], c, buf.shape[1])
+        out.append(ops.pairwise_w1_max(sk))
+    p.u = torch.cat(out).double().cpu()
+    p.buf = None
+    if not torch.isfinite(p.u).all():
+        raise NonFiniteError(f"non-finite U-Score at {p.name}: NaN/inf activations")
+
+
+def len_or_none(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
