@@ -84,8 +84,7 @@ def cases(quick: bool = False, device: str = "cpu") -> List[Case]:
         k_units, w1_units = 16, 8
     out: List[Case] = []
     for name, make in acts:
-        for op in ("taylor_sum", "unit_stats"):
-            out.append((f"{op} {name}", op, make, lambda a: _nbytes(a[0], a[1])))
+        out.append((f"unit_stats {name}", "unit_stats", make, lambda a: _nbytes(a[0], a[1])))
     out.append((f"class_quantiles K=100 S=32 U={k_units} P=128 Q=32", "class_quantiles",
                 _samples(100, 32, k_units, 128), lambda a: _nbytes(a[0]) * 2))
     out.append((f"class_quantiles K=64 S=32 U={14336 if not quick else 512} P=1 bf16 (LLM)",

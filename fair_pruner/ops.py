@@ -1,18 +1,21 @@
-"""Numeric hot paths of FAIR-Pruner, one dispatch point per device.
+"""Numeric hot paths of FAIR-Pruner: one ``torch.library`` op each, one kernel per device.
 
-Every op here is a ``torch.library`` custom op (namespace ``fair_pruner``) whose body picks an
-implementation by device type:
+Every op is a custom op in the ``fair_pruner`` namespace (``torch.ops.fair_pruner.*``). Its body
+is the pure-PyTorch reference below (the CPU fallback and the test oracle, on any device); a
+compiled backend registers its function as the op's kernel for one device type through PyTorch's
+dispatcher (``register_kernel``), the torchao / bitsandbytes shape:
 
-* ``torch``  - the pure-PyTorch reference below: the CPU fallback and the test oracle.
-* ``cpp``    - C++/OpenMP kernels (``fair_pruner._C``, built from ``csrc/cpu``), CPU, all ops;
-  registered as ``torch.ops.fair_pruner_cpp.*``.
-* ``triton`` - Triton kernels (``fair_pruner.kernels``), CUDA, all ops.
-* ``cuda``   - CUDA C++ kernels (``fair_pruner._cuda``, ``csrc/cuda``), CUDA: ``taylor_sum``,
-  ``unit_stats``, ``pairwise_w1_max`` (preferred over Triton where present).
+* ``cpp``    - C++/OpenMP (``fair_pruner._C``, ``csrc/cpu``): the ``cpu`` kernel of every op.
+* ``cuda``   - CUDA C++ (``fair_pruner._cuda``, ``csrc/cuda``): the ``cuda`` kernel of
+  ``unit_stats`` and ``pairwise_w1_max``.
+* ``triton`` - Triton (``fair_pruner.kernels``, ``kernels/``): the ``cuda`` kernel of the rest.
 
-Compiled backends register themselves with :func:`register_impl`; a backend that fails to load
-warns once and the next one in line is used. ``FAIR_PRUNER_BACKEND=torch|cpp|triton|cuda`` forces
-one backend for the device types it serves (a clear error if it is unavailable).
+Kernels are chosen once per device type, on the first call with a tensor there: for each op the
+first loadable backend in ``_PREFERENCE`` that implements it. A backend never calls another; one
+that cannot load warns once and the op keeps the next choice (in the end, the reference).
+``FAIR_PRUNER_BACKEND=torch|cpp|triton|cuda`` (read at that first call) restricts the choice to
+that backend on the devices it serves (a clear error if it is not available) and to the reference
+elsewhere.
 
 Shapes use: B batch, C/U units, S samples per class, K classes, P projections, Q quantile levels,
 N total units over G ragged groups.
@@ -29,85 +32,86 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "taylor_sum", "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select",
-    "register_impl", "implementations", "active_backend", "positions_3d", "BACKENDS", "OP_NAMES",
+    "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select",
+    "implementations", "active_backend", "positions_3d", "BACKENDS", "OP_NAMES",
 ]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
-OP_NAMES = ("taylor_sum", "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap",
-            "tod_select")
-# Preference per device type when nothing is forced: fastest first, reference last.
-_PREFERENCE = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
-# Where each compiled backend lives; importing the module registers its implementations.
+OP_NAMES = ("unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select")
+# Per device type, fastest first; the reference ("torch") is the op's own body.
+_PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+# Backend -> module exposing KERNELS: {op name: function with the reference's signature}.
 _BACKEND_MODULES = {"cpp": "fair_pruner._cpp_backend", "triton": "fair_pruner._triton_backend",
                     "cuda": "fair_pruner._cuda_backend"}
 
-_IMPLS: Dict[str, Dict[str, Callable]] = {}
-_LOADED: Dict[str, bool] = {}
-_LOCK = threading.Lock()
+_MODULES: Dict[str, object] = {}     # backend -> loaded module, or None if it failed
+_ACTIVE: Dict[Tuple[str, str], str] = {}   # (op, device type) -> backend serving it
+_CHOSEN: set = set()                 # device types whose kernels are registered
+_LOCK = threading.RLock()
 
 
-def register_impl(op: str, backend: str, fn: Callable) -> None:
-    """Register ``fn`` as the ``backend`` implementation of op ``op`` (same signature)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _IMPLS.setdefault(op, {})[backend] = fn
-
-
-def _load_backend(backend: str) -> bool:
-    """Import a compiled backend once; warn once and return False if it is missing or broken."""
-    if backend == "torch":
-        return True
+def _backend(backend: str, quiet: bool = False):
+    """The backend's module (imported once), or None with one warning if it cannot load."""
     with _LOCK:
-        if backend not in _LOADED:
+        if backend not in _MODULES:
             try:
-                importlib.import_module(_BACKEND_MODULES[backend])
-                _LOADED[backend] = True
-            except Exception as exc:  # missing extension must never break import
-                _LOADED[backend] = False
-                # A forced backend gets a clear error from active_backend instead of a warning.
-                if os.environ.get("FAIR_PRUNER_BACKEND") != backend:
-                    warnings.warn(f"fair_pruner: {backend} backend unavailable ({exc}); "
-                                  "falling back to the next backend", RuntimeWarning, stacklevel=3)
-        return _LOADED[backend]
+                _MODULES[backend] = importlib.import_module(_BACKEND_MODULES[backend])
+            except Exception as exc:  # a missing extension must never break import
+                _MODULES[backend] = None
+                if not quiet:
+                    warnings.warn(f"fair_pruner: {backend} backend unavailable ({exc}); those "
+                                  "ops use the next backend", RuntimeWarning, stacklevel=4)
+        return _MODULES[backend]
 
 
 def implementations(op: str) -> Dict[str, Callable]:
-    """All loadable implementations of ``op`` by backend name (tries loading every backend)."""
-    for b in BACKENDS:
-        _load_backend(b)
-    return dict(_IMPLS.get(op, {}))
+    """Every loadable implementation of ``op`` by backend name (for tests and benchmarks)."""
+    out = {"torch": _REFERENCE[op]}
+    for b in BACKENDS[1:]:
+        mod = _backend(b, quiet=True)
+        if mod is not None and op in mod.KERNELS:
+            out[b] = mod.KERNELS[op]
+    return out
+
+
+def _forced() -> str:
+    forced = os.environ.get("FAIR_PRUNER_BACKEND", "").strip().lower()
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"FAIR_PRUNER_BACKEND={forced!r} is not one of {BACKENDS}")
+    return forced
+
+
+def _choose(device_type: str) -> None:
+    """Register the kernels of ``device_type`` with the dispatcher (once)."""
+    if device_type in _CHOSEN:
+        return
+    with _LOCK:
+        if device_type in _CHOSEN:
+            return
+        forced = _forced()
+        order = _PREFERENCE.get(device_type, ())
+        if forced:
+            order = (forced,) if forced in order else ()
+        for b in order:
+            mod = _backend(b, quiet=bool(forced))
+            if mod is None:
+                if forced:
+                    raise RuntimeError(
+                        f"FAIR_PRUNER_BACKEND={forced} was requested but the {forced} backend is "
+                        "not available (build the extension with `pip install "
+                        "--no-build-isolation -e .`, or unset FAIR_PRUNER_BACKEND)")
+                continue
+            for op, fn in mod.KERNELS.items():
+                if (op, device_type) not in _ACTIVE:
+                    _OPS[op].register_kernel(device_type, fn)
+                    _ACTIVE[(op, device_type)] = b
+        _CHOSEN.add(device_type)
 
 
 def active_backend(op: str, device_type: str) -> str:
-    """The backend that ``op`` runs on for tensors on ``device_type``."""
-    forced = os.environ.get("FAIR_PRUNER_BACKEND", "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"FAIR_PRUNER_BACKEND={forced!r} is not one of {BACKENDS}")
-        if forced == "torch":
-            return "torch"
-        served = forced in _PREFERENCE.get(device_type, ())
-        if not served:
-            # A forced backend that cannot serve this device (e.g. cpp for CUDA) is not an error:
-            # the reference runs there. Forcing only picks among the backends of a device.
-            return "torch"
-        if not _load_backend(forced):
-            raise RuntimeError(
-                f"FAIR_PRUNER_BACKEND={forced} was requested but the {forced} implementation of "
-                f"{op} is not available (build the extension with `pip install --no-build-isolation "
-                f"-e .`, or unset FAIR_PRUNER_BACKEND)")
-        if forced in _IMPLS.get(op, {}):
-            return forced
-        # A partial backend (cuda has no quantile / ToD kernels): the usual order for this op.
-    for b in _PREFERENCE.get(device_type, ("torch",)):
-        if _load_backend(b) and b in _IMPLS.get(op, {}):
-            return b
-    return "torch"
-
-
-def _call(op: str, device: torch.device, *args):
-    return _IMPLS[op][active_backend(op, device.type)](*args)
+    """The backend whose kernel ``op`` runs for tensors on ``device_type``."""
+    _choose(device_type)
+    return _ACTIVE.get((op, device_type), "torch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,14 +162,6 @@ def _sum_but(x: Tensor, dim: int) -> Tensor:
     return x.sum(dim=other) if other else x
 
 
-def taylor_sum_ref(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    """sum over every dim but ``dim`` of z * g, accumulated in fp32.
-
-    z, g: same shape, any float dtype, any strides. Returns fp32 [z.shape[dim]].
-    """
-    return _sum_but(z.float() * g.float(), dim % z.dim())
-
-
 def unit_stats_ref(z: Tensor, g: Tensor, dim: int) -> Tensor:
     """Per-unit statistics of one batch, summed over every dim but ``dim``, in fp32.
 
@@ -212,6 +208,22 @@ def pairwise_w1_max_ref(sk: Tensor) -> Tensor:
         for a in range(K - 1):
             d = (skf[a + 1:] - skf[a]).abs().mean(dim=(2, 3))  # [K-a-1, chunk]
             best[s:s + step] = torch.maximum(best[s:s + step], d.amax(dim=0))
+    return best
+
+
+def max_over_class_blocks(sk: Tensor, kernel: Callable[[Tensor], Tensor], max_k: int) -> Tensor:
+    """``kernel(sk)`` (the max over class pairs) for any K, calling ``kernel`` on <= ``max_k``
+    classes at a time: every pair of classes lies in the union of two blocks of ``max_k // 2``."""
+    K = sk.shape[0]
+    if K <= max_k:
+        return kernel(sk)
+    half = max(1, max_k // 2)
+    blocks = [torch.arange(s, min(K, s + half), device=sk.device) for s in range(0, K, half)]
+    best = None
+    for i in range(len(blocks)):
+        for j in range(i + 1, len(blocks)):
+            got = kernel(sk.index_select(0, torch.cat([blocks[i], blocks[j]])))
+            best = got if best is None else torch.maximum(best, got)
     return best
 
 
@@ -284,30 +296,20 @@ def tod_select_ref(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float)
     return out
 
 
-for _name, _fn in (("taylor_sum", taylor_sum_ref), ("unit_stats", unit_stats_ref),
-                   ("class_quantiles", class_quantiles_ref),
-                   ("pairwise_w1_max", pairwise_w1_max_ref), ("tod_overlap", tod_overlap_ref),
-                   ("tod_select", tod_select_ref)):
-    register_impl(_name, "torch", _fn)
+_REFERENCE: Dict[str, Callable] = {
+    "unit_stats": unit_stats_ref, "class_quantiles": class_quantiles_ref,
+    "pairwise_w1_max": pairwise_w1_max_ref, "tod_overlap": tod_overlap_ref,
+    "tod_select": tod_select_ref}
 
 
 # --------------------------------------------------------------------------------------------
-# Custom ops: the single dispatch point. Argument checks live here so every backend gets them.
+# The custom ops: the reference is each op's body; backends add per-device kernels.
+# Argument checks live in the public wrappers below so every kernel gets them.
 # --------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("fair_pruner::taylor_sum", mutates_args=())
-def _taylor_sum_op(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    return _call("taylor_sum", z.device, z, g, dim)
-
-
-@_taylor_sum_op.register_fake
-def _(z, g, dim):
-    return z.new_empty((z.shape[dim],), dtype=torch.float32)
-
 
 @torch.library.custom_op("fair_pruner::unit_stats", mutates_args=())
 def _unit_stats_op(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    return _call("unit_stats", z.device, z, g, dim)
+    return unit_stats_ref(z, g, dim)
 
 
 @_unit_stats_op.register_fake
@@ -317,7 +319,7 @@ def _(z, g, dim):
 
 @torch.library.custom_op("fair_pruner::class_quantiles", mutates_args=())
 def _class_quantiles_op(x: Tensor, counts: Tensor, q: int) -> Tensor:
-    return _call("class_quantiles", x.device, x, counts, q)
+    return class_quantiles_ref(x, counts, q)
 
 
 @_class_quantiles_op.register_fake
@@ -327,7 +329,7 @@ def _(x, counts, q):
 
 @torch.library.custom_op("fair_pruner::pairwise_w1_max", mutates_args=())
 def _pairwise_w1_max_op(sk: Tensor) -> Tensor:
-    return _call("pairwise_w1_max", sk.device, sk)
+    return pairwise_w1_max_ref(sk)
 
 
 @_pairwise_w1_max_op.register_fake
@@ -337,7 +339,7 @@ def _(sk):
 
 @torch.library.custom_op("fair_pruner::tod_overlap", mutates_args=())
 def _tod_overlap_op(u: Tensor, r: Tensor, offsets: Tensor) -> Tensor:
-    return _call("tod_overlap", u.device, u, r, offsets)
+    return tod_overlap_ref(u, r, offsets)
 
 
 @_tod_overlap_op.register_fake
@@ -347,7 +349,7 @@ def _(u, r, offsets):
 
 @torch.library.custom_op("fair_pruner::tod_select", mutates_args=())
 def _tod_select_op(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float) -> Tensor:
-    return _call("tod_select", overlap.device, overlap, offsets, alphas, cap)
+    return tod_select_ref(overlap, offsets, alphas, cap)
 
 
 @_tod_select_op.register_fake
@@ -355,10 +357,9 @@ def _(overlap, offsets, alphas, cap):
     return overlap.new_empty((offsets.shape[0] - 1, alphas.shape[0]), dtype=torch.int64)
 
 
-def taylor_sum(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    """fp32 [z.shape[dim]]: sum over all other dims of z * g (the Taylor term of each unit)."""
-    _check_pair("taylor_sum", z, g, dim)
-    return _taylor_sum_op(z, g, dim % z.dim())
+_OPS = {"unit_stats": _unit_stats_op, "class_quantiles": _class_quantiles_op,
+        "pairwise_w1_max": _pairwise_w1_max_op, "tod_overlap": _tod_overlap_op,
+        "tod_select": _tod_select_op}
 
 
 def _check_pair(op: str, z: Tensor, g: Tensor, dim: int) -> None:
@@ -376,10 +377,11 @@ def _check_pair(op: str, z: Tensor, g: Tensor, dim: int) -> None:
 def unit_stats(z: Tensor, g: Tensor, dim: int) -> Tensor:
     """fp32 [4, z.shape[dim]]: per unit, sums over all other dims of z*g, |z|, z and z^2.
 
-    One read of z and g on the compiled backends (the fused form of :func:`taylor_sum` plus the
-    activation moments calibration keeps).
+    Row 0 is the Taylor term of each unit (the R-Score's summand); one read of z and g on the
+    compiled backends.
     """
     _check_pair("unit_stats", z, g, dim)
+    _choose(z.device.type)
     return _unit_stats_op(z, g, dim % z.dim())
 
 
@@ -394,6 +396,7 @@ def class_quantiles(x: Tensor, counts: Tensor, q: int) -> Tensor:
         raise ValueError("class_quantiles: q must be >= 1")
     if x.shape[0] and (int(counts.min()) < 1 or int(counts.max()) > x.shape[1]):
         raise ValueError(f"class_quantiles: counts must lie in [1, {x.shape[1]}]")
+    _choose(x.device.type)
     return _class_quantiles_op(x, counts, int(q))
 
 
@@ -403,6 +406,7 @@ def pairwise_w1_max(sk: Tensor) -> Tensor:
         raise ValueError(f"pairwise_w1_max: expected [K, U, P, Q] sketches, got {tuple(sk.shape)}")
     if sk.shape[0] < 2:
         raise ValueError("pairwise_w1_max: need at least two classes")
+    _choose(sk.device.type)
     return _pairwise_w1_max_op(sk)
 
 
@@ -413,6 +417,7 @@ def tod_overlap(u: Tensor, r: Tensor, offsets: Tensor) -> Tensor:
     offsets = offsets.to(device=u.device, dtype=torch.int64)
     if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != u.numel():
         raise ValueError("tod_overlap: offsets must start at 0 and end at len(u)")
+    _choose(u.device.type)
     return _tod_overlap_op(u, r, offsets)
 
 
@@ -420,4 +425,5 @@ def tod_select(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float = 0.
     """int64 [G, A]: units to remove per group for each tolerance in ``alphas``."""
     offsets = offsets.to(device=overlap.device, dtype=torch.int64)
     alphas = torch.as_tensor(alphas, dtype=torch.float64, device=overlap.device).reshape(-1)
+    _choose(overlap.device.type)
     return _tod_select_op(overlap, offsets, alphas, float(cap))

@@ -1,7 +1,7 @@
 """Triton kernels for the GPU paths of fair_pruner.ops (installed as ``fair_pruner.kernels``).
 
 One kernel per op, each module with its docstring (shapes, math) and the reference it is tested
-against: ``taylor`` (``unit_stats``, ``taylor_sum``), ``quantiles`` (``class_quantiles``), ``w1``
+against: ``taylor`` (``unit_stats``), ``quantiles`` (``class_quantiles``), ``w1``
 (``pairwise_w1_max``), ``tod`` (``tod_overlap``, ``tod_select``). ``fair_pruner._triton_backend``
 registers them with :mod:`fair_pruner.ops`.
 

@@ -54,16 +54,3 @@ def class_quantiles(x: Tensor, counts: Tensor, q: int) -> Tensor:
     class_quantiles_kernel[grid](x, counts, out, U, P, q, *x.stride(), S_PAD=S_PAD, Q_PAD=Q_PAD,
                                  BLOCK_COL=BLOCK_COL)
     return out
-
-
-def reference(x: Tensor, counts: Tensor, q: int) -> Tensor:
-    from fair_pruner.ops import class_quantiles_ref
-    return class_quantiles_ref(x, counts, q)
-
-
-def bench(K=100, S=32, U=2048, P=128, q=32, device="cuda"):
-    """(triton ms, eager ms) at the issue's sketch size."""
-    x = torch.randn(K, S, U, P, device=device)
-    c = torch.full((K,), S, device=device)
-    return (triton.testing.do_bench(lambda: class_quantiles(x, c, q)),
-            triton.testing.do_bench(lambda: reference(x, c, q)))

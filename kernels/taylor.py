@@ -60,8 +60,9 @@ def _launch(z: Tensor, g: Tensor, dim: int, stats: bool) -> Tensor:
         return torch.zeros((4 if stats else 1, C), dtype=torch.float32, device=z.device)
     BLOCK_C, BLOCK_P = 32, 64
     cblocks = triton.cdiv(C, BLOCK_C)
-    # Enough programs to fill a GPU (~4 per SM on an H200), each with >= 4 tiles of positions.
-    split = max(1, min(triton.cdiv(npos, 4 * BLOCK_P), triton.cdiv(528, cblocks)))
+    # Enough programs to fill the GPU (~4 per SM), each with >= 4 tiles of positions.
+    sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 4
+    split = max(1, min(triton.cdiv(npos, 4 * BLOCK_P), triton.cdiv(4 * sms, cblocks)))
     per_split = triton.cdiv(triton.cdiv(npos, split), BLOCK_P) * BLOCK_P
     split = triton.cdiv(npos, per_split)
     part = torch.empty((split, 4, C), dtype=torch.float32, device=z.device)
@@ -74,21 +75,3 @@ def _launch(z: Tensor, g: Tensor, dim: int, stats: bool) -> Tensor:
 def unit_stats(z: Tensor, g: Tensor, dim: int) -> Tensor:
     """fp32 [4, C]: sums of z*g, |z|, z, z^2 over every dim but ``dim`` (z, g same shape)."""
     return _launch(z, g, dim, True)
-
-
-def taylor_sum(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    """fp32 [C]: sum of z*g over every dim but ``dim``."""
-    return _launch(z, g, dim, False)[0]
-
-
-def reference(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    from fair_pruner.ops import unit_stats_ref
-    return unit_stats_ref(z, g, dim)
-
-
-def bench(shape=(64, 256, 56, 56), dtype=torch.float32, device="cuda"):
-    """(triton ms, eager ms) for unit_stats on NCHW activations of ``shape``."""
-    z = torch.randn(shape, dtype=dtype, device=device)
-    g = torch.randn_like(z)
-    return (triton.testing.do_bench(lambda: unit_stats(z, g, 1)),
-            triton.testing.do_bench(lambda: reference(z, g, 1)))

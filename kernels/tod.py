@@ -118,18 +118,3 @@ def tod_select(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float) -> 
     alphas = alphas.to(device=overlap.device, dtype=torch.float64).contiguous()
     tod_select_kernel[(G, A)](overlap.contiguous(), offsets, mmax, alphas, out, A, BLOCK_M=256)
     return out
-
-
-def reference(u: Tensor, r: Tensor, offsets: Tensor, alphas: Tensor, cap: float = 0.99) -> Tensor:
-    from fair_pruner.ops import tod_overlap_ref, tod_select_ref
-    return tod_select_ref(tod_overlap_ref(u, r, offsets), offsets, alphas, cap)
-
-
-def bench(G=32, n=14336, device="cuda"):
-    """(triton ms, eager ms) for overlap + select on G groups of n units and one alpha."""
-    u = torch.rand(G * n, device=device, dtype=torch.float64)
-    r = torch.rand(G * n, device=device, dtype=torch.float64)
-    off = torch.arange(G + 1, device=device) * n
-    al = torch.tensor([0.05], dtype=torch.float64, device=device)
-    return (triton.testing.do_bench(lambda: tod_select(tod_overlap(u, r, off), off, al, 0.99)),
-            triton.testing.do_bench(lambda: reference(u, r, off, al)))

@@ -54,15 +54,3 @@ def pairwise_w1_max(sk: Tensor) -> Tensor:
     pairwise_w1_max_kernel[(U,)](sk, out, K, L, Q, *sk.stride(), BLOCK_B=BLOCK_B,
                                  BLOCK_L=BLOCK_L)
     return out
-
-
-def reference(sk: Tensor) -> Tensor:
-    from fair_pruner.ops import pairwise_w1_max_ref
-    return pairwise_w1_max_ref(sk)
-
-
-def bench(K=100, U=2048, P=128, Q=32, device="cuda"):
-    """(triton ms, eager ms) at the issue's sketch size."""
-    sk = torch.randn(K, U, P, Q, device=device)
-    return (triton.testing.do_bench(lambda: pairwise_w1_max(sk)),
-            triton.testing.do_bench(lambda: reference(sk)))

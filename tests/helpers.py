@@ -128,14 +128,20 @@ def tiny_lm(model_type, seed=0, perturb=True, **overrides):
     # nested sub-configs (DBRX) go to the constructor; plain fields are set after
     cfg = tf.AutoConfig.for_model(model_type, **{k: v for k, v in over.items()
                                                  if isinstance(v, dict)})
+    n_full = getattr(cfg, "num_hidden_layers", None)
     for k, v in {**LM_SMALL, **over}.items():
         if not isinstance(v, dict) and hasattr(cfg, k):
             try:
                 setattr(cfg, k, v)
             except (AttributeError, TypeError):
                 pass
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+    n = getattr(cfg, "num_hidden_layers", None)
+    for k, v in cfg.to_dict().items():      # per-layer lists (layer_types, ...) follow n
+        if isinstance(v, list) and n_full and len(v) == n_full and k not in over:
+            try:
+                setattr(cfg, k, v[:n])
+            except (AttributeError, TypeError):
+                pass
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
         v = getattr(cfg, k, None)
         if isinstance(v, int) and v >= LM_VOCAB:
@@ -158,3 +164,138 @@ def tiny_lm(model_type, seed=0, perturb=True, **overrides):
 def token_batches(n=4, b=2, t=24, seed=1, high=20):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, high, (b, t), generator=g)} for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis strategies and checks shared by the kernel tests (every backend vs the reference)
+# --------------------------------------------------------------------------------------------
+
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@st.composite
+def activation(draw, sides=(0, 1, 2, 3, 5, 7, 16, 33)):
+    """(z, g, dim) in a random layout: contiguous, channels-last, transposed or sliced."""
+    nd = draw(st.integers(1, 4))
+    shape = [draw(st.sampled_from(sides)) for _ in range(nd)]
+    if draw(st.integers(0, 9)) > 0:  # mostly non-empty
+        shape = [max(1, s) for s in shape]
+    dim = draw(st.integers(-nd, nd - 1))
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(["contig", "channels_last", "transposed", "sliced", "expanded"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    ties = draw(st.booleans())
+
+    def make():
+        full = list(shape)
+        if layout == "sliced":
+            full = [s * 2 for s in shape]
+        t = torch.randn(full, generator=gen)
+        if ties:
+            t = t.round()
+        t = t.to(dtype)
+        if layout == "sliced":
+            t = t[tuple(slice(None, None, 2) for _ in shape)]
+        elif layout == "channels_last" and nd == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        elif layout == "transposed" and nd >= 2:
+            t = t.transpose(0, nd - 1).contiguous().transpose(0, nd - 1)
+        elif layout == "expanded" and nd >= 2 and shape[0] > 0:
+            t = t[:1].expand(shape)
+        return t
+
+    return make(), make(), dim
+
+
+def _oracle(z, g, dim):
+    """fp64 rows (z*g, |z|, z, z^2) and their |.| scale for the tolerance."""
+    d = dim % z.dim()
+    other = [i for i in range(z.dim()) if i != d]
+    zd, gd = z.double(), g.double()
+    terms = [zd * gd, zd.abs(), zd, zd * zd]
+    if z.numel() == 0:
+        zero = torch.zeros(z.shape[d], dtype=torch.float64)
+        return torch.stack([zero] * 4), torch.stack([zero] * 4)
+    red = (lambda x: x.sum(dim=other)) if other else (lambda x: x)
+    return torch.stack([red(t) for t in terms]), torch.stack([red(t.abs()) for t in terms])
+
+
+def _assert_sums(got, exact, scale):
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    err = (got.double() - exact).abs()
+    bound = 2e-5 * scale + 1e-6
+    assert bool((err <= bound).all()), f"max err {float((err - bound).max())} over the bound"
+
+
+@st.composite
+def samples(draw, max_s=40, units=(0, 1, 2, 3, 7, 65), max_q=40):
+    K = draw(st.integers(1, 4))
+    S = draw(st.integers(1, max_s))
+    U = draw(st.sampled_from(units))
+    P = draw(st.sampled_from([1, 2, 3, 5]))
+    q = draw(st.integers(1, max_q))
+    dtype = draw(st.sampled_from(DTYPES))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(K, S, U, P, generator=gen)
+    if draw(st.booleans()):
+        x = x.round()  # ties
+    if draw(st.booleans()) and x.numel():
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (3,), generator=gen)
+        flat[idx] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    x = x.to(dtype)
+    if draw(st.booleans()):
+        x = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # non-contiguous
+    counts = torch.randint(1, S + 1, (K,), generator=gen)
+    return x, counts, q
+
+
+@st.composite
+def sketches(draw, max_k=7, qs=(1, 3, 32, 600)):  # Q = 600: more than one staged chunk
+    K = draw(st.integers(2, max_k))
+    U = draw(st.sampled_from([0, 1, 3, 10]))
+    P = draw(st.sampled_from([1, 2, 5]))
+    Q = draw(st.sampled_from(qs))
+    dtype = draw(st.sampled_from(DTYPES))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    sk = torch.randn(K, U, P, Q, generator=gen).sort(dim=-1).values
+    if draw(st.booleans()):
+        sk = sk.round()
+    if draw(st.integers(0, 4)) == 0 and sk.numel():
+        sk.view(-1)[torch.randint(0, sk.numel(), (1,), generator=gen)] = float("nan")
+    sk = sk.to(dtype)
+    if draw(st.booleans()):
+        sk = sk.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous
+    return sk
+
+
+@st.composite
+def groups(draw, sides=(0, 1, 2, 5, 17, 64, 65, 300)):
+    sizes = draw(st.lists(st.sampled_from(sides), min_size=1, max_size=6))
+    N = sum(sizes)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["float", "ties", "tiny_diff"]))
+    if kind == "ties":
+        u = torch.randint(0, 5, (N,), generator=gen).double()
+        r = torch.randint(-3, 3, (N,), generator=gen).double()
+    elif kind == "tiny_diff":  # equal top bits, different low bits: the radix fix-up path
+        u = 1.0 + torch.randint(0, 50, (N,), generator=gen).double() * 1e-15
+        r = -1.0 - torch.randint(0, 50, (N,), generator=gen).double() * 1e-15
+    else:
+        u = torch.randn(N, generator=gen, dtype=torch.float64)
+        r = torch.randn(N, generator=gen, dtype=torch.float64).exp()
+    if draw(st.booleans()) and N:
+        u[torch.randint(0, N, (2,), generator=gen)] = float("nan")
+        r[torch.randint(0, N, (1,), generator=gen)] = -0.0
+    if draw(st.booleans()):
+        u, r = u.float(), r.float()
+    offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(sizes).cumsum(0)
+    return u, r, offsets
+
+
+ALPHAS = torch.tensor([0.0, 0.001, 0.01, 0.05, 0.1, 1 / 3, 0.5, 0.99, 1.0, 2.0, float("nan")],
+                      dtype=torch.float64)

@@ -41,7 +41,8 @@ def _check(model, loader, x, target):
     return book, plan, pruned
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a if a == "resnet18" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in ARCHS])
 def test_torchvision_exact(arch):
     torch.manual_seed(0)
     model = randomize_bn(getattr(torchvision.models, arch)(num_classes=10)).eval()

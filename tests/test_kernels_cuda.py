@@ -52,8 +52,6 @@ def test_cuda_unit_stats(dtype, layout):
     got = fn(z, g, d)
     scale = ops.unit_stats_ref(z.abs(), g.abs(), d).abs() + 1e-3
     assert ((got - ref).abs() <= 1e-4 * scale).all()
-    torch.testing.assert_close(ops.implementations("taylor_sum")["cuda"](z, g, d), ref[0],
-                               rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.gpu

@@ -79,10 +79,6 @@ at::Tensor unit_stats_common(const at::Tensor& z_in, const at::Tensor& g_in, int
   return stats ? out : out.view({C});
 }
 
-at::Tensor taylor_sum_cpu(const at::Tensor& z, const at::Tensor& g, int64_t dim) {
-  return unit_stats_common(z, g, dim, false, "taylor_sum");
-}
-
 at::Tensor unit_stats_cpu(const at::Tensor& z, const at::Tensor& g, int64_t dim) {
   return unit_stats_common(z, g, dim, true, "unit_stats");
 }
@@ -176,7 +172,6 @@ at::Tensor tod_select_cpu(const at::Tensor& overlap_in, const at::Tensor& offset
 }  // namespace fair_pruner
 
 TORCH_LIBRARY(fair_pruner_cpp, m) {
-  m.def("taylor_sum(Tensor z, Tensor g, int dim) -> Tensor");
   m.def("unit_stats(Tensor z, Tensor g, int dim) -> Tensor");
   m.def("class_quantiles(Tensor x, Tensor counts, int q) -> Tensor");
   m.def("pairwise_w1_max(Tensor sk) -> Tensor");
@@ -185,7 +180,6 @@ TORCH_LIBRARY(fair_pruner_cpp, m) {
 }
 
 TORCH_LIBRARY_IMPL(fair_pruner_cpp, CPU, m) {
-  m.impl("taylor_sum", &fair_pruner::taylor_sum_cpu);
   m.impl("unit_stats", &fair_pruner::unit_stats_cpu);
   m.impl("class_quantiles", &fair_pruner::class_quantiles_cpu);
   m.impl("pairwise_w1_max", &fair_pruner::pairwise_w1_max_cpu);

@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,7 +33,7 @@ void check_rc(int rc, const char* op) {
 }
 
 // z, g: CUDA tensors whose elements (a, c, i) sit at a*sz[0] + c*sz[1] + i*sz[2] (shape [A, C, I]
-// in elements, computed on the host by kernels/_layout.py). Returns fp32 [4 or 1, C].
+// in elements, computed on the host by fair_pruner.ops.positions_3d). Returns fp32 [4 or 1, C].
 at::Tensor unit_stats_3d(const at::Tensor& z, const at::Tensor& g, int64_t A, int64_t C,
                          int64_t I, at::IntArrayRef sz, at::IntArrayRef sg, bool stats) {
   TORCH_CHECK(z.is_cuda() && g.is_cuda(), "unit_stats: CUDA tensors expected");
@@ -41,8 +42,9 @@ at::Tensor unit_stats_3d(const at::Tensor& z, const at::Tensor& g, int64_t A, in
   c10::cuda::CUDAGuard guard(z.device());
   const int64_t npos = A * I;
   const int64_t per_block = 4 * 8 * 32;  // >= 4 positions per lane
-  // Enough blocks to fill the GPU (~4 per SM on an H200), each with >= 4 positions per lane.
-  const int64_t want = (528 * 8 + C - 1) / std::max<int64_t>(C, 1);
+  // Enough blocks to fill the GPU (~4 per SM), each with >= 4 positions per lane.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (4 * sms * 8 + C - 1) / std::max<int64_t>(C, 1);
   int64_t split = std::min<int64_t>((npos + per_block - 1) / per_block, want);
   split = std::max<int64_t>(1, split);
   const int64_t per_split = (npos + split - 1) / std::max<int64_t>(split, 1);
