@@ -29,9 +29,8 @@ from .engine import (Reservoir, SketchTap, call_model, check_sampling, finish_u,
                      len_or_none, logits_of, map_tensors, preserved, split_batch, store_samples,
                      working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
-from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, find_groups,
-                    model_fingerprint)
-from .scorebook import Group, ScoreBook
+from .graph import PRODUCER_TYPES, build_cost_model, build_dependency_graph, find_groups
+from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .errors import FairPrunerError, TargetError
-from .scorebook import ScoreBook, atomic_write
+from .errors import BookMismatchError, FairPrunerError, TargetError
+from .scorebook import ScoreBook, atomic_write, model_fingerprint
 from .tod import ToDCurves, m_hat_capped
 
 
@@ -81,6 +81,18 @@ class Plan:
         a = "-" if self.alpha is None else f"{self.alpha:.4g}"
         return (f"Plan(strategy={self.strategy}, alpha={a}, params -{self.params_reduction:.1%}, "
                 f"MACs -{self.flops_reduction:.1%}, units -{self.units_reduction:.1%})")
+
+    @staticmethod
+    def check(plan, model) -> None:
+        """Raise unless ``plan`` is a :class:`Plan` made from ``model``'s score book."""
+        if not isinstance(plan, Plan):
+            raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
+                                  "make one with fp.allocate(book, ...)")
+        fp = model_fingerprint(model)
+        if plan.fingerprint and fp != plan.fingerprint:
+            raise BookMismatchError(
+                f"this plan was made from another model's score book (plan fingerprint "
+                f"{plan.fingerprint}, model {fp}); score this model with fp.score first")
 
     def save(self, path) -> None:
         text = json.dumps(asdict(self), indent=1)

@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch.nn as nn
 
+from . import adapters
 from .errors import TargetError
 from .plan import Plan, allocate
 
@@ -24,7 +25,6 @@ def prune_in_rounds(model: nn.Module, loader, *, params: Optional[float] = None,
     ``finetune(pruned_model, round_index)`` runs after each round but the last one (train it in
     place). Returns the pruned copy and the plan of every round. ``model`` is not changed.
     """
-    from . import prune, score
 
     which = [k for k, v in (("params", params), ("flops", flops)) if v is not None]
     if len(which) != 1:
@@ -37,7 +37,7 @@ def prune_in_rounds(model: nn.Module, loader, *, params: Optional[float] = None,
         raise TargetError(f"{key}= must lie in (0, 1), got {goal!r}")
     current, plans, base = model, [], None
     for i in range(1, rounds + 1):
-        book = score(current, loader, **score_kwargs)
+        book = adapters.for_model(current).score(current, loader, **score_kwargs)
         before = book.totals()[0 if key == "params" else 1]
         base = base if base is not None else before
         want_left = base * (1.0 - goal) ** (i / rounds)
@@ -45,7 +45,7 @@ def prune_in_rounds(model: nn.Module, loader, *, params: Optional[float] = None,
         if frac <= 0:
             break
         plan = allocate(book, strategy=strategy, round_to=round_to, **{key: min(frac, 0.999)})
-        current = prune(current, plan)
+        current = adapters.named(plan.meta.get("kind")).prune(current, plan)
         plans.append(plan)
         if finetune is not None and i < rounds:
             finetune(current, i)

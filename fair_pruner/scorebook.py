@@ -10,6 +10,7 @@ metadata (groups, members, meta) rides in the safetensors header. Written atomic
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -20,9 +21,45 @@ import torch
 from torch import Tensor
 
 from .errors import BookMismatchError, FairPrunerError
-from .graph import CostModel, GroupSpec, Member
+from .cost import CostModel
 
 FORMAT_VERSION = 2
+
+
+@dataclass
+class Member:
+    """One module touched by a group: ``idxs`` are its channel indices, aligned to ``root_idxs``."""
+    module: str
+    role: str            # "producer" (its output carries the units), "consumer" (input), "norm"
+    idxs: List[int]
+    root_idxs: List[int]
+
+
+@dataclass
+class GroupSpec:
+    """The structural part of a group: the modules it touches (producers carry its units in
+    their outputs, consumers read them, norms follow them)."""
+    name: str            # the root module's name
+    size: int
+    members: List[Member] = field(default_factory=list)
+
+    @property
+    def producers(self) -> List[Member]:
+        return [m for m in self.members if m.role == "producer"]
+
+    @property
+    def consumers(self) -> List[Member]:
+        return [m for m in self.members if m.role == "consumer"]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer name with its shape, and every module's type."""
+    h = hashlib.sha256()
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    for name, m in model.named_modules():
+        h.update(f"{name}:{type(m).__name__};".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -107,7 +144,6 @@ class ScoreBook:
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise :class:`BookMismatchError` unless ``model`` is the model this book scored."""
-        from .graph import model_fingerprint
         fp = model_fingerprint(model)
         if fp != self.fingerprint:
             raise BookMismatchError(

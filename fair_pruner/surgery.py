@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import adapters
 from .errors import BookMismatchError, FairPrunerError
-from .graph import build_dependency_graph, model_fingerprint
+from .graph import build_dependency_graph
 from .plan import Plan
 
 
@@ -30,20 +30,9 @@ def _example_from_spec(spec: Any, device) -> Any:
     return spec
 
 
-def _check(model: nn.Module, plan: Plan) -> None:
-    if not isinstance(plan, Plan):
-        raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
-                              "make one with fp.allocate(book, ...)")
-    fp = model_fingerprint(model)
-    if plan.fingerprint and fp != plan.fingerprint:
-        raise BookMismatchError(
-            f"this plan was made from another model's score book (plan fingerprint "
-            f"{plan.fingerprint}, model {fp}); score this model with fp.score first")
-
-
 def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``)."""
-    _check(model, plan)
+    Plan.check(plan, model)
     target = model if inplace else copy.deepcopy(model)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
     modes = {n: m.training for n, m in target.named_modules()}
@@ -106,7 +95,7 @@ def mask(model: nn.Module, plan: Plan, book=None) -> nn.Module:
     """
     if book is None:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
-    _check(model, plan)
+    Plan.check(plan, model)
     masked = copy.deepcopy(model)
     mods = dict(masked.named_modules())
     zero_in: Dict[str, List[int]] = {}

@@ -172,4 +172,5 @@ def test_every_causal_lm_family_passes_or_is_refused(tmp_path):
         full_pipeline(m, tmp_path / t)
         passed.append(t)
     assert len(passed) >= 30, passed
-    print(f"\n{len(passed)} passed, {len(refused)} refused, {len(skipped)} not built small")
+    print(f"\n{len(passed)} passed: {' '.join(passed)}\n{len(refused)} refused: "
+          f"{' '.join(refused)}\n{len(skipped)} not built small: {' '.join(skipped)}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fair_pruner as fp
 from fair_pruner.errors import FairPrunerError, TargetError, UnsupportedModelError
-from fair_pruner.graph import GroupSpec
+from fair_pruner.scorebook import GroupSpec
 from fair_pruner.scorebook import Group, ScoreBook
 
 try:

@@ -31,8 +31,9 @@ from .. import ops
 from ..engine import (Reservoir, SketchTap, check_sampling, finish_u, preserved, split_batch,
                       store_samples, working_model)
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
-from ..graph import CostBuilder, CostModel, GroupSpec, Member, model_fingerprint
-from ..scorebook import Group, ScoreBook
+from ..cost import CostBuilder, CostModel
+from ..scorebook import Group, GroupSpec, Member, ScoreBook, model_fingerprint
+
 from ..signals import BUILTIN, Signal, UnitStats
 from .layout import Layout, UnitFamily, find_layout
 from .verify import checked_layout

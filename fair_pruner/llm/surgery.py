@@ -15,9 +15,7 @@ import torch.nn as nn
 
 from ..errors import BookMismatchError, FairPrunerError
 from ..plan import Plan
-from ..surgery import _check
 from .layout import Layout, UnitFamily, find_layout
-from .verify import checked_layout
 
 CONFIG_KEY = "fair_pruner"
 FORMAT = 1
@@ -29,8 +27,8 @@ def _heads_mode(plan: Plan) -> str:
 
 def _resolve(model: nn.Module, plan: Plan) -> Dict[str, UnitFamily]:
     """Plan group -> family of ``model``, after checking sizes and removals (nothing changed)."""
-    _check(model, plan)
-    fams = checked_layout(model, heads=_heads_mode(plan)).by_group()
+    Plan.check(plan, model)
+    fams = find_layout(model, heads=_heads_mode(plan)).by_group()
     out = {}
     for name, removed in plan.removed.items():
         fam = fams.get(name)

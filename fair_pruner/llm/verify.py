@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
+from ..plan import Plan
+from . import surgery
 from .layout import Layout, find_layout
 
 _VERDICT: Dict[type, Optional[str]] = {}   # model class -> None (exact) or the failure
-_CHECKING: set = set()                     # classes whose check is running (its own prune)
 _SMALL = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 8, "num_hidden_layers": 2, "vocab_size": 64,
           "max_position_embeddings": 64}
@@ -52,9 +53,19 @@ def _tiny(model: nn.Module) -> nn.Module:
     return tiny
 
 
+def prune(model: nn.Module, plan, inplace: bool = False) -> nn.Module:
+    """:func:`fair_pruner.llm.surgery.prune` of a model whose layout passed the self-check."""
+    checked_layout(model)
+    return surgery.prune(model, plan, inplace=inplace)
+
+
+def mask(model: nn.Module, plan) -> nn.Module:
+    """:func:`fair_pruner.llm.surgery.mask` of a model whose layout passed the self-check."""
+    checked_layout(model)
+    return surgery.mask(model, plan)
+
+
 def _check(model: nn.Module) -> Optional[str]:
-    from ..plan import Plan
-    from .surgery import mask, prune
 
     try:
         tiny = _tiny(model)
@@ -73,8 +84,8 @@ def _check(model: nn.Module) -> Optional[str]:
     ids = torch.randint(0, tiny.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            want = mask(tiny, plan)(input_ids=ids, use_cache=False).logits
-            got = prune(tiny, plan)(input_ids=ids, use_cache=False).logits
+            want = surgery.mask(tiny, plan)(input_ids=ids, use_cache=False).logits
+            got = surgery.prune(tiny, plan)(input_ids=ids, use_cache=False).logits
     except Exception as exc:
         return f"the pruned check model fails to run ({type(exc).__name__}: {exc})"
     if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
@@ -86,14 +97,8 @@ def _check(model: nn.Module) -> Optional[str]:
 def verify_fallback(model: nn.Module) -> None:
     """Refuse ``model`` unless its structure-matched layout prunes exactly (see module doc)."""
     cls = type(model)
-    if cls in _CHECKING:
-        return
     if cls not in _VERDICT:
-        _CHECKING.add(cls)
-        try:
-            _VERDICT[cls] = _check(model)
-        finally:
-            _CHECKING.discard(cls)
+        _VERDICT[cls] = _check(model)
     why = _VERDICT[cls]
     if why is not None:
         mt = getattr(model.config, "model_type", None)
