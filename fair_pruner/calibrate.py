@@ -116,7 +116,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         samples_per_class: reservoir size per class for the U-Score (also its quantile count).
         max_classes: at most this many classes (a seeded random subset) enter the U-Score.
         projections: sliced-W1 directions per layer for map units.
-        u_mode: ``"sliced"`` (SPEC default) or ``"pooled"`` (GAP then exact 1-D W1).
+        u_mode: ``"sliced"`` (default; docs/method.md) or ``"pooled"`` (GAP then exact 1-D W1).
         seed: makes sample selection, directions and the plan reproducible.
         device: where to calibrate; a model elsewhere is copied there (never moved).
         ignore: modules (or names) never to prune, besides the output layer.

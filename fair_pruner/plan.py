@@ -4,7 +4,9 @@
 ``strategy="uniform"`` removes the same fraction of every group (the ablation baseline). A target
 (``params=``, ``flops=`` or ``units=``, fractions of the whole model removed) is met by searching
 α (or the uniform fraction) over the exact breakpoints of the step function it drives, without
-rescoring: the plan reports the α found and the reduction actually reached.
+rescoring: the plan reports the α found and the reduction actually reached (docs/method.md,
+"Targets"). Allocation reads only the book: each group's signals and constraints (``min_keep``,
+``roundable``, ``frozen``) and the exact cost model; it knows nothing about model kinds.
 """
 from __future__ import annotations
 

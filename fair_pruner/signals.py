@@ -59,7 +59,7 @@ def signal(name: str, reduce: str = "max"):
 
 
 class USignal(Signal):
-    """Class-conditional separability: max over class pairs of (sliced) W1 (SPEC: U-Score)."""
+    """Class-conditional separability: max over class pairs of (sliced) W1 (docs/method.md: U-Score)."""
     name, reduce = "u", "max"
 
     def __call__(self, stats: UnitStats) -> Tensor:
@@ -69,7 +69,7 @@ class USignal(Signal):
 
 
 class RSignal(Signal):
-    """|first-order Taylor loss change| of removing the unit (SPEC: R-Score).
+    """|first-order Taylor loss change| of removing the unit (docs/method.md: R-Score).
 
     Producers of one group are removed together, so their signed terms add before the abs.
     """

@@ -2,7 +2,9 @@
 
 For a group of n units ordered by U ascending (removal prefix) and R descending (protected
 prefix), ToD(m) = |lowU(m) ∩ highR(m)| / m and m̂(α) = max{m <= floor(cap n) : ToD(m) <= α}
-(0 if none). All groups are handled in one ragged call through :mod:`fair_pruner.ops`.
+(0 if none). All groups are handled in one ragged call through :mod:`fair_pruner.ops`; the O(n)
+overlap curve and the per-round bound are explained in docs/method.md ("Tolerance of
+Difference").
 """
 from __future__ import annotations
 

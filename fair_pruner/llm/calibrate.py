@@ -13,7 +13,7 @@ activations beyond the batch:
   of each head's ``head_dim`` output onto P seeded directions (one set per layer; sliced W1).
 
 Units are composed from sub-units (a KV-group unit is its query heads): U takes the max over the
-unit's heads, R sums their signed Taylor terms before the absolute value (SPEC, groups).
+unit's heads, R sums their signed Taylor terms before the absolute value (docs/method.md, "Units and groups").
 """
 from __future__ import annotations
 
