@@ -17,6 +17,7 @@ import math
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .engine import (Reservoir, SketchTap, call_model, check_sampling, finish_u, first_tensor,
-                     len_or_none, logits_of, map_tensors, preserved, split_batch, store_samples,
-                     working_model)
+from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, finish_u,
+                     first_tensor, gradient_pass, len_or_none, logits_of, map_tensors, preserved,
+                     split_batch, store_samples, working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import PRODUCER_TYPES, build_cost_model, build_dependency_graph, find_groups
 from .scorebook import Group, ScoreBook, model_fingerprint
@@ -80,12 +81,47 @@ class _Producer(SketchTap):
         self.act_abs = self.act_sum = self.act_sq = None
         self.positions = 0          # samples x positions seen (for the means)
 
+    @property
+    def where(self) -> str:
+        return f"the output of {self.name}"
+
+    def install(self, model: nn.Module, on_tensor):
+        def hook(mod, inp, out):
+            if not isinstance(out, Tensor):
+                raise UnsupportedModelError(f"{self.name} returned a {type(out).__name__}, not "
+                                            "a tensor")
+            new = on_tensor(out)
+            return new if new is not out else None
+        return self.module.register_forward_hook(hook)
+
+    def downstream(self, z: Tensor) -> Tensor:
+        # A later in-place op (e.g. SiLU(inplace=True)) would overwrite z: hand the model a copy.
+        return z.clone() if self.clone else z
+
     def to_units_last(self, z: Tensor) -> Tensor:
         """[B, C, D]: units in dim 1, every other non-batch dim flattened into D."""
         if self.unit_dim == 1:
             return z.reshape(z.shape[0], z.shape[1], -1)
         zz = z.reshape(z.shape[0], -1, z.shape[-1])  # [B, D, C]
         return zz.transpose(1, 2)
+
+    def accumulate(self, z: Tensor, g: Tensor, batch, bi: int) -> None:
+        # One read of z and g: per-unit sums of z*g (Taylor), |z|, z and z^2.
+        st = ops.unit_stats(z, g, self.unit_dim).double()
+        if not torch.isfinite(st).all():
+            bad = "activations" if not torch.isfinite(z).all() else "gradients"
+            raise NonFiniteError(f"NaN/inf {bad} at {self.name} on batch {bi}: check the model "
+                                 "weights, inputs and loss (e.g. lower the loss scale or fix "
+                                 "the diverged model)")
+        t, a, s1, s2 = st.unbind(0)
+        if self.taylor is None:
+            self.taylor, self.act_abs, self.act_sum, self.act_sq = t, a, s1, s2
+        else:
+            self.taylor += t
+            self.act_abs += a
+            self.act_sum += s1
+            self.act_sq += s2
+        self.positions += z.numel() // max(1, z.shape[self.unit_dim])
 
 
 def _set_modes(model: nn.Module, bn_mode: str) -> None:
@@ -126,7 +162,6 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
             running stats are restored afterwards).
         signals: extra :class:`~fair_pruner.signals.Signal` objects to compute and store.
     """
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     _validate(samples_per_class, max_classes, projections, u_mode, bn_mode, memory_budget)
@@ -192,14 +227,13 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         res = Reservoir(classes, samples_per_class, seed)
         chunks = _plan_chunks(producers, probe, len(classes), samples_per_class, projections,
                               u_mode, memory_budget)
+        run = _Run(work, producers, loader, loss_fn, num_classes, device, progress, res,
+                   Sampling(tuple(classes), samples_per_class, projections, u_mode, seed))
         _set_modes(work, bn_mode)
-        stats = _pass_one(work, producers, chunks[0], loader, first, it, loss_fn,
-                          res, classes, samples_per_class, projections, u_mode, seed, device,
-                          tqdm, progress, num_classes)
+        stats = _pass_one(run, chunks[0], first, it)
         _set_modes(work, "eval")
         for chunk in chunks[1:]:
-            _u_pass(work, producers, chunk, loader, res, stats["label_hashes"], classes,
-                    samples_per_class, projections, u_mode, seed, device, tqdm, progress)
+            _u_pass(run, chunk, stats["label_hashes"])
 
     counts = res.counts()
     groups = _assemble(specs, producers, all_signals, seed)
@@ -317,115 +351,57 @@ def _plan_chunks(producers, probe, K, S, P, u_mode, budget) -> List[List[_Produc
     return chunks
 
 
-def _pass_one(model, producers, chunk, loader, first, it, loss_fn, res, classes, S, P, u_mode,
-              seed, device, tqdm, progress, num_classes) -> Dict[str, Any]:
-    """Forward + backward over every batch: Taylor terms and moments for all producers, and
-    U samples for the producers in ``chunk``."""
-    K = len(classes)
-    in_chunk = {id(p) for p in chunk}
-    taps: Dict[int, Tensor] = {}
-    rows_now: List[Tuple[int, int, int]] = []
-    by_module = {p.module: p for p in producers}
+@dataclass
+class _Run:
+    """What every pass of one calibration reads (the model is the working copy)."""
+    model: nn.Module
+    producers: List[_Producer]
+    loader: Iterable
+    loss_fn: Any
+    num_classes: int
+    device: torch.device
+    progress: bool
+    res: Reservoir
+    sampling: Sampling
 
-    def hook(mod, inp, out):
-        p = by_module[mod]
-        if not isinstance(out, Tensor):
-            raise UnsupportedModelError(f"{p.name} returned a {type(out).__name__}, not a tensor")
-        z = out
-        if not z.requires_grad:
-            z = z.detach().requires_grad_(True)
-        taps[id(p)] = z
-        # A later in-place op (e.g. SiLU(inplace=True)) would overwrite z: hand the model a copy.
-        passed = z.clone() if p.clone else z
-        with torch.no_grad():
-            if id(p) in in_chunk:
-                store_samples(p, z, rows_now, K, S, P, u_mode, seed)
-        return passed if passed is not out else None
 
-    hooks = [p.module.register_forward_hook(hook) for p in producers]
+def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it) -> Dict[str, Any]:
+    """Forward + backward over every batch (``first``, then the rest of iterator ``it``): Taylor
+    terms and moments for all producers, and U samples for the producers in ``chunk``."""
     label_hashes: List[int] = []
-    n_samples = n_batches = 0
-    total = len_or_none(loader)
-    bar = tqdm(total=total, desc="fair_pruner: calibrating", disable=not progress, leave=False)
-    try:
-        batch = first
-        bi = 0
+
+    def batches():
+        batch, bi = first, 0
         while batch is not None:
             inputs, labels = split_batch(batch)
-            labels = _check_labels(labels, bi, num_classes)
+            labels = _check_labels(labels, bi, run.num_classes)
             lab_list = labels.tolist()
             label_hashes.append(hash(tuple(lab_list)))
-            rows_now[:] = res.offer(lab_list, n_samples)
-            inputs = map_tensors(inputs, lambda t: t.to(device))
-            labels = labels.to(device)
-            taps.clear()
-            with torch.enable_grad():
-                out = call_model(model, inputs)
-                loss = loss_fn(out, labels)
-                if not torch.isfinite(loss):
-                    bad = next((p for p in producers if id(p) in taps
-                                and not torch.isfinite(taps[id(p)]).all()), None)
-                    if bad is not None:
-                        raise NonFiniteError(f"NaN/inf activations at the output of {bad.name} "
-                                             f"on batch {bi}: check the model weights and the "
-                                             "calibration inputs")
-                    raise NonFiniteError(f"the loss is {loss.item()} on batch {bi}: check the "
-                                         "model, the inputs and the labels (label out of range?)")
-                order = [p for p in producers if id(p) in taps]
-                grads = torch.autograd.grad(loss, [taps[id(p)] for p in order],
-                                            allow_unused=True)
-            for p, g in zip(order, grads):
-                z = taps[id(p)].detach()
-                if g is None:
-                    g = torch.zeros_like(z)
-                # One read of z and g: per-unit sums of z*g (Taylor), |z|, z and z^2.
-                st = ops.unit_stats(z, g, p.unit_dim).double()
-                t, a, s1, s2 = st.unbind(0)
-                if not torch.isfinite(st).all():
-                    bad = "activations" if not torch.isfinite(z).all() else "gradients"
-                    raise NonFiniteError(f"NaN/inf {bad} at {p.name} on batch {bi}: check the "
-                                         "model weights, inputs and loss (e.g. lower the loss "
-                                         "scale or fix the diverged model)")
-                if p.taylor is None:
-                    p.taylor, p.act_abs, p.act_sum, p.act_sq = t, a, s1, s2
-                else:
-                    p.taylor += t
-                    p.act_abs += a
-                    p.act_sum += s1
-                    p.act_sq += s2
-                p.positions += z.numel() // max(1, z.shape[p.unit_dim])
-            taps.clear()
-            n_samples += len(lab_list)
-            n_batches += 1
-            bar.update(1)
+            labels = labels.to(run.device)
+            yield Batch(map_tensors(inputs, lambda t: t.to(run.device)), lab_list,
+                        lambda out, y=labels: run.loss_fn(out, y))
             bi += 1
             batch = next(it, None)
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
-    for p in producers:
-        if p.taylor is None:
-            raise UnsupportedModelError(f"{p.name} never ran during calibration; pass it in "
-                                        "ignore= or fix the model's forward")
+
+    n = gradient_pass(run.model, run.producers, batches(), run.res, run.sampling, sketch=chunk,
+                      progress=run.progress, total=len_or_none(run.loader))
     for p in chunk:
-        finish_u(p, res, classes)
-    return {"samples": n_samples, "batches": n_batches, "label_hashes": label_hashes}
+        finish_u(p, run.res, list(run.sampling.classes))
+    return {"samples": n, "batches": len(label_hashes), "label_hashes": label_hashes}
 
 
-def _u_pass(model, producers, chunk, loader, res, label_hashes, classes, S, P, u_mode, seed,
-            device, tqdm, progress):
+def _u_pass(run: _Run, chunk: List[_Producer], label_hashes: List[int]) -> None:
     """No-grad pass that forwards only the reservoir-selected samples, for one U chunk."""
-    K = len(classes)
+    from tqdm.auto import tqdm
+    model, loader, res, device = run.model, run.loader, run.res, run.device
     rows_now: List[Tuple[int, int, int]] = []
     by_module = {p.module: p for p in chunk}
 
     def hook(mod, inp, out):
-        p = by_module[mod]
-        store_samples(p, out, rows_now, K, S, P, u_mode, seed)
+        store_samples(by_module[mod], out, rows_now, run.sampling)
 
     hooks = [p.module.register_forward_hook(hook) for p in chunk]
-    bar = tqdm(total=len(label_hashes), desc="fair_pruner: U pass", disable=not progress,
+    bar = tqdm(total=len(label_hashes), desc="fair_pruner: U pass", disable=not run.progress,
                leave=False)
     try:
         start = 0
@@ -454,7 +430,7 @@ def _u_pass(model, producers, chunk, loader, res, label_hashes, classes, S, P, u
             h.remove()
         bar.close()
     for p in chunk:
-        finish_u(p, res, classes)
+        finish_u(p, res, list(run.sampling.classes))
 
 
 def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],

@@ -1,8 +1,9 @@
-"""The calibration engine shared by every adapter: batches, sample selection, U sketches.
+"""The calibration engine every adapter runs: one forward + backward per batch for all taps.
 
-Both adapters (CNNs through Torch-Pruning's graph in :mod:`fair_pruner.calibrate`, Hugging Face
-causal LMs in :mod:`fair_pruner.llm.calibrate`) build on these pieces, so a signal means the same
-thing everywhere (see ``docs/method.md``):
+An adapter (CNNs through Torch-Pruning's graph in :mod:`fair_pruner.calibrate`, Hugging Face
+causal LMs in :mod:`fair_pruner.llm.calibrate`) turns its loader into :class:`Batch` objects and
+its units into :class:`SketchTap` objects, and :func:`gradient_pass` does the rest, so a signal
+means the same thing everywhere (see ``docs/method.md``):
 
 * :func:`split_batch` / :func:`call_model` / :func:`logits_of`: what a batch and an output are.
 * :class:`Reservoir`: seeded per-class reservoirs of sample slots, replayable on later passes.
@@ -20,7 +21,8 @@ import random
 import warnings
 import zlib
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,20 +33,132 @@ from . import ops
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 
 
-class SketchTap:
-    """Base of the per-tap accumulators: U samples (``buf``), directions and the U-Score."""
+@dataclass(frozen=True)
+class Sampling:
+    """How U samples are drawn and sketched: K classes x S slots, P projections."""
+    classes: Tuple[int, ...]
+    per_class: int          # S
+    projections: int        # P
+    u_mode: str             # "sliced" or "pooled"
+    seed: int
 
-    unit_dim: int = 1
+    @property
+    def K(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Batch:
+    """One calibration batch as the engine sees it (an adapter builds these from its loader)."""
+    inputs: Any                          # what the model is called with (call_model)
+    labels: List[int]                    # the class of each sample row (see Tap.sample_rows)
+    loss: Callable[[Any], Tensor]        # model output -> scalar (summed) loss
+    valid: Optional[Tensor] = None       # adapter data for Tap.accumulate (e.g. a token mask)
+
+
+class SketchTap:
+    """A tap: where one set of units is observed, and everything accumulated there.
+
+    An adapter subclasses it for its kind of unit. ``install`` hooks the model so that the
+    engine sees the tapped tensor ``z`` (and may hand the model a replacement); ``sample_rows``
+    lays ``z`` out as one row per labelled sample; ``to_units_last`` splits a row into units and
+    features; ``accumulate`` folds one batch's ``z`` and ``dL/dz`` into the tap's statistics.
+    ``buf`` / ``directions`` / ``u`` hold the U samples, the sliced-W1 directions and the U-Score.
+    """
 
     def __init__(self, name: str):
         self.name = name
         self.directions: Optional[Tensor] = None
         self.buf: Optional[Tensor] = None   # [K, S, units, P] projected class samples
         self.u: Optional[Tensor] = None
+        self.ran = False
+
+    where: str = ""                         # for messages, e.g. "the output of conv1"
+
+    def install(self, model: nn.Module, on_tensor: Callable[[Tensor], Tensor]):
+        """Hook ``model``; ``on_tensor(z)`` returns what the model uses in place of ``z``.
+        Returns a handle with ``remove()``."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def sample_rows(self, z: Tensor) -> Tensor:
+        """[rows, ...]: ``z`` with one row per entry of the batch's ``labels``."""
+        return z
 
     def to_units_last(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
         """[rows, units, D]: one row per sample, D features per unit."""
         raise NotImplementedError
+
+    def downstream(self, z: Tensor) -> Tensor:
+        """What the model computes on from ``z`` (a copy where a later in-place op would
+        overwrite the tapped tensor)."""
+        return z
+
+    def accumulate(self, z: Tensor, g: Tensor, batch: Batch, bi: int) -> None:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable[Batch],
+                  res: Reservoir, sampling: Sampling, sketch: Sequence[SketchTap] = (),
+                  progress: bool = True, total: Optional[int] = None,
+                  desc: str = "fair_pruner: calibrating") -> int:
+    """One forward + backward per batch feeds every tap (the R-Score's Taylor terms and the
+    moments, via ``Tap.accumulate``) and stores the reservoir-selected U samples of the taps in
+    ``sketch``. Gradients come from ``torch.autograd.grad`` w.r.t. the tapped tensors only, so no
+    parameter's ``.grad`` is touched. Returns the number of sample rows seen."""
+    from tqdm.auto import tqdm
+
+    live: Dict[int, Tensor] = {}
+    rows_now: List[Tuple[int, int, int]] = []
+    sketched = {id(t) for t in sketch}
+
+    def make(i: int, tap: SketchTap):
+        def on_tensor(x: Tensor) -> Tensor:
+            z = x if x.requires_grad else x.detach().requires_grad_(True)
+            live[i] = z
+            if rows_now and id(tap) in sketched:
+                with torch.no_grad():
+                    store_samples(tap, tap.sample_rows(z.detach()), rows_now, sampling)
+            return tap.downstream(z)
+        return on_tensor
+
+    handles = [t.install(model, make(i, t)) for i, t in enumerate(taps)]
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    seen = 0
+    try:
+        for bi, batch in enumerate(batches):
+            rows_now[:] = res.offer(batch.labels, seen)
+            seen += len(batch.labels)
+            live.clear()
+            with torch.enable_grad():
+                out = call_model(model, batch.inputs)
+                loss = batch.loss(out)
+                if not torch.isfinite(loss):
+                    bad = next((t for i, t in enumerate(taps) if i in live
+                                and not torch.isfinite(live[i]).all()), None)
+                    if bad is not None:
+                        raise NonFiniteError(f"NaN/inf activations at {bad.where} on batch {bi}: "
+                                             "check the model weights and the calibration inputs")
+                    raise NonFiniteError(f"the loss is {loss.item()} on batch {bi}: check the "
+                                         "model, the inputs and the labels (label out of range?)")
+                order = [i for i in range(len(taps)) if i in live]
+                grads = torch.autograd.grad(loss, [live[i] for i in order], allow_unused=True)
+            del out, loss
+            for i, g in zip(order, grads):
+                z = live[i].detach()
+                taps[i].ran = True
+                taps[i].accumulate(z, torch.zeros_like(z) if g is None else g, batch, bi)
+            live.clear()
+            del grads
+            bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    for t in taps:
+        if not t.ran:
+            raise UnsupportedModelError(f"{t.name} never ran during calibration; pass it in "
+                                        "ignore= or fix the model's forward")
+    return seen
 
 
 _LABEL_KEYS = ("labels", "label", "targets", "target", "y")
@@ -196,8 +310,8 @@ def sketch_features(p: "SketchTap", z: Tensor, projections: int, u_mode: str, se
     return torch.matmul(zz.to(p.directions.dtype), p.directions)
 
 
-def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]], K: int, S: int,
-           projections: int, u_mode: str, seed: int) -> None:
+def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]],
+                  sampling: "Sampling") -> None:
     """Project the selected rows of ``z`` (only those) into their (class, slot) sample places.
 
     Finiteness is not checked here: pass 1 checks every activation it stores through the fused
@@ -207,12 +321,12 @@ def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]], K
         return
     if len(rows) != z.shape[0] or any(r[0] != i for i, r in enumerate(rows)):
         z = z.index_select(0, torch.tensor([x[0] for x in rows], device=z.device))
-    feats = sketch_features(p, z, projections, u_mode, seed)
+    feats = sketch_features(p, z, sampling.projections, sampling.u_mode, sampling.seed)
     if p.buf is None:
         dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
         # Unfilled slots are never read: quantiles use each class's first counts[k] rows.
-        p.buf = torch.empty((K, S, feats.shape[1], feats.shape[2]), dtype=dtype,
-                            device=feats.device)
+        p.buf = torch.empty((sampling.K, sampling.per_class, feats.shape[1], feats.shape[2]),
+                            dtype=dtype, device=feats.device)
     k = torch.tensor([x[1] for x in rows], device=feats.device)
     s = torch.tensor([x[2] for x in rows], device=feats.device)
     p.buf[k, s] = feats.to(p.buf.dtype)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..engine import (Reservoir, SketchTap, check_sampling, finish_u, preserved, split_batch,
-                      store_samples, working_model)
+from ..engine import (Batch, Reservoir, Sampling, SketchTap, check_sampling, finish_u,
+                      gradient_pass, preserved, split_batch, working_model)
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from ..cost import CostBuilder, CostModel
 from ..scorebook import Group, GroupSpec, Member, ScoreBook, model_fingerprint
@@ -128,10 +128,36 @@ class _Tap(SketchTap):
         self.ch_sq = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
         self.tokens = 0
 
+    @property
+    def where(self) -> str:
+        return f"the input of {self.name}"
+
+    def install(self, model: nn.Module, on_tensor):
+        return self.fam.install_tap(model, on_tensor)
+
+    def sample_rows(self, z: Tensor) -> Tensor:
+        """[B * (T - 1), channels]: one row per token that has a next token (its label)."""
+        return z[:, :-1].reshape(-1, z.shape[-1])
+
     def to_units_last(self, z: Tensor) -> Tensor:
-        """[r, n_sub, feat]: token rows split into sub-units (the layout ``_store`` expects;
-        heads are projected onto P seeded directions over head_dim, sliced W1)."""
+        """[r, n_sub, feat]: token rows split into sub-units (heads are projected onto P seeded
+        directions over head_dim: sliced W1)."""
         return z.reshape(z.shape[0], self.fam.n_sub, self.fam.feat)
+
+    def accumulate(self, z: Tensor, g: Tensor, batch: Batch, bi: int) -> None:
+        zv, gv = z.reshape(-1, z.shape[-1]), g.reshape(-1, z.shape[-1])
+        if batch.valid is not None:          # padding positions are not calibration tokens
+            zv, gv = zv[batch.valid], gv[batch.valid]
+        st = ops.unit_stats(zv, gv, 1).double().cpu()   # per channel: zg, |z|, z, z^2
+        if not torch.isfinite(st).all():
+            raise NonFiniteError(f"NaN/inf activations or gradients at {self.where} on batch "
+                                 f"{bi}: check the model weights")
+        shape = (self.fam.n_sub, self.fam.feat)
+        self.taylor += st[0].reshape(shape).sum(dim=1)
+        self.act_abs += st[1].reshape(shape).sum(dim=1)
+        self.ch_sum += st[2]
+        self.ch_sq += st[3]
+        self.tokens += zv.shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +195,6 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     column consuming it, summed over the unit's channels). Costs cover the attention and MLP
     projections (parameters, and MACs per token with attention over the calibration length).
     """
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     if not isinstance(classes, int) or classes < 2:
@@ -188,10 +213,11 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     taps = [_Tap(f) for f in layout.prunable if f.role in roles]
     seq_lens: List[int] = []
 
+    sampling = Sampling(tuple(cls), samples_per_class, projections, "sliced", seed)
     with preserved(work, restore_buffers=False):
         work.eval()
-        _calibration_pass(work, taps, loader, res, cls, samples_per_class, projections, seed,
-                          device, tqdm, progress, n_batches, seq_lens)
+        gradient_pass(work, taps, _batches(loader, device, seq_lens), res, sampling, sketch=taps,
+                      progress=progress, total=n_batches, desc="fair_pruner: calibrating LM")
     for tp in taps:
         finish_u(tp, res, cls)
 
@@ -221,80 +247,24 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     return ScoreBook(groups, cost, meta)
 
 
-def _calibration_pass(model, taps: List[_Tap], loader, res: Reservoir, cls, S, P, seed, device,
-                      tqdm, progress, n_batches, seq_lens) -> None:
-    K = len(cls)
-    live: Dict[int, Tensor] = {}
-    batch_state: Dict[str, Any] = {}
+def _batches(loader: Iterable, device, seq_lens: List[int]) -> Iterable[Batch]:
+    """Token batches as engine batches: every position with a next token is a labelled row;
+    the loss is the summed next-token cross-entropy."""
+    for bi, batch in enumerate(loader):
+        ids, mask, tgt = _token_batch(batch, bi)
+        B, T = ids.shape
+        seq_lens.extend([T] * B)
+        inputs = {"input_ids": ids.to(device), "use_cache": False}
+        if mask is not None:
+            inputs["attention_mask"] = mask.to(device=device, dtype=torch.long)
+        tgt_d = tgt.to(device).reshape(-1)
 
-    def make_hook(i: int, tp: _Tap):
-        def on_input(x: Tensor) -> Tensor:
-            z = x if x.requires_grad else x.detach().requires_grad_(True)
-            live[i] = z
-            rows = batch_state["rows"]
-            if rows:
-                with torch.no_grad():
-                    flat = z.detach()[:, :-1].reshape(-1, z.shape[-1])
-                    store_samples(tp, flat, rows, K, S, P, "sliced", seed)
-            return z
-        return on_input
-
-    handles = [tp.fam.install_tap(model, make_hook(i, tp)) for i, tp in enumerate(taps)]
-    bar = tqdm(total=n_batches, desc="fair_pruner: calibrating LM", disable=not progress,
-               leave=False)
-    first = 0
-    try:
-        for bi, batch in enumerate(loader):
-            ids, mask, tgt = _token_batch(batch, bi)
-            B, T = ids.shape
-            seq_lens.extend([T] * B)
-            flat_t = tgt.reshape(-1).tolist()
-            batch_state["rows"] = res.offer(flat_t, first)
-            first += len(flat_t)
-            ids = ids.to(device)
-            kw = {"attention_mask": mask.to(device=device, dtype=torch.long)} if mask is not None else {}
-            tgt_d = tgt.to(device)
-            live.clear()
-            with torch.enable_grad():
-                out = model(input_ids=ids, use_cache=False, **kw)
-                logits = out.logits if hasattr(out, "logits") else out[0]
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       tgt_d.reshape(-1), ignore_index=-100, reduction="sum")
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"the loss is {loss.item()} on batch {bi}: check the "
-                                         "model weights and the token ids (id out of range?)")
-                order = [i for i in range(len(taps)) if i in live]
-                if len(order) != len(taps):
-                    missing = [taps[i].name for i in range(len(taps)) if i not in live]
-                    raise UnsupportedModelError(f"{missing[0]} never ran during the forward pass; "
-                                                "the model's forward does not use it")
-                grads = torch.autograd.grad(loss, [live[i] for i in order], allow_unused=True)
-            del out, logits, loss
-            valid = mask.reshape(-1).to(device) if mask is not None else None
-            for i, g in zip(order, grads):
-                tp = taps[i]
-                z = live[i].detach()
-                if g is None:
-                    g = torch.zeros_like(z)
-                zv, gv = z.reshape(-1, z.shape[-1]), g.reshape(-1, z.shape[-1])
-                if valid is not None:
-                    zv, gv = zv[valid], gv[valid]
-                st = ops.unit_stats(zv, gv, 1).double().cpu()   # per channel: zg, |z|, z, z^2
-                if not torch.isfinite(st).all():
-                    raise NonFiniteError(f"NaN/inf activations or gradients at the input of "
-                                         f"{tp.name} on batch {bi}: check the model weights")
-                tp.taylor += st[0].reshape(tp.fam.n_sub, tp.fam.feat).sum(dim=1)
-                tp.act_abs += st[1].reshape(tp.fam.n_sub, tp.fam.feat).sum(dim=1)
-                tp.ch_sum += st[2]
-                tp.ch_sq += st[3]
-                tp.tokens += zv.shape[0]
-            live.clear()
-            del grads
-            bar.update(1)
-    finally:
-        for h in handles:
-            h.remove()
-        bar.close()
+        def loss(out, tgt_d=tgt_d):
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tgt_d,
+                                   ignore_index=-100, reduction="sum")
+        yield Batch(inputs, tgt.reshape(-1).tolist(), loss,
+                    mask.reshape(-1).to(device) if mask is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
