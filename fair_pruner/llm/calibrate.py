@@ -127,13 +127,15 @@ class _Tap(SketchTap):
         self.ch_sum = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
         self.ch_sq = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
         self.tokens = 0
+        self.handle = None         # what the family's install_tap returned (per-run state)
 
     @property
     def where(self) -> str:
         return f"the input of {self.name}"
 
     def install(self, model: nn.Module, on_tensor):
-        return self.fam.install_tap(model, on_tensor)
+        self.handle = self.fam.install_tap(model, on_tensor)
+        return self.handle
 
     def sample_rows(self, z: Tensor) -> Tensor:
         """[B * (T - 1), channels]: one row per token that has a next token (its label)."""
@@ -300,8 +302,8 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
             raise NonFiniteError(f"signal {name!r} is not finite for group {fam.group_name}")
         sigs[name] = v
     sigs["fluctuation"] = flap
-    if hasattr(fam, "extra_signals"):             # e.g. MoE experts: routing freq, REAP
-        sigs.update({k: v.double().cpu() for k, v in fam.extra_signals().items()})
+    if hasattr(tp.handle, "extra_signals"):       # e.g. MoE experts: routing freq, REAP
+        sigs.update({k: v.double().cpu() for k, v in tp.handle.extra_signals().items()})
     members = [Member(m, role, [], []) for m, role in fam.members(model)]
     spec = GroupSpec(fam.group_name, fam.size, members)
     meta = {"layer": fam.layer, "family": fam.role, "module": fam.name, "tap": fam.tap,

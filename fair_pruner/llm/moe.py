@@ -324,13 +324,24 @@ def mask_experts(model: nn.Module, removed: Dict[str, Sequence[int]]) -> nn.Modu
 # The unit family: calibration taps, signals, cost, surgery and widths for fair_pruner.llm
 # --------------------------------------------------------------------------------------------
 
-class _Handles:
-    def __init__(self, hs):
-        self.hs = hs
+class _Calibration:
+    """One calibration run's hooks and routing statistics (the family itself is structure)."""
+
+    def __init__(self, E: int):
+        self.hs: List[Any] = []
+        self.freq = torch.zeros(E, dtype=torch.float64)     # tokens routed to each expert
+        self.reap = torch.zeros(E, dtype=torch.float64)     # sum of routed ||y_e||
+        self.tokens = 0
+        self.checked = False
 
     def remove(self):
         for h in self.hs:
             h.remove()
+
+    def extra_signals(self) -> Dict[str, Tensor]:
+        """Alternative removal signals: routing frequency and REAP (mean routed ||y_e||)."""
+        return {"freq": self.freq / max(1, self.tokens),
+                "reap": self.reap / self.freq.clamp_min(1.0)}
 
 
 class RoutedExperts(UnitFamily):
@@ -353,10 +364,6 @@ class RoutedExperts(UnitFamily):
         self.feat = self.moe.hidden
         self.top_k = self.moe.top_k
         self.tap = self.moe.experts
-        self.freq = torch.zeros(self.size, dtype=torch.float64)
-        self.reap = torch.zeros(self.size, dtype=torch.float64)
-        self.tokens = 0
-        self._checked = False
 
     @classmethod
     def match(cls, layer, name, module, config, options):
@@ -367,7 +374,8 @@ class RoutedExperts(UnitFamily):
         return self.moe.group_name
 
     # ---- calibration ----------------------------------------------------------------------
-    def _pair_outputs(self, model: nn.Module, h: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    def _pair_outputs(self, model: nn.Module, h: Tensor, idx: Tensor, w: Tensor,
+                      run: _Calibration) -> Tensor:
         """[N, E, H] router-weighted expert outputs (zero where not routed), no grad."""
         N, k = idx.shape
         E, H = self.size, h.shape[-1]
@@ -386,15 +394,15 @@ class RoutedExperts(UnitFamily):
                     o[sel] = experts[j](hs[sel]).to(o.dtype)
             y = torch.zeros(N, E, H, dtype=h.dtype, device=h.device)
             y[tok, e] = (o.float() * w.detach().reshape(-1, 1).float()).to(y.dtype)
-            self.freq += torch.bincount(e, minlength=E).double().cpu()
-            self.reap.index_add_(0, e.cpu(), y[tok, e].float().norm(dim=-1).double().cpu())
-            self.tokens += N
+            run.freq += torch.bincount(e, minlength=E).double().cpu()
+            run.reap.index_add_(0, e.cpu(), y[tok, e].float().norm(dim=-1).double().cpu())
+            run.tokens += N
         return y
 
-    def _check(self, y: Tensor, ref: Tensor, what: str) -> None:
-        if self._checked:
+    def _check(self, y: Tensor, ref: Tensor, what: str, run: _Calibration) -> None:
+        if run.checked:
             return
-        self._checked = True
+        run.checked = True
         s, ref = y.sum(dim=1).float(), ref.detach()
         tol = 1e-3 * float(ref.float().abs().max().clamp_min(1e-6))
         if not torch.allclose(s, ref.float(), rtol=1e-3, atol=tol):
@@ -409,6 +417,7 @@ class RoutedExperts(UnitFamily):
         router = model.get_submodule(self.moe.router)
         state: Dict[str, Any] = {}
         E = self.size
+        run = _Calibration(E)
 
         def rebuild(out: Tensor, y: Tensor) -> Tensor:
             B, T = state["shape"][:2]
@@ -427,8 +436,8 @@ class RoutedExperts(UnitFamily):
                 a = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index",
                                                           "top_k_weights")][len(args):]
                 h, idx, w = a[0], a[1], a[2]
-                y = self._pair_outputs(model, h, idx, w)
-                self._check(y, out.reshape(-1, y.shape[-1]), "experts module's output")
+                y = self._pair_outputs(model, h, idx, w, run)
+                self._check(y, out.reshape(-1, y.shape[-1]), "experts module's output", run)
                 return rebuild(out, y)
             hs.append(experts.register_forward_hook(experts_post, with_kwargs=True))
         else:
@@ -451,7 +460,7 @@ class RoutedExperts(UnitFamily):
                 if norm:
                     w = w / w.sum(dim=-1, keepdim=True)
                 y = self._pair_outputs(model, x.reshape(-1, x.shape[-1]), idx,
-                                       w.to(x.dtype))
+                                       w.to(x.dtype), run)
                 got = torch.bincount(idx.reshape(-1).cpu(), minlength=E)
                 if not torch.equal(got, rows):
                     raise UnsupportedModelError(
@@ -459,18 +468,14 @@ class RoutedExperts(UnitFamily):
                         f"{self.moe.router} sends {got.tolist()} tokens to the experts, the "
                         f"block sent {rows.tolist()}; unsupported routing")
                 if not self.moe.shared:
-                    self._check(y, main.reshape(-1, y.shape[-1]), "block's output")
+                    self._check(y, main.reshape(-1, y.shape[-1]), "block's output", run)
                 new = rebuild(main, y)
                 return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
             hs.append(router.register_forward_hook(router_post))
             hs += [ex.register_forward_pre_hook(count(j)) for j, ex in enumerate(experts)]
             hs.append(block.register_forward_hook(block_post, with_kwargs=True))
-        return _Handles(hs)
-
-    def extra_signals(self) -> Dict[str, Tensor]:
-        """Alternative removal signals: routing frequency and REAP (mean routed ||y_e||)."""
-        return {"freq": self.freq / max(1, self.tokens),
-                "reap": self.reap / self.freq.clamp_min(1.0)}
+        run.hs = hs
+        return run
 
     def extra_meta(self) -> Dict[str, Any]:
         return {"top_k": self.top_k, "storage": self.moe.storage, "router": self.moe.router,
