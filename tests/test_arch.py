@@ -45,13 +45,13 @@ PASS = {
     ("olmo2", ()): {"neuron"}, ("olmo3", ()): {"neuron"},
     ("mixtral", ()): {"head", "expert"}, ("qwen2_moe", ()): {"head", "expert"},
     ("qwen3_moe", ()): {"head", "expert"}, ("olmoe", ()): {"expert"},
-    ("gpt_oss", ()): {"head", "expert"},
+    ("gpt_oss", ()): {"head", "expert"}, ("llama4_text", ()): {"head", "expert"},  # dense dispatch
     ("deepseek_v2", ()): {"neuron", "expert"}, ("deepseek_v3", ()): {"neuron", "expert"},
     ("glm4_moe_lite", ()): {"neuron", "expert"},
 }
 REFUSED = {
     "bitnet": "sub_norm", "diffllama": "group norm", "jetmoe": "mixture-of-attention",
-    "llama4_text": "not called as", "dbrx": "no attention child",
+    "dbrx": "no attention child",
     "ernie4_5_moe": "not pruned exactly",          # caught by the fallback self-check
 }
 

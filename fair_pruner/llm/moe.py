@@ -12,6 +12,9 @@ Layouts (transformers 5.x and earlier / remote-code models):
   (``block.gate``) holds ``weight [E, H]`` and returns ``(logits, top_k_weights, top_k_index)``.
 * **module list**: ``block.experts`` is an ``nn.ModuleList`` of E identical MLPs and the router is
   an ``nn.Linear(H, E)`` whose logits the block turns into softmax -> top-k (-> renormalise).
+* **dense dispatch** (Llama-4): fused 3-D parameters called as ``experts(routed_in [E * N, H])``:
+  every expert runs on every token, its input pre-scaled by the router's score (0 when the token
+  is not routed to it); the tap is the experts' output itself.
 
 Routing semantics kept by surgery: the router row of a removed expert goes away and the remaining
 rows keep their values, so every surviving expert's logit is unchanged; softmax / top-k then run
@@ -61,7 +64,7 @@ class MoELayer:
     block: str
     router: str
     experts: str
-    storage: str                 # "fused" or "modulelist"
+    storage: str                 # "fused", "dense" (Llama-4) or "modulelist"
     num_experts: int
     top_k: int
     hidden: int
@@ -137,11 +140,15 @@ def _map_block(config, name: str, block: nn.Module) -> MoELayer:
             n_args = len(inspect.signature(experts.forward).parameters)
         except (TypeError, ValueError):
             n_args = 0
-        if n_args < 3:
+        if n_args == 1 and isinstance(getattr(block, "router", None), nn.Linear):
+            # Llama-4: experts(routed_in [E * N, H]) runs every expert on every token, inputs
+            # pre-scaled by the router's (sigmoid) score, 0 where a token is not routed.
+            storage = "dense"
+        elif n_args < 3:
             raise UnsupportedModelError(
                 f"{where}: `{prefix}experts` ({type(experts).__name__}) is not called as "
-                "experts(hidden, top_k_index, top_k_weights) (e.g. every expert runs on every "
-                "token, Llama-4 style); this routed-expert layout is not supported yet")
+                "experts(hidden, top_k_index, top_k_weights) nor as Llama-4's dense dispatch "
+                "experts(routed_in); this routed-expert layout is not supported")
         E = int(three_d["down_proj"].shape[0])
         bad = [n for n, p in t.items() if p.dim() == 0 or p.shape[0] != E]
         if bad:
@@ -258,7 +265,7 @@ def prune_experts(model: nn.Module, removed: Dict[str, Sequence[int]], inplace: 
         experts = target.get_submodule(layer.experts)
         kt = torch.tensor(keep, dtype=torch.long)
         _slice_dim0(router, kt, layer.num_experts)
-        if layer.storage == "fused":
+        if layer.storage != "modulelist":
             _slice_dim0(experts, kt, layer.num_experts)
         else:
             new = nn.ModuleList([experts[i] for i in keep])
@@ -431,7 +438,20 @@ class RoutedExperts(UnitFamily):
             state["rows"] = torch.zeros(E, dtype=torch.long)
 
         hs = [block.register_forward_pre_hook(block_pre, with_kwargs=True)]
-        if self.moe.storage == "fused":
+        if self.moe.storage == "dense":
+            def dense_post(mod, args, out):
+                N, H = out.shape[0] // E, out.shape[-1]
+                y = out.reshape(E, N, H).transpose(0, 1)          # [N, E, H], 0 if not routed
+                with torch.no_grad():
+                    norms = y.detach().float().norm(dim=-1)        # [N, E]
+                    routed = norms > 0
+                    run.freq += routed.sum(0).double().cpu()
+                    run.reap += norms.sum(0).double().cpu()
+                    run.tokens += N
+                z = on_input(y.reshape(*state["shape"][:-1], E * H))
+                return z.reshape(N, E, H).transpose(0, 1).reshape(E * N, H).to(out.dtype)
+            hs.append(experts.register_forward_hook(dense_post))
+        elif self.moe.storage == "fused":
             def experts_post(mod, args, kwargs, out):
                 a = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index",
                                                           "top_k_weights")][len(args):]
@@ -484,7 +504,7 @@ class RoutedExperts(UnitFamily):
     # ---- signals on weights -----------------------------------------------------------------
     def unit_weights(self, model: nn.Module) -> Tensor:
         experts = model.get_submodule(self.moe.experts)
-        if self.moe.storage == "fused":
+        if self.moe.storage != "modulelist":
             parts = [p.detach().reshape(self.size, -1) for p in experts.parameters()]
         else:
             parts = [torch.stack([torch.cat([p.detach().reshape(-1) for p in ex.parameters()])
@@ -504,7 +524,7 @@ class RoutedExperts(UnitFamily):
         experts = model.get_submodule(self.moe.experts)
         router = model.get_submodule(self.moe.router)
         terms: List[CostTerm] = []
-        if self.moe.storage == "fused":
+        if self.moe.storage in ("fused", "dense"):
             per = [tuple(p.shape) for p in experts.parameters()]
         else:
             per = [(E,) + tuple(p.shape) for p in experts[0].parameters()]
@@ -513,7 +533,10 @@ class RoutedExperts(UnitFamily):
             terms.append(CostTerm(shp, {0: 1.0}))
             if len(shp) == 3:
                 expert_macs += float(shp[1] * shp[2])
-        terms.append(CostTerm((1,), {}, macs=self.top_k * expert_macs, params=False))
+        if self.moe.storage == "dense":   # every kept expert runs on every token
+            terms.append(CostTerm((E,), {0: 1.0}, macs=expert_macs, params=False))
+        else:
+            terms.append(CostTerm((1,), {}, macs=self.top_k * expert_macs, params=False))
         for n, p in router.named_parameters():
             if p.shape and p.shape[0] == E:
                 terms.append(CostTerm(tuple(p.shape), {0: 1.0}, macs=1.0 if p.dim() == 2 else 0.0))
