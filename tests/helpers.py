@@ -112,8 +112,10 @@ LM_OVERRIDES = {
     "phi": dict(partial_rotary_factor=0.5),
     "llama4_text": dict(intermediate_size_mlp=48, interleave_moe_layer_step=1,
                         no_rope_layers=[1, 1]),
-    "dbrx": dict(ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 6, "moe_top_k": 2},
-                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0}, max_seq_len=64),
+    "dbrx": dict(ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 6, "moe_top_k": 2,
+                             "hidden_size": 32},
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 max_seq_len=64, init={"d_model": 32}),
     "deepseek_v2": dict(head_dim=4),
     "deepseek_v3": dict(head_dim=4),
 }
@@ -125,9 +127,10 @@ def tiny_lm(model_type, seed=0, perturb=True, **overrides):
     from fair_pruner.llm import transformers_module
     tf = transformers_module()
     over = {**LM_OVERRIDES.get(model_type, {}), **overrides}
-    # nested sub-configs (DBRX) go to the constructor; plain fields are set after
-    cfg = tf.AutoConfig.for_model(model_type, **{k: v for k, v in over.items()
-                                                 if isinstance(v, dict)})
+    # nested sub-configs (DBRX) and "init" fields go to the constructor; the rest is set after
+    init = dict(over.pop("init", {}))
+    cfg = tf.AutoConfig.for_model(model_type, **init, **{k: v for k, v in over.items()
+                                                         if isinstance(v, dict)})
     n_full = getattr(cfg, "num_hidden_layers", None)
     for k, v in {**LM_SMALL, **over}.items():
         if not isinstance(v, dict) and hasattr(cfg, k):

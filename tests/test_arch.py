@@ -46,12 +46,12 @@ PASS = {
     ("mixtral", ()): {"head", "expert"}, ("qwen2_moe", ()): {"head", "expert"},
     ("qwen3_moe", ()): {"head", "expert"}, ("olmoe", ()): {"expert"},
     ("gpt_oss", ()): {"head", "expert"}, ("llama4_text", ()): {"head", "expert"},  # dense dispatch
+    ("dbrx", ()): {"head", "expert"},                             # nested attention, flat experts
     ("deepseek_v2", ()): {"neuron", "expert"}, ("deepseek_v3", ()): {"neuron", "expert"},
     ("glm4_moe_lite", ()): {"neuron", "expert"},
 }
 REFUSED = {
     "bitnet": "sub_norm", "diffllama": "group norm", "jetmoe": "mixture-of-attention",
-    "dbrx": "no attention child",
     "ernie4_5_moe": "not pruned exactly",          # caught by the fallback self-check
 }
 

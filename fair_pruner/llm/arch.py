@@ -100,6 +100,10 @@ ARCHITECTURES: Dict[str, Arch] = {
     "starcoder2": Arch(mlp=MLPSpec(up=("c_fc",), down="c_proj")),
     "nemotron": Arch(mlp=_NOT_GATED),
     "arcee": Arch(mlp=_NOT_GATED),
+    "dbrx": Arch(attn=AttnSpec(block="norm_attn_norm.attn", qkv="Wqkv", o="out_proj",
+                               attrs=(("num_heads", "nq"), ("num_key_value_heads", "nkv"),
+                                      ("num_key_value_groups", "rep"), ("hidden_size", "nq*hd"))),
+                 mlp=MLPSpec(block="ffn")),
     "jetmoe": Arch(refuse="JetMoE's mixture-of-attention heads and parallel-expert tensors are "
                           "not mapped yet"),
     "glm": Arch(mlp=_GATE_UP),

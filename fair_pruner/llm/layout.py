@@ -629,7 +629,7 @@ def _layer_list(model: nn.Module, arch: Arch) -> Tuple[str, nn.ModuleList]:
              if isinstance(m, nn.ModuleList) and len(m) > 0
              and (n_layers is None or len(m) == n_layers)]
     for n, m in lists:
-        if all(isinstance(getattr(layer, arch.attn.block, None), nn.Module) for layer in m):
+        if all(_child(layer, arch.attn.block) is not None for layer in m):
             return n, m
     if lists:
         n, m = lists[0]
@@ -643,6 +643,32 @@ def _layer_list(model: nn.Module, arch: Arch) -> Tuple[str, nn.ModuleList]:
     raise UnsupportedModelError(
         f"unsupported layout: {type(model).__name__} has no ModuleList of decoder layers; "
         "fair_pruner.llm supports the decoder-only causal LMs of its architecture table")
+
+
+def _child(layer: nn.Module, path: str) -> Optional[nn.Module]:
+    """The block at dotted ``path`` under ``layer`` ("" = the layer itself), or None."""
+    try:
+        return layer.get_submodule(path) if path else layer
+    except AttributeError:
+        return None
+
+
+def _check_extras(lpath: str, layer: nn.Module, blocks: Sequence[str], inline: Sequence[str],
+                  hidden: Optional[int]) -> None:
+    """Every parameterised module of the layer outside its blocks (and the containers on the
+    way to them) must be a hidden-size norm: anything else may read the units we remove."""
+    on_path = {".".join(b.split(".")[:i]) for b in blocks if b for i in range(1, b.count(".") + 1)}
+    for cpath in sorted({""} | on_path):
+        container = _child(layer, cpath)
+        for cn, c in _param_children(container).items():
+            full = f"{cpath}.{cn}" if cpath else cn
+            if full in blocks or full in on_path or (not cpath and cn in inline):
+                continue
+            if any(p.dim() != 1 or (hidden and p.numel() != hidden) for p in c.parameters()):
+                raise UnsupportedModelError(
+                    f"cannot prune {lpath} exactly: its child {lpath}.{full} "
+                    f"({type(c).__name__}) is neither the attention, the feed-forward block nor "
+                    "a hidden-size norm. Add an architecture entry for this family")
 
 
 def _family(role: str, layer: int, name: str, block: nn.Module, config, options: dict,
@@ -680,9 +706,9 @@ def find_layout(model: nn.Module, heads: str = "kv") -> Layout:
     out = []
     for i, layer in enumerate(layers):
         lpath = f"{lname}.{i}"
-        attn = getattr(layer, arch.attn.block)
-        ffn = getattr(layer, arch.mlp.block, None) if arch.mlp.block else layer
-        if not isinstance(ffn, nn.Module):
+        attn = _child(layer, arch.attn.block)
+        ffn = _child(layer, arch.mlp.block)
+        if ffn is None:
             kids = ", ".join(f"{cn} ({type(c).__name__})" for cn, c in layer.named_children())
             raise UnsupportedModelError(
                 f"unsupported layout: decoder layer {lpath} has no feed-forward child "
@@ -691,18 +717,8 @@ def find_layout(model: nn.Module, heads: str = "kv") -> Layout:
         dl = DecoderLayer(i, lpath, [
             _family("attention", i, f"{lpath}.{arch.attn.block}", attn, config, options, arch),
             _family("ffn", i, fpath, ffn, config, options, arch)])
-        # Other parameterised children of the layer must be hidden-size norms (or, for an
-        # inline MLP, its projections): anything else may read the units we remove.
-        hidden = getattr(config, "hidden_size", None)
-        known = {arch.attn.block, arch.mlp.block} | (set(arch.mlp.up + (arch.mlp.down,))
-                                                     if not arch.mlp.block else set())
-        for cn, c in _param_children(layer).items():
-            if cn in known:
-                continue
-            if any(p.dim() != 1 or (hidden and p.numel() != hidden) for p in c.parameters()):
-                raise UnsupportedModelError(
-                    f"cannot prune {lpath} exactly: its child {lpath}.{cn} "
-                    f"({type(c).__name__}) is neither the attention, the feed-forward block nor "
-                    "a hidden-size norm. Add an architecture entry for this family")
+        inline = arch.mlp.up + (arch.mlp.down,) if not arch.mlp.block else ()
+        _check_extras(lpath, layer, (arch.attn.block, arch.mlp.block), inline,
+                      getattr(config, "hidden_size", None))
         out.append(dl)
     return Layout(lname, out, model_type, in_table)

@@ -49,7 +49,7 @@ from torch import Tensor
 from ..errors import FairPrunerError, TargetError, UnsupportedModelError
 from .layout import CostTerm, UnitFamily, register_family
 
-EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_expert_gate", "shared_mlp")
 GROUPED_ROUTING_ATTRS = ("n_group", "topk_group")
 
@@ -124,6 +124,10 @@ def _map_block(config, name: str, block: nn.Module) -> MoELayer:
         raise UnsupportedModelError(f"{where}: experts in a ModuleDict (Switch/NLLB-style) are "
                                     "not supported; supported layouts are fused 3-D expert "
                                     "parameters and a ModuleList of experts")
+    elif _flat_expert_count(experts) is not None:
+        # DBRX: experts.mlp.{w1, v1, w2} [E * I, H], expert e owning rows e*I .. (e+1)*I
+        storage = "flat"
+        E = _flat_expert_count(experts)
     else:
         storage = "fused"
         t = _direct_tensors(experts)
@@ -161,6 +165,13 @@ def _map_block(config, name: str, block: nn.Module) -> MoELayer:
         w = getattr(child, "weight", None)
         if isinstance(w, Tensor) and w.dim() == 2 and w.shape[0] == E:
             routers.append((cname, child))
+            continue
+        # a router module wrapping its Linear (DBRX's router.layer)
+        inner = [(f"{cname}.{n}", m) for n, m in child.named_modules()
+                 if n and isinstance(m, nn.Linear) and m.out_features == E]
+        if len(inner) == 1 and sum(p.numel() for p in child.parameters()) == sum(
+                p.numel() for p in inner[0][1].parameters()):
+            routers.append(inner[0])
     if len(routers) != 1:
         found = [c for c, _ in routers]
         raise UnsupportedModelError(
@@ -202,6 +213,38 @@ def find_moe_layers(model: nn.Module) -> List[MoELayer]:
 # --------------------------------------------------------------------------------------------
 # Surgery
 # --------------------------------------------------------------------------------------------
+
+def _flat_expert_count(experts: nn.Module) -> Optional[int]:
+    """E for experts whose parameters all stack the experts' rows in dim 0 ([E * rows, ...],
+    every parameter in submodules, called as experts(hidden, top_k_index, top_k_weights));
+    None for any other layout."""
+    import inspect
+    E = getattr(experts, "num_experts", None)
+    params = list(experts.named_parameters())
+    if not isinstance(E, int) or E < 2 or not params or list(experts.parameters(recurse=False)):
+        return None
+    try:
+        if len(inspect.signature(experts.forward).parameters) < 3:
+            return None
+    except (TypeError, ValueError):
+        return None
+    if all(p.dim() == 2 and p.shape[0] % E == 0 and p.shape[0] > E for _, p in params):
+        return E
+    return None
+
+
+def _slice_experts(experts: nn.Module, keep: Tensor, E: int) -> None:
+    """Keep experts ``keep`` of every parameter (recursively) that stacks E experts in dim 0,
+    as [E, ...] or as [E * rows, ...]."""
+    for mod in experts.modules():
+        for n, p in list(mod.named_parameters(recurse=False)):
+            if p.dim() >= 1 and p.shape[0] % E == 0 and p.shape[0] > E:
+                rows = p.shape[0] // E
+                data = p.detach().reshape(E, rows, *p.shape[1:])
+                data = data.index_select(0, keep.to(p.device)).reshape(-1, *p.shape[1:])
+                setattr(mod, n, nn.Parameter(data.clone(), requires_grad=p.requires_grad))
+        _slice_dim0(mod, keep, E)
+
 
 def _slice_dim0(mod: nn.Module, keep: Tensor, E: int) -> None:
     for n, p in list(mod.named_parameters(recurse=False)):
@@ -266,13 +309,13 @@ def prune_experts(model: nn.Module, removed: Dict[str, Sequence[int]], inplace: 
         kt = torch.tensor(keep, dtype=torch.long)
         _slice_dim0(router, kt, layer.num_experts)
         if layer.storage != "modulelist":
-            _slice_dim0(experts, kt, layer.num_experts)
+            _slice_experts(experts, kt, layer.num_experts)
         else:
             new = nn.ModuleList([experts[i] for i in keep])
             parent, _, attr = layer.experts.rpartition(".")
             setattr(target.get_submodule(parent) if parent else target, attr, new)
             experts = new
-        _set_counts((block, router, experts), layer.num_experts, len(keep))
+        _set_counts((block, router) + tuple(experts.modules()), layer.num_experts, len(keep))
     return target
 
 
@@ -390,9 +433,10 @@ class RoutedExperts(UnitFamily):
         e = idx.reshape(-1)
         with torch.no_grad():
             hs = h.detach()[tok]
-            if self.moe.storage == "fused":
+            if self.moe.storage in ("fused", "flat"):
                 experts = model.get_submodule(self.moe.experts)
                 o = experts.forward(hs, e[:, None], torch.ones_like(w.reshape(-1, 1)))
+                o = o.reshape(-1, H)
             else:
                 experts = model.get_submodule(self.moe.experts)
                 o = torch.zeros_like(hs)
@@ -451,11 +495,11 @@ class RoutedExperts(UnitFamily):
                 z = on_input(y.reshape(*state["shape"][:-1], E * H))
                 return z.reshape(N, E, H).transpose(0, 1).reshape(E * N, H).to(out.dtype)
             hs.append(experts.register_forward_hook(dense_post))
-        elif self.moe.storage == "fused":
+        elif self.moe.storage in ("fused", "flat"):
             def experts_post(mod, args, kwargs, out):
                 a = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index",
                                                           "top_k_weights")][len(args):]
-                h, idx, w = a[0], a[1], a[2]
+                h, idx, w = a[0].reshape(-1, a[0].shape[-1]), a[1], a[2]   # DBRX: [B, T, H]
                 y = self._pair_outputs(model, h, idx, w, run)
                 self._check(y, out.reshape(-1, y.shape[-1]), "experts module's output", run)
                 return rebuild(out, y)
@@ -524,15 +568,18 @@ class RoutedExperts(UnitFamily):
         experts = model.get_submodule(self.moe.experts)
         router = model.get_submodule(self.moe.router)
         terms: List[CostTerm] = []
-        if self.moe.storage in ("fused", "dense"):
-            per = [tuple(p.shape) for p in experts.parameters()]
-        else:
+        if self.moe.storage == "modulelist":
             per = [(E,) + tuple(p.shape) for p in experts[0].parameters()]
+        else:
+            per = [tuple(p.shape) for p in experts.parameters()]
         expert_macs = 0.0
         for shp in per:
-            terms.append(CostTerm(shp, {0: 1.0}))
+            rows = shp[0] / E                      # 1, or an expert's rows of a flat tensor
+            terms.append(CostTerm(shp, {0: rows}))
             if len(shp) == 3:
                 expert_macs += float(shp[1] * shp[2])
+            elif len(shp) == 2 and rows > 1:
+                expert_macs += float(rows * shp[1])
         if self.moe.storage == "dense":   # every kept expert runs on every token
             terms.append(CostTerm((E,), {0: 1.0}, macs=expert_macs, params=False))
         else:
