@@ -6,7 +6,7 @@ the first 40,000 characters of *Pride and Prejudice* in non-overlapping 1024-tok
 
 * ToD with the default signals (U removes, R protects),
 * uniform allocation with the same removal signal (U),
-* uniform weight magnitude (l2 of every weight a unit owns),
+* uniform weight magnitude (l2 of the weights that produce each unit),
 * ToD with each alternative removal signal (activation magnitude, FLAP fluctuation, l2).
 
 Also reports calibration time and peak RSS during calibration (sampled from /proc).

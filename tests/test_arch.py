@@ -47,12 +47,15 @@ PASS = {
     ("qwen3_moe", ()): {"head", "expert"}, ("olmoe", ()): {"expert"},
     ("gpt_oss", ()): {"head", "expert"}, ("llama4_text", ()): {"head", "expert"},  # dense dispatch
     ("dbrx", ()): {"head", "expert"},                             # nested attention, flat experts
+    ("jetmoe", ()): {"expert"},                                   # parallel experts; MoA frozen
+    ("granitemoe", ()): {"head", "expert"}, ("gpt_neo", ()): {"head", "neuron"},
     ("deepseek_v2", ()): {"neuron", "expert"}, ("deepseek_v3", ()): {"neuron", "expert"},
     ("glm4_moe_lite", ()): {"neuron", "expert"},
 }
 REFUSED = {
-    "bitnet": "sub_norm", "diffllama": "group norm", "jetmoe": "mixture-of-attention",
+    "bitnet": "sub_norm", "diffllama": "group norm",
     "ernie4_5_moe": "not pruned exactly",          # caught by the fallback self-check
+    "jamba": "no attention child", "qwen3_next": "no attention child",   # hybrids
 }
 
 

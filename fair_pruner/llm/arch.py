@@ -104,8 +104,13 @@ ARCHITECTURES: Dict[str, Arch] = {
                                attrs=(("num_heads", "nq"), ("num_key_value_heads", "nkv"),
                                       ("num_key_value_groups", "rep"), ("hidden_size", "nq*hd"))),
                  mlp=MLPSpec(block="ffn")),
-    "jetmoe": Arch(refuse="JetMoE's mixture-of-attention heads and parallel-expert tensors are "
-                          "not mapped yet"),
+    "granitemoe": Arch(mlp=MLPSpec(block="block_sparse_moe")),
+    "gpt_neo": Arch(attn=AttnSpec(block="attn.attention", o="out_proj",
+                                  attrs=(("num_heads", "nq"), ("embed_dim", "nq*hd"))),
+                    mlp=MLPSpec(up=("c_fc",), down="c_proj", attrs=())),
+    "jetmoe": Arch(attn=AttnSpec(block="self_attention", frozen=(
+                       "JetMoE's attention is itself a mixture of attention-head experts "
+                       "(head pruning of MoA is not implemented)"))),
     "glm": Arch(mlp=_GATE_UP),
     "glm4": Arch(mlp=_GATE_UP),
     "phi": Arch(attn=AttnSpec(o="dense"), mlp=_FC),

@@ -627,4 +627,117 @@ class RoutedExperts(UnitFamily):
                                   "the config builds; the config and weights do not match")
 
 
+class ParallelExperts(RoutedExperts):
+    """JetMoE's feed-forward experts: ``input_linear`` / ``output_linear`` (``weight`` [E, out,
+    in], called with the tokens sorted by expert and the per-expert counts) behind a
+    ``router.layer`` Linear; a shared ``bias`` is added to the block output and never pruned.
+    Same unit, signals, surgery and masked reference as :class:`RoutedExperts`; the tap
+    reproduces the per-expert outputs from the block's own router and experts and checks them
+    against the block output.
+    """
+
+    PARTS = ("input_linear", "output_linear")
+
+    def __init__(self, layer: int, name: str, block: nn.Module, config):
+        UnitFamily.__init__(self, layer, name)
+        router = block.router
+        E = int(router.layer.out_features)
+        for part in self.PARTS:
+            w = getattr(block, part).weight
+            if w.dim() != 3 or w.shape[0] != E:
+                raise UnsupportedModelError(f"{name}.{part}: weight {tuple(w.shape)} does not "
+                                            f"hold {E} experts in dim 0")
+        extra = [n for n, c in block.named_children() if n not in self.PARTS + ("router",)
+                 and any(True for _ in c.parameters())]
+        if extra or [n for n, _ in block.named_parameters(recurse=False) if n != "bias"]:
+            raise UnsupportedModelError(f"cannot prune {name} exactly: unexpected parameters "
+                                        f"in {extra or 'the block'}")
+        self.moe = MoELayer(block=name, router=f"{name}.router.layer", experts=name,
+                            storage="parallel", num_experts=E, top_k=int(router.top_k),
+                            hidden=int(router.layer.in_features), layer_index=layer)
+        self.size = self.n_sub = E
+        self.feat = self.moe.hidden
+        self.top_k = self.moe.top_k
+        self.tap = name
+
+    @classmethod
+    def match(cls, layer, name, module, config, options):
+        router = getattr(module, "router", None)
+        ok = (all(isinstance(getattr(getattr(module, p, None), "weight", None), Tensor)
+                  for p in cls.PARTS) and isinstance(getattr(router, "layer", None), nn.Linear))
+        return cls(layer, name, module, config) if ok else None
+
+    @property
+    def group_name(self) -> str:
+        return f"{self.name}.experts"
+
+    def _expert_outputs(self, block: nn.Module, x: Tensor, run: _Calibration) -> Tensor:
+        """[N, E, H] gate-weighted outputs of every expert (zero where not routed), no grad."""
+        E, H = self.size, x.shape[-1]
+        with torch.no_grad():
+            _, batch_index, gates, expert_size, _ = block.router(x)
+            h = block.input_linear(x[batch_index], expert_size)
+            a, b = h.chunk(2, dim=-1)
+            eo = block.output_linear(block.activation(a) * b, expert_size) * gates[:, None]
+            e = torch.repeat_interleave(torch.arange(E, device=x.device),
+                                        torch.tensor(expert_size, device=x.device))
+            y = torch.zeros(x.shape[0], E, H, dtype=x.dtype, device=x.device)
+            y[batch_index, e] = eo.to(y.dtype)
+            run.freq += torch.bincount(e, minlength=E).double().cpu()
+            run.reap.index_add_(0, e.cpu(), eo.float().norm(dim=-1).double().cpu())
+            run.tokens += x.shape[0]
+        return y
+
+    def install_tap(self, model: nn.Module, on_input):
+        block = model.get_submodule(self.name)
+        run = _Calibration(self.size)
+
+        def post(mod, args, kwargs, out):
+            x = args[0] if args else kwargs.get("layer_input")
+            y = self._expert_outputs(mod, x.reshape(-1, x.shape[-1]), run)
+            self._check(y, (out - mod.bias).reshape(-1, y.shape[-1]), "block's output", run)
+            z = on_input(y.reshape(*x.shape[:-1], -1))
+            s = z.reshape(-1, self.size, y.shape[-1]).sum(dim=1)
+            return out + (s - s.detach()).reshape(out.shape).to(out.dtype)
+        run.hs = [block.register_forward_hook(post, with_kwargs=True)]
+        return run
+
+    def unit_weights(self, model: nn.Module) -> Tensor:
+        block = model.get_submodule(self.name)
+        return torch.cat([getattr(block, p).weight.detach().reshape(self.size, -1).float().cpu()
+                          for p in self.PARTS], dim=1)
+
+    def cost_terms(self, model: nn.Module, context: float) -> List[CostTerm]:
+        block = model.get_submodule(self.name)
+        shapes = [tuple(getattr(block, p).weight.shape) for p in self.PARTS]
+        terms = [CostTerm(s, {0: 1.0}) for s in shapes]
+        terms.append(CostTerm((1,), {}, macs=self.top_k * sum(float(s[1] * s[2]) for s in shapes),
+                              params=False))
+        router = block.router.layer
+        terms.append(CostTerm(tuple(router.weight.shape), {0: 1.0}, macs=1.0))
+        terms.append(CostTerm(tuple(block.bias.shape), {}))
+        return terms
+
+    def prune(self, model: nn.Module, keep: Tensor) -> None:
+        block = model.get_submodule(self.name)
+        kt = keep.to(torch.long)
+        _slice_dim0(block.router.layer, kt, self.size)
+        for p in self.PARTS:
+            _slice_dim0(getattr(block, p), kt, self.size)
+        _set_counts([block, block.router, block.router.layer] + [getattr(block, p)
+                                                                 for p in self.PARTS],
+                    self.size, int(kt.numel()))
+
+    def widths(self, model: nn.Module) -> dict:
+        return {"num_experts": int(model.get_submodule(self.name).router.layer.out_features)}
+
+    def resize(self, model: nn.Module, widths: dict) -> None:
+        n = int(widths["num_experts"])
+        if n > self.size:
+            raise FairPrunerError(f"saved width {n} experts exceeds the {self.size} the config "
+                                  "builds; the config and weights do not match")
+        self.prune(model, torch.arange(n))
+
+
 register_family(RoutedExperts)
+register_family(ParallelExperts)
