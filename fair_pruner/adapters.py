@@ -29,6 +29,8 @@ class Adapter:
     score: Callable         # score(model, loader, **options) -> ScoreBook
     prune: Callable         # prune(model, plan, inplace=False) -> model
     mask: Callable          # mask(model, plan, book) -> masked reference model
+    save: Optional[Callable] = None   # save(model, directory, **options): a loadable artifact
+    load: Optional[Callable] = None   # load(directory, **options) -> model
 
 
 _ADAPTERS: Dict[str, Adapter] = {}

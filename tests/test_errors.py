@@ -148,3 +148,10 @@ def test_not_a_book(tmp_path):
     p.write_bytes(b"garbage")
     with pytest.raises(fp.FairPrunerError, match="cannot read score book"):
         fp.ScoreBook.load(p)
+
+
+def test_save_pretrained_of_a_cnn_is_a_clear_error(tmp_path):
+    from helpers import TinyCNN
+    with pytest.raises(fp.FairPrunerError, match="torch.save"):
+        fp.save_pretrained(TinyCNN(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

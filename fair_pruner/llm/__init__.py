@@ -19,7 +19,7 @@ from ._hf import is_hf_model, transformers_module
 from .arch import ARCHITECTURES, Arch, AttnSpec, MLPSpec, register_architecture
 from .calibrate import KIND, restrict, score
 from .cli import cli_prune_lm, perplexity, text_batches
-from .io import load_model
+from .io import from_pretrained, load_model, save_pretrained
 from .layout import (AttentionHeads, CostTerm, FrozenBlock, Layout, MLPNeurons, UnitFamily,
                      find_layout, register_family)
 from .surgery import layer_widths
@@ -32,7 +32,8 @@ def _mask(model, plan, book=None):
     return mask(model, plan)
 
 
-adapters.register(adapters.Adapter(KIND, is_hf_model, score, prune, _mask))
+adapters.register(adapters.Adapter(KIND, is_hf_model, score, prune, _mask, save_pretrained,
+                                   from_pretrained))
 
 __all__ = ["score", "restrict", "prune", "mask", "find_layout", "register_family", "UnitFamily",
            "MLPNeurons", "AttentionHeads", "FrozenBlock", "CostTerm", "Layout", "layer_widths",
