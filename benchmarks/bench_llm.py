@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-ppl", type=float, help="skip the dense evaluation, use this value")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--book", help="reuse (or write) the score book here")
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="collect reconstruction statistics and add a least-squares row per method")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
         base = rss_now()
         with PeakRSS() as peak:
             t = time.perf_counter()
-            book = fp.score(model, batches, seed=args.seed, progress=True)
+            book = fp.score(model, batches, seed=args.seed, progress=True,
+                            reconstruction=args.reconstruct)
             secs = time.perf_counter() - t
         res["calibration"].update({"seconds": secs, "rss_before_mb": base,
                                    "peak_rss_mb": peak.peak})
@@ -171,14 +174,20 @@ def main(argv=None) -> int:
         methods = [(m, mlp_book) for m in MLP_ONLY] if args.methods == "mlp-only" else methods
         if args.methods == "baselines":
             methods = [(m, b) for m, b in methods if m[2] != "u"]
-        for (label, strategy, sig), bk in methods:
+        recon = [None, "lstsq"] if args.reconstruct else [None]
+        for ((label, strategy, sig), bk), rc in [(m, r) for m in methods for r in recon]:
             plan = fp.allocate(bk, params=target, strategy=strategy, signal=sig)
-            pruned = fp.prune(model, plan)
+            t = time.perf_counter()
+            pruned = fp.prune(model, plan, reconstruct=rc, book=book if rc else None)
+            t_prune = time.perf_counter() - t
+            if rc:
+                label = f"{label} + LS"
             t = time.perf_counter()
             ppl = perplexity(pruned, eval_ids, 1024)
             heads = {g.name: plan.kept[g.name] for g in bk.groups if g.kind == "head"}
             mlp = [plan.ratios[g.name] for g in bk.groups if g.kind == "neuron"]
             run = {"target": target, "method": label, "strategy": strategy, "signal": sig,
+                   "reconstruct": rc, "prune_seconds": t_prune,
                    "alpha": plan.alpha, "params_reduction": plan.params_reduction,
                    "ppl": ppl, "kv_groups_removed": sum(book.group(n).size - k
                                                          for n, k in heads.items()),
@@ -187,7 +196,8 @@ def main(argv=None) -> int:
             res["runs"].append(run)
             print(f"{target:.0%} {label:34s} ppl {ppl:10.2f}  (params -{plan.params_reduction:.2%}"
                   f", KV groups removed {run['kv_groups_removed']}, MLP kept "
-                  f"{min(mlp):.2f}..{max(mlp):.2f}; {time.perf_counter() - t:.0f} s)", flush=True)
+                  f"{min(mlp):.2f}..{max(mlp):.2f}; prune {t_prune:.1f} s, eval "
+                  f"{time.perf_counter() - t:.0f} s)", flush=True)
             del pruned
             gc.collect()
             if args.json:

@@ -30,20 +30,25 @@ def score(model, loader, **kwargs) -> ScoreBook:
     return adapters.for_model(model).score(model, loader, **kwargs)
 
 
-def prune(model, plan: Plan, inplace: bool = False):
-    """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``)."""
+def prune(model, plan: Plan, inplace: bool = False, **options):
+    """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``).
+
+    LLM plans also take ``reconstruct="lstsq", book=book`` (update each consumer's kept weights
+    from the book's calibration statistics; see :mod:`fair_pruner.llm.reconstruct`).
+    """
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
                               "make one with fp.allocate(book, ...)")
-    return adapters.named(plan.meta.get("kind")).prune(model, plan, inplace=inplace)
+    return adapters.named(plan.meta.get("kind")).prune(model, plan, inplace=inplace, **options)
 
 
-def mask(model, plan: Plan, book: ScoreBook = None):
+def mask(model, plan: Plan, book: ScoreBook = None, **options):
     """The reference a pruned model equals: ``model`` with the removed units zeroed where they
-    are consumed (CNN plans need their ``book``; LLM plans carry what they need)."""
+    are consumed (CNN plans need their ``book``; LLM plans carry what they need, and take the
+    same ``reconstruct=`` as :func:`prune`)."""
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
-    return adapters.named(plan.meta.get("kind")).mask(model, plan, book)
+    return adapters.named(plan.meta.get("kind")).mask(model, plan, book, **options)
 
 
 def save_pretrained(model, directory, **kwargs) -> None:

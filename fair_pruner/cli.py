@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--seq-len", type=int, default=512, dest="seq_len")
     lm.add_argument("--num-seqs", type=int, default=64, dest="num_seqs")
     lm.add_argument("--round-to", type=int, default=1, dest="round_to")
+    lm.add_argument("--reconstruct", action="store_true",
+                    help="refit the kept down_proj / o_proj columns by least squares on the "
+                         "calibration data (stores each consumer's input Gram matrix)")
     lm.add_argument("--strategy", choices=("tod", "uniform"), default="tod")
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of kept ratios")

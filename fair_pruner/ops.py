@@ -32,11 +32,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select",
+    "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select", "gram",
     "implementations", "active_backend", "positions_3d", "BACKENDS", "OP_NAMES",
 ]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
+# Ops with compiled kernels; ``gram`` runs its reference everywhere (a BLAS / cuBLAS GEMM).
 OP_NAMES = ("unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select")
 # Per device type, fastest first; the reference ("torch") is the op's own body.
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
@@ -296,10 +297,21 @@ def tod_select_ref(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float)
     return out
 
 
+def gram_ref(x: Tensor) -> Tensor:
+    """fp32 [C, C] = xᵀ x for rows x [N, C] (any float dtype), accumulated in fp32 over row
+    chunks of 4096 so the fp32 rounding error grows with the chunk, not with N."""
+    C = x.shape[-1]
+    out = torch.zeros((C, C), dtype=torch.float32, device=x.device)
+    for s in range(0, x.shape[0], 4096):
+        xs = x[s:s + 4096].float()
+        out += xs.T @ xs
+    return out
+
+
 _REFERENCE: Dict[str, Callable] = {
     "unit_stats": unit_stats_ref, "class_quantiles": class_quantiles_ref,
     "pairwise_w1_max": pairwise_w1_max_ref, "tod_overlap": tod_overlap_ref,
-    "tod_select": tod_select_ref}
+    "tod_select": tod_select_ref, "gram": gram_ref}
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +369,17 @@ def _(overlap, offsets, alphas, cap):
     return overlap.new_empty((offsets.shape[0] - 1, alphas.shape[0]), dtype=torch.int64)
 
 
-_OPS = {"unit_stats": _unit_stats_op, "class_quantiles": _class_quantiles_op,
+@torch.library.custom_op("fair_pruner::gram", mutates_args=())
+def _gram_op(x: Tensor) -> Tensor:
+    return gram_ref(x)
+
+
+@_gram_op.register_fake
+def _(x):
+    return x.new_empty((x.shape[-1], x.shape[-1]), dtype=torch.float32)
+
+
+_OPS = {"gram": _gram_op, "unit_stats": _unit_stats_op, "class_quantiles": _class_quantiles_op,
         "pairwise_w1_max": _pairwise_w1_max_op, "tod_overlap": _tod_overlap_op,
         "tod_select": _tod_select_op}
 
@@ -427,3 +449,12 @@ def tod_select(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float = 0.
     alphas = torch.as_tensor(alphas, dtype=torch.float64, device=overlap.device).reshape(-1)
     _choose(overlap.device.type)
     return _tod_select_op(overlap, offsets, alphas, float(cap))
+
+
+def gram(x: Tensor) -> Tensor:
+    """fp32 [C, C]: xᵀ x of the rows of x [N, C] (the consumer-input Gram matrix that weight
+    reconstruction solves with; a BLAS GEMM per 4096-row chunk)."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"gram: expected a 2-d float tensor [N, C], got {tuple(x.shape)} {x.dtype}")
+    _choose(x.device.type)
+    return _gram_op(x)

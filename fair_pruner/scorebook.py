@@ -75,6 +75,9 @@ class Group:
     min_keep: int = 1              # units every plan keeps (e.g. an MoE layer's top_k)
     roundable: bool = True         # whether ``round_to`` rounds this group's kept width
     frozen: bool = False           # scored, but never pruned
+    # Calibration statistics beyond per-unit signals, e.g. "gram" [C, C] and "mean" [C] of the
+    # consumer's input channels (weight reconstruction); saved with the book.
+    tensors: Dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         if not (isinstance(self.min_keep, int) and 1 <= self.min_keep <= max(1, self.size)):
@@ -161,10 +164,12 @@ class ScoreBook:
         for i, g in enumerate(self.groups):
             for s, t in g.signals.items():
                 tensors[f"g{i}.{s}"] = t.contiguous()
+            for s, t in g.tensors.items():
+                tensors[f"g{i}.t.{s}"] = t.contiguous()
             groups_meta.append({
                 "name": g.name, "size": g.size, "kind": g.kind, "signals": sorted(g.signals),
                 "meta": g.meta, "min_keep": g.min_keep, "roundable": g.roundable,
-                "frozen": g.frozen,
+                "frozen": g.frozen, "tensors": sorted(g.tensors),
                 "members": [[m.module, m.role, m.idxs, m.root_idxs] for m in g.spec.members],
             })
         header = {"format": "fair_pruner.scorebook", "version": str(FORMAT_VERSION),
@@ -195,7 +200,9 @@ class ScoreBook:
             else:   # format 1 books stored no constraints: they followed from the unit kind
                 cons = {"min_keep": int(gmeta.get("top_k", 1)) if kind == "expert" else 1,
                         "roundable": kind in ("channel", "neuron"), "frozen": False}
-            groups.append(Group(gm["name"], gm["size"], sig, spec, kind, gmeta, **cons))
+            extra = {s: tensors[f"g{i}.t.{s}"] for s in gm.get("tensors", [])}
+            groups.append(Group(gm["name"], gm["size"], sig, spec, kind, gmeta, **cons,
+                                tensors=extra))
         return cls(groups, CostModel.from_tensors(tensors), json.loads(header["meta"]))
 
     def __repr__(self) -> str:

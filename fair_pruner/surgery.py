@@ -30,9 +30,19 @@ def _example_from_spec(spec: Any, device) -> Any:
     return spec
 
 
-def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+def _no_options(options) -> None:
+    unknown = sorted(set(options) - {"reconstruct", "book", "damp"})
+    if unknown:
+        raise FairPrunerError(f"unknown option(s) {unknown} for a CNN plan")
+    if options.get("reconstruct") is not None:
+        raise FairPrunerError("reconstruct= is implemented for Hugging Face LM plans only; CNN "
+                              "plans are pruned without weight reconstruction (fine-tune instead)")
+
+
+def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.Module:
     """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``)."""
     Plan.check(plan, model)
+    _no_options(options)
     target = model if inplace else copy.deepcopy(model)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
     modes = {n: m.training for n, m in target.named_modules()}
@@ -88,11 +98,12 @@ class _MaskedLayerNorm(nn.Module):
         return y
 
 
-def mask(model: nn.Module, plan: Plan, book=None) -> nn.Module:
+def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
     """A copy of ``model`` where the plan's removed units are zeroed at their consumers.
 
     Needs the score book's group structure (consumer modules and channel indices).
     """
+    _no_options(options)
     if book is None:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
     Plan.check(plan, model)

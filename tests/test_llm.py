@@ -372,7 +372,8 @@ def test_error_bad_heads_option():
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def test_cli_prune_lm_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--reconstruct"]])
+def test_cli_prune_lm_end_to_end(tmp_path, capsys, extra):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = ["the", "a", "of", "and", "to", "in", "she", "he", "was", "her", "not", "be"]
@@ -390,7 +391,7 @@ def test_cli_prune_lm_end_to_end(tmp_path, capsys):
     out, png = tmp_path / "out", tmp_path / "plan.png"
     rc = main(["prune-lm", str(src), "--calib-text", str(tmp_path / "calib.txt"), "--params",
                "0.2", "--out", str(out), "--seq-len", "32", "--num-seqs", "8", "--plot",
-               str(png)])
+               str(png)] + extra)
     assert rc == 0
     shown = capsys.readouterr().out
     assert "attention kept" in shown and "-2" in shown

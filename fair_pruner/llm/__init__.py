@@ -28,8 +28,8 @@ from . import moe  # noqa: E402,F401  (registers the routed-expert unit family)
 from .. import adapters
 
 
-def _mask(model, plan, book=None):
-    return mask(model, plan)
+def _mask(model, plan, book=None, **options):
+    return mask(model, plan, book=book, **options) if options else mask(model, plan)
 
 
 adapters.register(adapters.Adapter(KIND, is_hf_model, score, prune, _mask, save_pretrained,

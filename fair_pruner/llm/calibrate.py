@@ -128,6 +128,7 @@ class _Tap(SketchTap):
         self.ch_sq = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
         self.tokens = 0
         self.handle = None         # what the family's install_tap returned (per-run state)
+        self.gram: Optional[Tensor] = None   # [C, C] fp64 sum of z zᵀ, when reconstruction asks
 
     @property
     def where(self) -> str:
@@ -160,6 +161,8 @@ class _Tap(SketchTap):
         self.ch_sum += st[2]
         self.ch_sq += st[3]
         self.tokens += zv.shape[0]
+        if self.gram is not None:
+            self.gram += ops.gram(zv.detach()).double().cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ class _Tap(SketchTap):
 def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_class: int = 32,
           projections: int = 128, heads: str = "kv", seed: int = 0, device=None,
           progress: bool = True, signals: Sequence[Signal] = (),
-          roles: Optional[Sequence[str]] = None) -> ScoreBook:
+          roles: Optional[Sequence[str]] = None, reconstruction: bool = False) -> ScoreBook:
     """Calibrate a Hugging Face causal LM on token batches and return its :class:`ScoreBook`.
 
     Args:
@@ -191,6 +194,12 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         roles: which unit families to score and prune (``"attention"``, ``"ffn"``; default:
             every one the architecture table lets this model prune); the others are kept whole
             but still count in the parameter/MAC totals (see :func:`restrict`).
+        reconstruction: also accumulate, per group, the Gram matrix Σ x xᵀ and the mean of the
+            consumer's input channels (``group.tensors["gram"]``, ``["mean"]``), so
+            ``fp.prune(..., reconstruct="lstsq", book=book)`` can update the kept weights.
+            Costs C² fp32 per group in the book (C = the consumer's input width: d_ff for an
+            MLP, heads x head_dim for attention): ~0.3 GB for SmolLM2-135M, ~28 GB for a 7B
+            Llama (32 x (14336² + 4096²) x 4 B); MoE expert groups have no consumer to update.
 
     The book stores, per group, ``u``, ``r``, ``l1``, ``l2``, ``activation``, ``random`` and
     ``fluctuation`` (FLAP: variance of each tap channel times the squared norm of the weight
@@ -213,6 +222,11 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     cls, n_labelled, n_batches = _top_classes(loader, classes)
     res = Reservoir(cls, samples_per_class, seed)
     taps = [_Tap(f) for f in layout.prunable if f.role in roles]
+    if reconstruction:
+        for tp in taps:
+            if tp.fam.kind != "expert":        # experts feed the residual stream directly
+                C = tp.fam.n_sub * tp.fam.feat
+                tp.gram = torch.zeros((C, C), dtype=torch.float64)
     seq_lens: List[int] = []
 
     sampling = Sampling(tuple(cls), samples_per_class, projections, "sliced", seed)
@@ -236,6 +250,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "architecture": type(model).__name__, "layers_module": layout.layers_name,
         "in_architecture_table": layout.in_table, "frozen": layout.frozen(),
+        "reconstruction_stats": bool(reconstruction),
         "num_layers": len(layout.layers), "classes": cls, "class_counts": counts,
         "classes_used": [c for c, n in zip(cls, counts) if n >= 2],
         "samples_per_class": samples_per_class, "projections": projections,
@@ -313,8 +328,11 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
     if fam.kind == "head":
         meta.update({"head_dim": fam.head_dim, "num_heads": fam.n_heads,
                      "num_kv_heads": fam.n_kv, "mode": fam.mode})
+    extra = {} if tp.gram is None else {"gram": tp.gram.float(),
+                                        "mean": (tp.ch_sum / ntok).float()}
     return Group(fam.group_name, fam.size, sigs, spec, fam.kind, meta,
-                 min_keep=min(fam.min_keep(), fam.size), roundable=fam.round_to_applies)
+                 min_keep=min(fam.min_keep(), fam.size), roundable=fam.round_to_applies,
+                 tensors=extra)
 
 
 def _check_roles(layout: Layout, roles: Sequence[str]) -> None:

@@ -101,12 +101,13 @@ def cli_prune_lm(args) -> int:
     if len(batches) < args.num_seqs:
         say(f"note: the text gives only {len(batches)} sequences of {args.seq_len} tokens")
     say(f"calibrating on {len(batches)} x {args.seq_len} tokens ...")
-    book = fp.score(model, batches, seed=args.seed, progress=not args.quiet)
+    recon = bool(getattr(args, "reconstruct", False))
+    book = fp.score(model, batches, seed=args.seed, progress=not args.quiet, reconstruction=recon)
     kw = {"params": args.params} if args.params is not None else {"tod": args.tod}
     if args.params is None and args.tod is None:
         kw = {"params": 0.2}
     plan = fp.allocate(book, strategy=args.strategy, round_to=args.round_to, **kw)
-    pruned = fp.prune(model, plan)
+    pruned = fp.prune(model, plan, reconstruct="lstsq" if recon else None, book=book)
     save_pretrained(pruned, args.out, tokenizer=tok, plan=plan)
     book.save(os.path.join(args.out, "score_book.safetensors"))
     say("")

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..errors import BookMismatchError, FairPrunerError
 from ..plan import Plan
 from .layout import Layout, UnitFamily, find_layout
+from .reconstruct import check_method, reconstruct as apply_reconstruction
 
 CONFIG_KEY = "fair_pruner"
 FORMAT = 1
@@ -50,16 +51,21 @@ def layer_widths(model: nn.Module, layout: Layout = None) -> List[dict]:
             for layer in layout.layers]
 
 
-def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: str = None,
+          book=None, damp: float = 1e-2) -> nn.Module:
     """Return ``model`` with the plan's units removed (a deep copy unless ``inplace``).
 
-    The result records its per-layer widths in ``config.fair_pruner`` (what
-    :func:`fair_pruner.save_pretrained` writes) and keeps the plan as ``_fair_pruner_plan``.
+    ``reconstruct="lstsq"`` first updates each consumer's kept input columns from the book's
+    calibration Gram matrix (:mod:`fair_pruner.llm.reconstruct`; needs ``book`` scored with
+    ``reconstruction=True``). The result records its per-layer widths in ``config.fair_pruner``
+    (what :func:`fair_pruner.save_pretrained` writes) and keeps the plan as ``_fair_pruner_plan``.
     """
     fams = _resolve(model, plan)          # validates everything before any change
+    check_method(reconstruct, book)
     target = model if inplace else copy.deepcopy(model)
     if not inplace:
         fams = _resolve(target, plan)
+    apply_reconstruction(target, fams, plan.removed, book, reconstruct, damp)
     for name, fam in fams.items():
         removed = set(plan.removed[name])
         if not removed:
@@ -73,12 +79,17 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
     return target
 
 
-def mask(model: nn.Module, plan: Plan) -> nn.Module:
-    """A copy of ``model`` whose removed units are zeroed at their consumer's input."""
+def mask(model: nn.Module, plan: Plan, *, reconstruct: str = None, book=None,
+         damp: float = 1e-2) -> nn.Module:
+    """A copy of ``model`` whose removed units are zeroed at their consumer's input (after the
+    same reconstruction as :func:`prune`, when asked)."""
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
+    check_method(reconstruct, book)
     masked = copy.deepcopy(model)
-    for name, fam in _resolve(masked, plan).items():
+    fams = _resolve(masked, plan)
+    apply_reconstruction(masked, fams, plan.removed, book, reconstruct, damp)
+    for name, fam in fams.items():
         if plan.removed[name]:
             fam.mask_units(masked, plan.removed[name])
     return masked

@@ -53,16 +53,16 @@ def _tiny(model: nn.Module) -> nn.Module:
     return tiny
 
 
-def prune(model: nn.Module, plan, inplace: bool = False) -> nn.Module:
+def prune(model: nn.Module, plan, inplace: bool = False, **options) -> nn.Module:
     """:func:`fair_pruner.llm.surgery.prune` of a model whose layout passed the self-check."""
     checked_layout(model)
-    return surgery.prune(model, plan, inplace=inplace)
+    return surgery.prune(model, plan, inplace=inplace, **options)
 
 
-def mask(model: nn.Module, plan) -> nn.Module:
+def mask(model: nn.Module, plan, **options) -> nn.Module:
     """:func:`fair_pruner.llm.surgery.mask` of a model whose layout passed the self-check."""
     checked_layout(model)
-    return surgery.mask(model, plan)
+    return surgery.mask(model, plan, **options)
 
 
 def _check(model: nn.Module) -> Optional[str]:
