@@ -402,10 +402,7 @@ class AttentionHeads(UnitFamily):
             if spec.qkv_layout == "per_head":
                 nkv = nq
                 ok = total == 3 * nq * hd
-            elif spec.qkv_layout == "grouped":
-                nkv = (total // hd - nq) // 2
-                ok = total == (nq + 2 * nkv) * hd and nkv >= 1
-            else:
+            else:                              # "concat" and "grouped": nq + 2 nkv heads
                 nkv = (total // hd - nq) // 2
                 ok = total == (nq + 2 * nkv) * hd and nkv >= 1
         else:
