@@ -4,7 +4,8 @@ Calibrate on *Sense and Sensibility* (``--num-seqs`` x ``--seq-len`` tokens), ev
 the first 40,000 characters of *Pride and Prejudice* in non-overlapping 1024-token windows, at
 10/20/30% of the attention+MLP parameters removed, comparing:
 
-* ToD with the default signals (U removes, R protects),
+* ToD with the default signals (U removes, R protects): attention heads are a higher tier, cut
+  only when the MLP neurons cannot reach the target; and the same with one alpha over all groups,
 * uniform allocation with the same removal signal (U),
 * uniform weight magnitude (l2 of the weights that produce each unit),
 * ToD with each alternative removal signal (activation magnitude, FLAP fluctuation, l2).
@@ -93,6 +94,7 @@ def rss_now() -> float:
 
 METHODS = [  # (label, strategy, removal signal)
     ("ToD, U/R (default)", "tod", "u"),
+    ("ToD, U/R, one alpha over all groups", "tod", "u"),     # tiers=False: the old default
     ("uniform, U", "uniform", "u"),
     ("uniform, weight magnitude (l2)", "uniform", "l2"),
     ("ToD, activation", "tod", "activation"),
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
             methods = [(m, b) for m, b in methods if m[2] != "u"]
         recon = [None, "lstsq"] if args.reconstruct else [None]
         for ((label, strategy, sig), bk), rc in [(m, r) for m in methods for r in recon]:
-            plan = fp.allocate(bk, params=target, strategy=strategy, signal=sig)
+            plan = fp.allocate(bk, params=target, strategy=strategy, signal=sig,
+                               **({"tiers": False} if "one alpha" in label else {}))
             t = time.perf_counter()
             pruned = fp.prune(model, plan, reconstruct=rc, book=book if rc else None)
             t_prune = time.perf_counter() - t

@@ -53,11 +53,12 @@ class Plan:
 
     @property
     def params_reduction(self) -> float:
-        return 1.0 - self.params_after / max(1, self.params_before)
+        # (before - after) / before, not 1 - after / before: exact for exact fractions
+        return (self.params_before - self.params_after) / max(1, self.params_before)
 
     @property
     def flops_reduction(self) -> float:
-        return 1.0 - self.flops_after / max(1, self.flops_before)
+        return (self.flops_before - self.flops_after) / max(1, self.flops_before)
 
     @property
     def units_reduction(self) -> float:
@@ -131,7 +132,8 @@ class Plan:
 def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[float] = None,
              flops: Optional[float] = None, units: Optional[float] = None,
              experts: Optional[float] = None, strategy: str = "tod", round_to: int = 1,
-             cap: float = 0.99, signal: str = "u", protect: str = "r") -> Plan:
+             cap: float = 0.99, signal: str = "u", protect: str = "r",
+             tiers: bool = True) -> Plan:
     """Choose the units to remove.
 
     Args:
@@ -143,6 +145,9 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         round_to: keep a multiple of this many units per group (rounded up; never 0).
         cap: at most floor(cap * n) units of a group are removed.
         signal / protect: names of the removal and protection signals in the book.
+        tiers: with a ToD target, meet it with the lowest ``Group.tier`` that can reach it
+            (LLM attention heads are tier 1: cut only when the MLP neurons cannot reach the
+            target; see docs/method.md). ``tiers=False``: one α over every group at once.
         experts: a fraction in (0, 1) of the routed MoE experts to remove, exactly, model-wide
             (ToD picks the per-layer counts, each layer keeps >= top_k; see
             :func:`fair_pruner.llm.moe.allocate_experts`). Dense groups of the book are pruned
@@ -191,25 +196,39 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
     base_p, base_f = book.cost.evaluate(torch.zeros_like(sizes))
     total_units = int(sizes.sum())
 
-    def rounded(m: Tensor) -> Tensor:
+    def rounded(m: Tensor, floor: Tensor = min_keep) -> Tensor:
         kept = sizes - m
         if round_to > 1:
             up = torch.minimum(sizes, (kept + round_to - 1) // round_to * round_to)
             kept = torch.where(roundable, up, kept)
-        return sizes - torch.maximum(kept, min_keep)
+        return sizes - torch.maximum(kept, floor)
 
     def reduction(m: Tensor, which: str) -> Tensor:
         if which == "units":
             return m.sum(-1).double() / total_units
         p, f = book.cost.evaluate(m)
-        return 1 - (p / base_p if which == "params" else f / base_f)
+        return (base_p - p) / base_p if which == "params" else (base_f - f) / base_f
 
+    opened = None
     if strategy == "tod":
         curves = ToDCurves([g.signals[signal] for g in book.groups],
                            [g.signals[protect] for g in book.groups], cap)
         counts_at: Callable = lambda a: rounded(curves.m_hat(a))
         if targets:
-            cands = curves.breakpoints()
+            # Tiers (docs/method.md, "Targets"): a target is met with the lowest tiers that can
+            # reach it; a higher tier (e.g. attention heads) is cut only when the budget needs it.
+            tier = torch.tensor([g.tier for g in book.groups], dtype=torch.int64)
+            levels = sorted(set(tier.tolist())) if tiers else [int(tier.max())]
+            which, goal = next(iter(targets.items()))
+            for t in levels:
+                shut = tier > t
+                floor = torch.where(shut, sizes, min_keep)
+                counts_at = lambda a, floor=floor: rounded(curves.m_hat(a), floor)
+                cands = curves.breakpoints(~shut)
+                if t == levels[-1] or float(reduction(counts_at(float(cands[-1])), which)) \
+                        + 1e-12 >= goal:
+                    opened = t
+                    break
             alpha = _search(cands, counts_at, reduction, targets)
         else:
             alpha = float(tod)
@@ -229,7 +248,8 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         removed[g.name] = _lowest(g, signal, k)
     return _make_plan(book, removed, alpha=alpha, strategy=strategy, signal=signal,
                       protect=protect, target=targets or None, cap=cap, round_to=round_to,
-                      meta={"uniform_fraction": None if strategy == "tod" else float(alpha_f)})
+                      meta={"uniform_fraction": None if strategy == "tod" else float(alpha_f),
+                            "tiers_opened": opened})
 
 
 def _lowest(g, signal: str, k: int) -> List[int]:

@@ -75,6 +75,7 @@ class Group:
     min_keep: int = 1              # units every plan keeps (e.g. an MoE layer's top_k)
     roundable: bool = True         # whether ``round_to`` rounds this group's kept width
     frozen: bool = False           # scored, but never pruned
+    tier: int = 0                  # targets open higher tiers only when lower ones fall short
     # Calibration statistics beyond per-unit signals, e.g. "gram" [C, C] and "mean" [C] of the
     # consumer's input channels (weight reconstruction); saved with the book.
     tensors: Dict[str, Tensor] = field(default_factory=dict)
@@ -169,7 +170,7 @@ class ScoreBook:
             groups_meta.append({
                 "name": g.name, "size": g.size, "kind": g.kind, "signals": sorted(g.signals),
                 "meta": g.meta, "min_keep": g.min_keep, "roundable": g.roundable,
-                "frozen": g.frozen, "tensors": sorted(g.tensors),
+                "frozen": g.frozen, "tier": g.tier, "tensors": sorted(g.tensors),
                 "members": [[m.module, m.role, m.idxs, m.root_idxs] for m in g.spec.members],
             })
         header = {"format": "fair_pruner.scorebook", "version": str(FORMAT_VERSION),
@@ -195,11 +196,11 @@ class ScoreBook:
             spec = GroupSpec(gm["name"], gm["size"], [Member(*m) for m in gm["members"]])
             sig = {s: tensors[f"g{i}.{s}"] for s in gm["signals"]}
             kind, gmeta = gm.get("kind", "channel"), gm.get("meta", {})
-            if "min_keep" in gm:
-                cons = {k: gm[k] for k in ("min_keep", "roundable", "frozen")}
-            else:   # format 1 books stored no constraints: they followed from the unit kind
-                cons = {"min_keep": int(gmeta.get("top_k", 1)) if kind == "expert" else 1,
-                        "roundable": kind in ("channel", "neuron"), "frozen": False}
+            # Books written before a constraint existed: it followed from the unit kind then.
+            cons = {"min_keep": int(gmeta.get("top_k", 1)) if kind == "expert" else 1,
+                    "roundable": kind in ("channel", "neuron"), "frozen": False,
+                    "tier": 1 if kind == "head" else 0}
+            cons.update({k: gm[k] for k in cons if k in gm})
             extra = {s: tensors[f"g{i}.t.{s}"] for s in gm.get("tensors", [])}
             groups.append(Group(gm["name"], gm["size"], sig, spec, kind, gmeta, **cons,
                                 tensors=extra))

@@ -8,7 +8,7 @@ Difference").
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -41,10 +41,13 @@ class ToDCurves:
         out = ops.tod_select(self.overlap, self.offsets, a.reshape(-1), self.cap).T  # [A, G]
         return out[0] if a.dim() == 0 else out
 
-    def breakpoints(self) -> Tensor:
-        """Sorted distinct tolerances at which some m̂ changes: the ratios overlap(m) / m."""
+    def breakpoints(self, groups: Optional[Tensor] = None) -> Tensor:
+        """Sorted distinct tolerances at which some m̂ changes: the ratios overlap(m) / m (of
+        the groups where the bool mask ``groups`` is set; default all)."""
         ratios: List[Tensor] = []
         for g in range(len(self.sizes)):
+            if groups is not None and not bool(groups[g]):
+                continue
             n = int(self.sizes[g])
             mmax = int(self.cap * n)
             if mmax < 1:

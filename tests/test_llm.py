@@ -435,3 +435,48 @@ def test_roles_and_restrict_keep_the_other_family_whole():
     assert fp.allocate(direct, params=0.2).removed == plan.removed
     with pytest.raises(CalibrationDataError, match="roles="):
         llm.restrict(book, m, roles=("experts",))
+
+
+def test_targets_cut_heads_only_when_the_mlp_cannot_reach_them():
+    m = tiny()
+    book = score(m)
+    heads = [g.name for g in book.groups if g.kind == "head"]
+    assert all(book.group(h).tier == 1 for h in heads)
+    plan = fp.allocate(book, params=0.3)                      # the MLP neurons suffice
+    assert plan.meta["tiers_opened"] == 0 and plan.params_reduction >= 0.3
+    assert all(not plan.removed[h] for h in heads)
+    deep = fp.allocate(book, params=0.62)                     # MLP is ~60% of the parameters
+    assert deep.meta["tiers_opened"] == 1 and deep.params_reduction >= 0.62
+    assert any(deep.removed[h] for h in heads)
+    flat = fp.allocate(book, params=0.3, tiers=False)         # one alpha over every group
+    assert flat.meta["tiers_opened"] == 1                     # the single level: every tier
+    assert flat.params_reduction >= 0.3
+    torch.testing.assert_close(logits(fp.prune(m, deep), X), logits(llm.mask(m, deep), X),
+                               atol=2e-5, rtol=1e-4)
+    again = fp.ScoreBook.load(_saved(book))                   # the tier survives save/load
+    assert [g.tier for g in again.groups] == [g.tier for g in book.groups]
+
+
+def _saved(book):
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "book.safetensors")
+    book.save(path)
+    return path
+
+
+def test_book_written_before_tiers_loads_with_heads_as_tier_one(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    book = score(tiny())
+    path = str(tmp_path / "book.safetensors")
+    book.save(path)
+    with safe_open(path, framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    groups = json.loads(header["groups"])
+    for g in groups:
+        g.pop("tier")                                     # as an earlier release wrote it
+    header["groups"] = json.dumps(groups)
+    save_file(tensors, path, metadata=header)
+    again = fp.ScoreBook.load(path)
+    assert [g.tier for g in again.groups] == [1 if g.kind == "head" else 0 for g in book.groups]

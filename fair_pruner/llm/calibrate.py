@@ -332,6 +332,7 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
                                         "mean": (tp.ch_sum / ntok).float()}
     return Group(fam.group_name, fam.size, sigs, spec, fam.kind, meta,
                  min_keep=min(fam.min_keep(), fam.size), roundable=fam.round_to_applies,
+                 tier=fam.tier,
                  tensors=extra)
 
 

@@ -144,6 +144,7 @@ class UnitFamily:
     kind: str = ""        # the score-book group kind ("neuron", "head", "expert")
     frozen: Optional[str] = None     # reason the family is kept whole (not scored)
     round_to_applies: bool = False   # whether allocation's round_to rounds this group's width
+    tier: int = 0                    # targets cut tier 1 (heads) only when tier 0 falls short
 
     def __init__(self, layer: int, name: str):
         self.layer = layer          # decoder layer index
@@ -374,7 +375,7 @@ class AttentionHeads(UnitFamily):
     pruned.
     """
 
-    role, kind = "attention", "head"
+    role, kind, tier = "attention", "head", 1
 
     def __init__(self, layer: int, name: str, block: nn.Module, config, mode: str,
                  spec: AttnSpec):
