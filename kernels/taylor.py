@@ -53,11 +53,12 @@ def unit_stats_kernel(z_ptr, g_ptr, part_ptr, A, C, I, sza, szc, szi, sga, sgc, 
         tl.store(base + 3 * C, tl.sum(sq, axis=1), mask=cmask)
 
 
-def _launch(z: Tensor, g: Tensor, dim: int, stats: bool) -> Tensor:
+def unit_stats(z: Tensor, g: Tensor, dim: int) -> Tensor:
+    """fp32 [4, C]: sums of z*g, |z|, z, z^2 over every dim but ``dim`` (z, g same shape)."""
     z, g, (A, C, I), sz, sg = positions_3d(z, g, dim)
     npos = A * I
     if C == 0 or npos == 0:
-        return torch.zeros((4 if stats else 1, C), dtype=torch.float32, device=z.device)
+        return torch.zeros((4, C), dtype=torch.float32, device=z.device)
     BLOCK_C, BLOCK_P = 32, 64
     cblocks = triton.cdiv(C, BLOCK_C)
     # Enough programs to fill the GPU (~4 per SM), each with >= 4 tiles of positions.
@@ -66,12 +67,6 @@ def _launch(z: Tensor, g: Tensor, dim: int, stats: bool) -> Tensor:
     per_split = triton.cdiv(triton.cdiv(npos, split), BLOCK_P) * BLOCK_P
     split = triton.cdiv(npos, per_split)
     part = torch.empty((split, 4, C), dtype=torch.float32, device=z.device)
-    unit_stats_kernel[(cblocks, split)](z, g, part, A, C, I, *sz, *sg, per_split, STATS=stats,
+    unit_stats_kernel[(cblocks, split)](z, g, part, A, C, I, *sz, *sg, per_split, STATS=True,
                                         BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
-    out = part.sum(dim=0)
-    return out if stats else out[:1]
-
-
-def unit_stats(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    """fp32 [4, C]: sums of z*g, |z|, z, z^2 over every dim but ``dim`` (z, g same shape)."""
-    return _launch(z, g, dim, True)
+    return part.sum(dim=0)

@@ -52,8 +52,8 @@ bool make_walk(const at::Tensor& z, const at::Tensor& g, int64_t dim, Walk& w) {
   return true;
 }
 
-at::Tensor unit_stats_common(const at::Tensor& z_in, const at::Tensor& g_in, int64_t dim,
-                             bool stats, const char* op) {
+at::Tensor unit_stats_cpu(const at::Tensor& z_in, const at::Tensor& g_in, int64_t dim) {
+  const char* op = "unit_stats";
   check_cpu(z_in, op, "z");
   check_cpu(g_in, op, "g");
   TORCH_CHECK(z_in.sizes() == g_in.sizes(), op, ": z shape ", z_in.sizes(), " != g shape ",
@@ -64,7 +64,7 @@ at::Tensor unit_stats_common(const at::Tensor& z_in, const at::Tensor& g_in, int
   at::Tensor z = z_in;
   at::Tensor g = g_in.scalar_type() == z.scalar_type() ? g_in : g_in.to(z.scalar_type());
   const int64_t C = z.size(dim);
-  at::Tensor out = at::empty({stats ? 4 : 1, C}, z.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({4, C}, z.options().dtype(at::kFloat));
   Walk w;
   if (!make_walk(z, g, dim, w)) {
     z = z.contiguous();
@@ -74,13 +74,9 @@ at::Tensor unit_stats_common(const at::Tensor& z_in, const at::Tensor& g_in, int
   const int64_t uz = z.stride(dim), ug = g.stride(dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "unit_stats", [&] {
     unit_stats<scalar_t>(z.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), C, uz, ug,
-                         w, stats, out.mutable_data_ptr<float>());
+                         w, true, out.mutable_data_ptr<float>());
   });
-  return stats ? out : out.view({C});
-}
-
-at::Tensor unit_stats_cpu(const at::Tensor& z, const at::Tensor& g, int64_t dim) {
-  return unit_stats_common(z, g, dim, true, "unit_stats");
+  return out;
 }
 
 at::Tensor class_quantiles_cpu(const at::Tensor& x, const at::Tensor& counts_in, int64_t q) {

@@ -29,7 +29,7 @@ from .. import adapters
 
 
 def _mask(model, plan, book=None, **options):
-    return mask(model, plan, book=book, **options) if options else mask(model, plan)
+    return mask(model, plan, book=book, **options)
 
 
 adapters.register(adapters.Adapter(KIND, is_hf_model, score, prune, _mask, save_pretrained,

@@ -256,9 +256,6 @@ class FrozenBlock(UnitFamily):
         return [CostTerm(tuple(p.shape), {}, macs=1.0 if p.dim() == 2 else 0.0)
                 for p in model.get_submodule(self.name).parameters()] if self.name else []
 
-    def widths(self, model):
-        return {}
-
     def resize(self, model, widths):
         if widths:
             raise FairPrunerError(f"saved widths {widths} for {self.name}, which this "

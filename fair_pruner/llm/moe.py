@@ -431,14 +431,13 @@ class RoutedExperts(UnitFamily):
         E, H = self.size, h.shape[-1]
         tok = torch.arange(N, device=h.device).repeat_interleave(k)
         e = idx.reshape(-1)
+        experts = model.get_submodule(self.moe.experts)
         with torch.no_grad():
             hs = h.detach()[tok]
             if self.moe.storage in ("fused", "flat"):
-                experts = model.get_submodule(self.moe.experts)
                 o = experts.forward(hs, e[:, None], torch.ones_like(w.reshape(-1, 1)))
                 o = o.reshape(-1, H)
             else:
-                experts = model.get_submodule(self.moe.experts)
                 o = torch.zeros_like(hs)
                 for j in torch.unique(e).tolist():
                     sel = (e == j).nonzero().flatten()
