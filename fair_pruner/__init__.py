@@ -33,8 +33,10 @@ def score(model, loader, **kwargs) -> ScoreBook:
 def prune(model, plan: Plan, inplace: bool = False, **options):
     """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``).
 
-    LLM plans also take ``reconstruct="lstsq", book=book`` (update each consumer's kept weights
-    from the book's calibration statistics; see :mod:`fair_pruner.llm.reconstruct`).
+    With ``book=book`` (the score book the plan came from) each consumer of removed units is
+    first updated from the book's calibration statistics: ``reconstruct="auto"`` (default:
+    ``"affine"`` least squares when the book has Gram matrices, else ``"bias"`` for LLMs / none
+    for CNNs), ``"affine"``, ``"lstsq"``, ``"bias"`` or None (:mod:`fair_pruner.reconstruct`).
     """
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "

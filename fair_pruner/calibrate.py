@@ -140,7 +140,8 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
           samples_per_class: int = 32, max_classes: int = 100, projections: int = 128,
           u_mode: str = "sliced", seed: int = 0, device=None, ignore: Sequence = (),
           progress: bool = True, memory_budget: int = 4 << 30, bn_mode: str = "eval",
-          signals: Sequence[Signal] = ()) -> ScoreBook:
+          signals: Sequence[Signal] = (), reconstruction: bool = False,
+          gram_memory: float = 4.0) -> ScoreBook:
     """Calibrate ``model`` on a labelled ``loader`` and return its :class:`ScoreBook`.
 
     Args:
@@ -161,6 +162,12 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         bn_mode: ``"eval"`` (default) or ``"train"`` (batch statistics, as the reference does;
             running stats are restored afterwards).
         signals: extra :class:`~fair_pruner.signals.Signal` objects to compute and store.
+        reconstruction: also collect, for every consumer that reads a group's channels
+            linearly (``nn.Linear``, or ``nn.Conv2d`` with ``groups=1`` and zero padding), the
+            mean and Gram matrix of its input (im2col patches for a conv: (C·kh·kw)² fp32), so
+            ``fp.prune(model, plan, book=book)`` can update its kept weights
+            (:mod:`fair_pruner.reconstruct`). Consumers over ``gram_memory`` GiB in total are
+            left out, largest first, with a warning (``book.meta["reconstruction_skipped"]``).
     """
 
     t0 = time.perf_counter()
@@ -229,14 +236,21 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                               u_mode, memory_budget)
         run = _Run(work, producers, loader, loss_fn, num_classes, device, progress, res,
                    Sampling(tuple(classes), samples_per_class, projections, u_mode, seed))
+        grams = _ConsumerStats(work, specs, gram_memory) if reconstruction else None
         _set_modes(work, bn_mode)
-        stats = _pass_one(run, chunks[0], first, it)
+        try:
+            stats = _pass_one(run, chunks[0], first, it)
+        finally:
+            if grams is not None:
+                grams.remove()
         _set_modes(work, "eval")
         for chunk in chunks[1:]:
             _u_pass(run, chunk, stats["label_hashes"])
 
     counts = res.counts()
     groups = _assemble(specs, producers, all_signals, seed)
+    if grams is not None:
+        grams.store(groups)
     meta = {
         "fingerprint": fingerprint, "seed": seed, "num_classes": num_classes,
         "classes_used": [int(c) for c, n in zip(classes, counts) if n >= 2],
@@ -247,10 +261,91 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         "ignored": [probe["names"].get(m, str(m)) for m in ignored],
         "skipped_groups": skipped,
         "input_spec": map_tensors(example, lambda t: {"shape": list(t.shape), "dtype": str(t.dtype)}),
+        "reconstruction_stats": grams is not None,
+        "reconstruction_skipped": grams.skipped if grams is not None else [],
         "kind": "cnn", "seconds": time.perf_counter() - t0,
         "torch": torch.__version__,
     }
     return ScoreBook(groups, cost, meta)
+
+
+def consumer_columns(mod: nn.Module, chans: Sequence[int]) -> Tensor:
+    """Columns of a consumer's 2-D weight view (and of its input statistics) that carry input
+    channels ``chans``: a Conv2d's im2col layout is channel-major (c, kh, kw)."""
+    chans = torch.as_tensor(list(chans), dtype=torch.int64)
+    if isinstance(mod, nn.Conv2d):
+        k = mod.kernel_size[0] * mod.kernel_size[1]
+        return (chans[:, None] * k + torch.arange(k)[None]).flatten()
+    return chans
+
+
+def reconstructable(mod: nn.Module) -> bool:
+    """Whether ``mod`` reads its input channels linearly, all of them in every output."""
+    if isinstance(mod, nn.Linear):
+        return True
+    return (isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
+            and isinstance(mod.padding, tuple))
+
+
+class _ConsumerStats:
+    """Forward pre-hooks summing each reconstructable consumer's input rows: Σ x, Σ x xᵀ, n."""
+
+    def __init__(self, model: nn.Module, specs, gram_memory: float):
+        mods = dict(model.named_modules())
+        names = []
+        for spec in specs:
+            for m in spec.consumers:
+                if m.module not in names and reconstructable(mods[m.module]):
+                    names.append(m.module)
+        width = {n: mods[n].weight[0].numel() for n in names}
+        budget, self.skipped = gram_memory * 2 ** 30, []
+        for n in sorted(names, key=lambda n: -width[n]):       # drop the largest first
+            if sum(width[k] ** 2 * 4 for k in names if k not in self.skipped) <= budget:
+                break
+            self.skipped.append(n)
+        if self.skipped:
+            warnings.warn(f"fair_pruner: reconstruction statistics of {len(self.skipped)} "
+                          f"consumers (e.g. {self.skipped[0]}, {width[self.skipped[0]]} inputs) "
+                          f"exceed gram_memory={gram_memory:g} GiB; they will not be updated")
+        self.stats: Dict[str, list] = {}
+        self.handles = [mods[n].register_forward_pre_hook(self._hook(n))
+                        for n in names if n not in self.skipped]
+
+    def _hook(self, name: str):
+        def hook(mod, args):
+            x = args[0].detach()
+            if isinstance(mod, nn.Conv2d):
+                cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            else:
+                rows = x.reshape(-1, x.shape[-1])
+            rows = rows.float()
+            st = self.stats.get(name)
+            if st is None:
+                C = rows.shape[1]
+                st = self.stats[name] = [torch.zeros(C, dtype=torch.float64, device=rows.device),
+                                         torch.zeros(C, C, device=rows.device), 0]
+            st[0] += rows.sum(dim=0).double()
+            st[1] += ops.gram(rows)
+            st[2] += rows.shape[0]
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def store(self, groups: List[Group]) -> None:
+        """Each consumer's statistics go to the first group that lists it."""
+        done = set()
+        for g in groups:
+            for m in g.spec.consumers:
+                st = self.stats.get(m.module)
+                if st is None or m.module in done:
+                    continue
+                done.add(m.module)
+                g.tensors[f"mean@{m.module}"] = (st[0] / max(1, st[2])).float().cpu()
+                g.tensors[f"gram@{m.module}"] = st[1].cpu()
+                g.meta[f"tokens@{m.module}"] = int(st[2])
 
 
 def _validate(spc, maxc, proj, u_mode, bn_mode, budget):

@@ -27,14 +27,16 @@ def _demo(args) -> int:
 
     calib = Subset(train, list(range(min(args.calib, len(train)))))
     book = fp.score(model, DataLoader(calib, batch_size=64), seed=args.seed,
-                    progress=not args.quiet)
+                    progress=not args.quiet, reconstruction=True)
     if args.tod is not None:
         plan = fp.allocate(book, tod=args.tod, strategy="tod")
     else:
         plan = fp.allocate(book, params=args.params, strategy=args.strategy)
-    pruned = fp.prune(model, plan)
+    pruned = fp.prune(model, plan, reconstruct=None)
     acc1 = data.accuracy(pruned, test)
     p1 = data.count_params(pruned)
+    rebuilt = fp.prune(model, plan, book=book)       # + affine least-squares reconstruction
+    acc_r = data.accuracy(rebuilt, test)
     data.train(pruned, train, epochs=args.finetune, lr=1e-3, seed=args.seed)
     acc2 = data.accuracy(pruned, test)
 
@@ -44,6 +46,7 @@ def _demo(args) -> int:
     say(f"{'':22}{'params':>10}{'MACs':>12}{'test acc':>10}")
     say(f"{'dense':22}{p0:>10,}{plan.flops_before:>12,}{acc0:>10.2%}")
     say(f"{'pruned (one-shot)':22}{p1:>10,}{plan.flops_after:>12,}{acc1:>10.2%}")
+    say(f"{'  + reconstruction':22}{data.count_params(rebuilt):>10,}{'':>12}{acc_r:>10.2%}")
     say(f"{f'pruned + {args.finetune} ep fine-tune':22}{p1:>10,}{plan.flops_after:>12,}"
         f"{acc2:>10.2%}")
     say(f"calibration {book.meta['seconds']:.2f} s on {book.meta['calibration_samples']} images;"
@@ -137,10 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--seq-len", type=int, default=512, dest="seq_len")
     lm.add_argument("--num-seqs", type=int, default=64, dest="num_seqs")
     lm.add_argument("--round-to", type=int, default=1, dest="round_to")
-    lm.add_argument("--reconstruct", action="store_true",
-                    help="refit the kept down_proj / o_proj columns by least squares on the "
-                         "calibration data (stores each consumer's input Gram matrix)")
-    lm.add_argument("--strategy", choices=("tod", "uniform"), default="tod")
+    lm.add_argument("--reconstruct", choices=("auto", "affine", "lstsq", "bias", "none"),
+                    default="auto",
+                    help="update each down_proj / o_proj after removal from the calibration "
+                         "statistics: affine (least squares with a bias), lstsq (without), bias "
+                         "(FLAP's mean compensation), none; auto (default): affine when the "
+                         "Gram matrices fit in --gram-memory, else bias")
+    lm.add_argument("--gram-memory", type=float, default=4.0, dest="gram_memory", metavar="GIB",
+                    help="memory budget for the reconstruction Gram matrices (default 4 GiB)")
+    lm.add_argument("--strategy", choices=("tod", "uniform", "global"), default="tod",
+                    help="tod (default), uniform (same fraction per group) or global (FLAP)")
+    lm.add_argument("--signal", default=None,
+                    help="removal signal (default: the book's recommendation per unit kind); "
+                         "u, wanda, fluctuation, obs, taylor, activation, l1, l2, random")
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of kept ratios")
     lm.add_argument("-q", "--quiet", action="store_true")

@@ -100,11 +100,14 @@ class SketchTap:
 def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable[Batch],
                   res: Reservoir, sampling: Sampling, sketch: Sequence[SketchTap] = (),
                   progress: bool = True, total: Optional[int] = None,
-                  desc: str = "fair_pruner: calibrating") -> int:
+                  desc: str = "fair_pruner: calibrating", params: Sequence[Tensor] = (),
+                  on_param_grads: Optional[Callable[[Sequence[Optional[Tensor]]], None]] = None
+                  ) -> int:
     """One forward + backward per batch feeds every tap (the R-Score's Taylor terms and the
     moments, via ``Tap.accumulate``) and stores the reservoir-selected U samples of the taps in
-    ``sketch``. Gradients come from ``torch.autograd.grad`` w.r.t. the tapped tensors only, so no
-    parameter's ``.grad`` is touched. Returns the number of sample rows seen."""
+    ``sketch``. Gradients come from ``torch.autograd.grad`` w.r.t. the tapped tensors only (and
+    the leaf tensors in ``params``, handed per batch to ``on_param_grads``), so no parameter's
+    ``.grad`` is touched. Returns the number of sample rows seen."""
     from tqdm.auto import tqdm
 
     live: Dict[int, Tensor] = {}
@@ -141,8 +144,12 @@ def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable
                     raise NonFiniteError(f"the loss is {loss.item()} on batch {bi}: check the "
                                          "model, the inputs and the labels (label out of range?)")
                 order = [i for i in range(len(taps)) if i in live]
-                grads = torch.autograd.grad(loss, [live[i] for i in order], allow_unused=True)
+                grads = torch.autograd.grad(loss, [live[i] for i in order] + list(params),
+                                            allow_unused=True)
             del out, loss
+            if params:
+                on_param_grads(grads[len(order):])
+                grads = grads[:len(order)]
             for i, g in zip(order, grads):
                 z = live[i].detach()
                 taps[i].ran = True

@@ -1,7 +1,10 @@
 """Allocation: score book -> :class:`Plan` (which units of which group to remove).
 
 ``strategy="tod"`` gives each group its own depth from one shared tolerance α (FAIR-Pruner);
-``strategy="uniform"`` removes the same fraction of every group (the ablation baseline). A target
+``strategy="uniform"`` removes the same fraction of every group (the ablation baseline);
+``strategy="global"`` ranks every unit of the model on its removal signal and removes the lowest
+ones, one threshold for all groups (FLAP's adaptive structure search, An et al. 2024, with its
+standardised ``flap`` signal). A target
 (``params=``, ``flops=`` or ``units=``, fractions of the whole model removed) is met by searching
 α (or the uniform fraction) over the exact breakpoints of the step function it drives, without
 rescoring: the plan reports the α found and the reduction actually reached (docs/method.md,
@@ -132,7 +135,7 @@ class Plan:
 def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[float] = None,
              flops: Optional[float] = None, units: Optional[float] = None,
              experts: Optional[float] = None, strategy: str = "tod", round_to: int = 1,
-             cap: float = 0.99, signal: str = "u", protect: str = "r",
+             cap: float = 0.99, signal: Optional[str] = None, protect: Optional[str] = None,
              tiers: bool = True) -> Plan:
     """Choose the units to remove.
 
@@ -141,10 +144,16 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         tod: the shared tolerance α in [0, 1] (default 0.05 when no target is given).
         params, flops, units: instead of ``tod``, a fraction in (0, 1) of the model's
             parameters / MACs / prunable units to remove; α is searched to reach it.
-        strategy: ``"tod"`` or ``"uniform"`` (same fraction per group; needs a target).
+        strategy: ``"tod"``, ``"uniform"`` (same fraction per group; needs a target) or
+            ``"global"`` (one threshold on the removal signal over all groups, as FLAP does
+            with its ``flap`` signal, which is standardised per layer; needs a target; the
+            signal must be comparable across groups).
         round_to: keep a multiple of this many units per group (rounded up; never 0).
         cap: at most floor(cap * n) units of a group are removed.
-        signal / protect: names of the removal and protection signals in the book.
+        signal / protect: names of the removal and protection signals in the book, for every
+            group. Default: each group's own recommendation (``group.meta["default_signal"]`` /
+            ``["default_protect"]``, set by the adapter that scored it, e.g. ``wanda`` for LLM
+            neurons and heads), else ``"u"`` / ``"r"`` (the paper's U- and R-Scores).
         tiers: with a ToD target, meet it with the lowest ``Group.tier`` that can reach it
             (LLM attention heads are tier 1: cut only when the MLP neurons cannot reach the
             target; see docs/method.md). ``tiers=False``: one α over every group at once.
@@ -153,22 +162,23 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
             :func:`fair_pruner.llm.moe.allocate_experts`). Dense groups of the book are pruned
             at ``tod`` if given, else kept.
     """
+    sig_of = _resolve_signals(book, signal, protect)
     if experts is not None:
         if params is not None or flops is not None or units is not None:
             raise TargetError("experts= cannot be combined with params=/flops=/units=; give "
                               "tod= for the dense groups instead")
-        return _allocate_experts(book, experts, strategy=strategy, cap=cap, signal=signal,
-                                 protect=protect, tod=tod)
+        return _allocate_experts(book, experts, strategy=strategy, cap=cap, sig_of=sig_of,
+                                 tod=tod)
     targets = {k: v for k, v in (("params", params), ("flops", flops), ("units", units))
                if v is not None}
     if len(targets) > 1:
         raise TargetError(f"give at most one target, got {sorted(targets)}")
     if targets and tod is not None:
         raise TargetError("give either tod= or a target (params=/flops=/units=), not both")
-    if strategy not in ("tod", "uniform"):
-        raise TargetError(f"strategy must be 'tod' or 'uniform', got {strategy!r}")
-    if strategy == "uniform" and not targets:
-        raise TargetError("strategy='uniform' needs a target: params=, flops= or units=")
+    if strategy not in STRATEGIES:
+        raise TargetError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy != "tod" and not targets:
+        raise TargetError(f"strategy={strategy!r} needs a target: params=, flops= or units=")
     if tod is None and not targets:
         tod = 0.05
     if tod is not None and not (isinstance(tod, (int, float)) and 0.0 <= tod <= 1.0):
@@ -182,10 +192,12 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         raise TargetError("cap must lie in (0, 1)")
     if not book.groups:
         raise FairPrunerError("the score book has no groups")
-    for s in (signal, protect):
-        if s not in book.signal_names:
-            raise FairPrunerError(f"signal {s!r} is not in this score book (it has "
-                                  f"{book.signal_names}); add it with book.set_signal()")
+    for g in book.groups:
+        for s in sig_of[g.name]:
+            if s not in g.signals:
+                raise FairPrunerError(f"signal {s!r} is not in this score book for group "
+                                      f"{g.name} (it has {sorted(g.signals)}); add it with "
+                                      "book.set_signal()")
 
     sizes = torch.tensor([g.size for g in book.groups], dtype=torch.int64)
     # Each group carries its own constraints (see Group): round_to only for widths, a floor of
@@ -211,8 +223,8 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
 
     opened = None
     if strategy == "tod":
-        curves = ToDCurves([g.signals[signal] for g in book.groups],
-                           [g.signals[protect] for g in book.groups], cap)
+        curves = ToDCurves([g.signals[sig_of[g.name][0]] for g in book.groups],
+                           [g.signals[sig_of[g.name][1]] for g in book.groups], cap)
         counts_at: Callable = lambda a: rounded(curves.m_hat(a))
         if targets:
             # Tiers (docs/method.md, "Targets"): a target is met with the lowest tiers that can
@@ -232,6 +244,15 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
             alpha = _search(cands, counts_at, reduction, targets)
         else:
             alpha = float(tod)
+    elif strategy == "global":
+        cap_m = torch.floor(cap * sizes.double()).to(torch.int64)
+        zs = [torch.sort(g.signals[sig_of[g.name][0]].double()).values for g in book.groups]
+        counts_at = lambda t: rounded(torch.minimum(torch.stack([
+            torch.searchsorted(v, torch.tensor([float(t)], dtype=torch.float64),
+                               right=True)[0] for v in zs]), cap_m))
+        cands = torch.unique(torch.cat([torch.tensor([-math.inf], dtype=torch.float64)] + zs))
+        alpha_f = _search(cands, counts_at, reduction, targets)
+        alpha = None
     else:
         cap_m = torch.floor(cap * sizes.double()).to(torch.int64)
         counts_at = lambda f: rounded(torch.minimum(
@@ -242,14 +263,42 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         alpha_f = _search(torch.tensor(fr, dtype=torch.float64), counts_at, reduction, targets)
         alpha = None
     m = counts_at(alpha if strategy == "tod" else alpha_f)
+    if strategy == "global":
+        m = torch.maximum(m, torch.zeros_like(m))
 
     removed = {}
     for g, k in zip(book.groups, m.tolist()):
-        removed[g.name] = _lowest(g, signal, k)
-    return _make_plan(book, removed, alpha=alpha, strategy=strategy, signal=signal,
-                      protect=protect, target=targets or None, cap=cap, round_to=round_to,
-                      meta={"uniform_fraction": None if strategy == "tod" else float(alpha_f),
+        removed[g.name] = _lowest(g, sig_of[g.name][0], k)
+    return _make_plan(book, removed, alpha=alpha, strategy=strategy,
+                      **_signal_fields(book, sig_of), target=targets or None, cap=cap,
+                      round_to=round_to,
+                      meta={"uniform_fraction": float(alpha_f) if strategy == "uniform"
+                            else None,
+                            "global_threshold": float(alpha_f) if strategy == "global" else None,
                             "tiers_opened": opened})
+
+
+STRATEGIES = ("tod", "uniform", "global")
+
+
+def _resolve_signals(book: ScoreBook, signal: Optional[str], protect: Optional[str]):
+    """Group name -> (removal, protection) signal names: the caller's, else the group's
+    recommendation, else the book's, else U / R."""
+    out = {}
+    for g in book.groups:
+        out[g.name] = (signal or g.meta.get("default_signal")
+                       or book.meta.get("default_signal") or "u",
+                       protect or g.meta.get("default_protect")
+                       or book.meta.get("default_protect") or "r")
+    return out
+
+
+def _signal_fields(book: ScoreBook, sig_of) -> Dict[str, Any]:
+    """Plan.signal / Plan.protect: the name, or ``a|b`` when groups use different ones (each
+    group's own follow from its ``meta["default_signal"]``)."""
+    names = [sorted({sig_of[g.name][i] for g in book.groups}) for i in (0, 1)]
+    return {"signal": "|".join(names[0]), "protect": "|".join(names[1])}
+
 
 
 def _lowest(g, signal: str, k: int) -> List[int]:
@@ -294,7 +343,7 @@ def _search(cands: Tensor, counts_at, reduction, targets) -> float:
 
 
 def _allocate_experts(book: ScoreBook, fraction: float, *, strategy: str = "tod",
-                      cap: float = 0.99, signal: str = "u", protect: str = "r",
+                      cap: float = 0.99, sig_of: Dict[str, Any],
                       tod: Optional[float] = None) -> Plan:
     """:func:`allocate` with ``experts=fraction``: an exact count of units over the expert groups.
 
@@ -318,7 +367,7 @@ def _allocate_experts(book: ScoreBook, fraction: float, *, strategy: str = "tod"
         raise TargetError("experts= needs routed-expert groups in the score book; this book has "
                           "none (score an MoE model with fp.score)")
     for g in egroups:
-        for s in (signal, protect) if strategy == "tod" else (signal,):
+        for s in sig_of[g.name] if strategy == "tod" else sig_of[g.name][:1]:
             if s not in g.signals:
                 raise FairPrunerError(f"signal {s!r} is missing for expert group {g.name} (it "
                                       f"has {sorted(g.signals)}); add it with book.set_signal()")
@@ -334,7 +383,7 @@ def _allocate_experts(book: ScoreBook, fraction: float, *, strategy: str = "tod"
             f"experts={fraction} asks for {budget} of {total} routed experts, but at most "
             f"{sum(cap_m)} can go while every layer keeps >= top_k experts (top_k per layer "
             f"{sorted(set(floor))}, cap={cap}). Lower the target")
-    u = [g.signals[signal].double() for g in egroups]
+    u = [g.signals[sig_of[g.name][0]].double() for g in egroups]
     rel = [x / x.mean() if float(x.mean()) > 0 else torch.zeros_like(x) for x in u]
     order = [torch.argsort(x, stable=True) for x in u]
 
@@ -344,7 +393,7 @@ def _allocate_experts(book: ScoreBook, fraction: float, *, strategy: str = "tod"
     alpha = None
     G = len(egroups)
     if strategy == "tod":
-        curves = ToDCurves(u, [g.signals[protect] for g in egroups], cap)
+        curves = ToDCurves(u, [g.signals[sig_of[g.name][1]] for g in egroups], cap)
         overlaps = [curves.curve(i) for i in range(G)]
         cands = sorted({0.0} | {float(overlaps[i][m]) / m for i in range(G)
                                 for m in range(1, cap_m[i] + 1)})
@@ -381,14 +430,14 @@ def _allocate_experts(book: ScoreBook, fraction: float, *, strategy: str = "tod"
     dense_alpha = None
     others = [g for g in book.groups if g.name not in removed and not g.frozen]
     if others and tod is not None:
-        dcurves = ToDCurves([g.signals[signal] for g in others],
-                            [g.signals[protect] for g in others], cap)
+        dcurves = ToDCurves([g.signals[sig_of[g.name][0]] for g in others],
+                            [g.signals[sig_of[g.name][1]] for g in others], cap)
         for g, k in zip(others, dcurves.m_hat(float(tod)).tolist()):
-            removed[g.name] = _lowest(g, signal, min(k, g.size - g.min_keep))
+            removed[g.name] = _lowest(g, sig_of[g.name][0], min(k, g.size - g.min_keep))
         dense_alpha = float(tod)
     kept = {g.name: g.size - len(removed[g.name]) for g in egroups}
     return _make_plan(
-        book, removed, alpha=alpha, strategy=strategy, signal=signal, protect=protect,
+        book, removed, alpha=alpha, strategy=strategy, **_signal_fields(book, sig_of),
         target={"experts": float(fraction)}, cap=cap, round_to=1,
         meta={"uniform_fraction": None,
               "experts": {"budget": budget, "total": total, "fraction_reached": budget / total,

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 from . import adapters
 from .errors import BookMismatchError, FairPrunerError
+from .calibrate import consumer_columns
 from .graph import build_dependency_graph
 from .plan import Plan
+from .reconstruct import METHODS, set_bias, update
 
 
 def _example_from_spec(spec: Any, device) -> Any:
@@ -30,19 +32,80 @@ def _example_from_spec(spec: Any, device) -> Any:
     return spec
 
 
-def _no_options(options) -> None:
+def _options(options, plan: Plan):
+    """(method or None, book, damp) from ``fp.prune``'s options for a CNN plan."""
     unknown = sorted(set(options) - {"reconstruct", "book", "damp"})
     if unknown:
         raise FairPrunerError(f"unknown option(s) {unknown} for a CNN plan")
-    if options.get("reconstruct") is not None:
-        raise FairPrunerError("reconstruct= is implemented for Hugging Face LM plans only; CNN "
-                              "plans are pruned without weight reconstruction (fine-tune instead)")
+    method, book = options.get("reconstruct", "auto"), options.get("book")
+    if method == "auto":
+        method = "affine" if book is not None and book.meta.get("reconstruction_stats") else None
+    if method is None:
+        return None, book, 0.0
+    if method not in METHODS:
+        raise FairPrunerError(f"reconstruct={method!r}: choose one of {METHODS}, 'auto' or None")
+    if book is None:
+        raise FairPrunerError(f"reconstruct={method!r} needs the score book the plan came from: "
+                              "fp.prune(model, plan, reconstruct=..., book=book)")
+    if not book.meta.get("reconstruction_stats"):
+        raise FairPrunerError(f"reconstruct={method!r} needs reconstruction statistics, and this "
+                              "score book has none: score with fp.score(model, loader, "
+                              "reconstruction=True) and re-plan from that book")
+    if book.fingerprint and plan.fingerprint and book.fingerprint != plan.fingerprint:
+        raise BookMismatchError("the book is not the one this plan was made from")
+    return method, book, float(options.get("damp", 1e-2))
+
+
+def _removed_inputs(book, plan: Plan) -> Dict[str, List[int]]:
+    """Consumer module -> its input channels (Linear: features) that the plan removes."""
+    out: Dict[str, List[int]] = {}
+    for g in book.groups:
+        rem = set(plan.removed.get(g.name, []))
+        if not rem:
+            continue
+        for m in g.spec.members:
+            if m.role == "consumer":
+                out.setdefault(m.module, []).extend(i for i, r in zip(m.idxs, m.root_idxs)
+                                                    if r in rem)
+    return {k: sorted(set(v)) for k, v in out.items() if v}
+
+
+def _reconstruct(model: nn.Module, plan: Plan, book, method: str, damp: float) -> None:
+    """Update, in place, every consumer with statistics in ``book`` that loses input channels."""
+    stats = {}
+    for g in book.groups:
+        for key, t in g.tensors.items():
+            if key.startswith("gram@"):
+                name = key[5:]
+                stats[name] = (t, g.tensors[f"mean@{name}"], int(g.meta[f"tokens@{name}"]))
+    mods = dict(model.named_modules())
+    for name, chans in _removed_inputs(book, plan).items():
+        if name not in stats:          # not reconstructable (e.g. depthwise) or over budget
+            continue
+        mod = mods[name]
+        gram, mean, n = stats[name]
+        W = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+        if W.shape[1] != mean.numel():
+            raise BookMismatchError(f"{name}: the book's statistics cover {mean.numel()} inputs "
+                                    f"but the module has {W.shape[1]}; wrong book")
+        b = mod.bias.detach().cpu() if mod.bias is not None else None
+        newW, newb = update(W.cpu(), b, consumer_columns(mod, chans), method, mean=mean,
+                            gram=gram, tokens=n, damp=damp, what=name)
+        with torch.no_grad():
+            mod.weight.copy_(newW.reshape(mod.weight.shape).to(mod.weight.device))
+        if newb is not None:
+            set_bias(mod, newb)
 
 
 def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.Module:
-    """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``)."""
+    """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``).
+
+    Options: ``book=`` and ``reconstruct=`` ("auto" (default): "affine" when ``book`` was scored
+    with ``reconstruction=True``, else none; "affine", "lstsq", "bias" or None) update each
+    Conv/Linear consumer of removed channels first (:mod:`fair_pruner.reconstruct`).
+    """
     Plan.check(plan, model)
-    _no_options(options)
+    method, book, damp = _options(options, plan)
     target = model if inplace else copy.deepcopy(model)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
     modes = {n: m.training for n, m in target.named_modules()}
@@ -50,6 +113,8 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     example = _example_from_spec(plan.meta["input_spec"], device)
     was_training = target.training
     target.eval()
+    if method is not None:           # before the graph: a consumer may gain a bias
+        _reconstruct(target, plan, book, method, damp)
     DG = build_dependency_graph(target, example)
     roots = {}
     for name in plan.removed:
@@ -101,13 +166,16 @@ class _MaskedLayerNorm(nn.Module):
 def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
     """A copy of ``model`` where the plan's removed units are zeroed at their consumers.
 
-    Needs the score book's group structure (consumer modules and channel indices).
+    Needs the score book's group structure (consumer modules and channel indices). With
+    ``reconstruct=`` (as :func:`prune`; "auto" by default) the consumers are updated first.
     """
-    _no_options(options)
     if book is None:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
+    method, _, damp = _options(dict(options, book=book), plan)
     Plan.check(plan, model)
     masked = copy.deepcopy(model)
+    if method is not None:
+        _reconstruct(masked, plan, book, method, damp)
     mods = dict(masked.named_modules())
     zero_in: Dict[str, List[int]] = {}
     norm_keep: Dict[str, set] = {}

@@ -99,7 +99,7 @@ LM_VOCAB = 61
 LM_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, vocab_size=LM_VOCAB,
                 max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                n_inner=48, ffn_dim=48, num_layers=2, d_model=32, moe_intermediate_size=16,
+                n_inner=48, ffn_dim=48, ffn_hidden_size=48, num_layers=2, d_model=32, moe_intermediate_size=16,
                 shared_expert_intermediate_size=16, n_routed_experts=6, num_experts=6,
                 num_local_experts=6, num_experts_per_tok=2, n_shared_experts=1,
                 first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,

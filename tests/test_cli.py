@@ -26,6 +26,7 @@ def test_demo_and_allocate(tmp_path, capsys, monkeypatch):
                  "--plot", str(png), "--save-book", str(book)]) == 0
     out = capsys.readouterr().out
     assert "pruned (one-shot)" in out and "features.0" in out and "params" in out
+    assert "+ reconstruction" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["allocate", str(book), "--tod", "0.1", "--out", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out

@@ -372,7 +372,8 @@ def test_error_bad_heads_option():
 # CLI
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [[], ["--reconstruct"]])
+@pytest.mark.parametrize("extra", [[], ["--reconstruct", "none"], ["--reconstruct", "bias"],
+                                   ["--strategy", "global", "--signal", "wanda"]])
 def test_cli_prune_lm_end_to_end(tmp_path, capsys, extra):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -395,6 +396,8 @@ def test_cli_prune_lm_end_to_end(tmp_path, capsys, extra):
     assert rc == 0
     shown = capsys.readouterr().out
     assert "attention kept" in shown and "-2" in shown
+    want = extra[1] if extra[:1] == ["--reconstruct"] else "affine"
+    assert f"reconstruction: {want}" in shown
     assert png.exists() and (out / "score_book.safetensors").exists()
     assert (out / "tokenizer.json").exists()
     re = fp.from_pretrained(out)

@@ -74,3 +74,45 @@ def test_matches_authors_rule():
         theirs = get_ratios(None, results, layers2prune=list(range(len(sizes))), ToD_level=alpha)
         ours = ToDCurves(us, rs).m_hat(alpha).tolist()
         assert ours == theirs, alpha
+
+
+def _linear_book(sigs, unit_cost):
+    """A book of groups with one signal 'u' (and 'r') and params = Σ units x unit_cost."""
+    from fair_pruner.cost import CostBuilder
+    from fair_pruner.scorebook import Group, GroupSpec, ScoreBook
+
+    b = CostBuilder()
+    groups = []
+    for gi, (v, c) in enumerate(zip(sigs, unit_cost)):
+        v = torch.as_tensor(v, dtype=torch.float64)
+        b.dim(("g", gi), size=v.numel(), group=gi, width=1.0)
+        b.term(float(c), [("g", gi)])
+        groups.append(Group(f"g{gi}", v.numel(), {"u": v, "r": v.flip(0)},
+                            GroupSpec(f"g{gi}", v.numel())))
+    return ScoreBook(groups, b.build(), {"kind": "test"})
+
+
+def test_global_strategy_is_one_threshold_over_all_groups():
+    import fair_pruner as fp
+    g = torch.Generator().manual_seed(0)
+    sigs = [torch.randn(7, generator=g), torch.randn(20, generator=g) + 1.0,
+            torch.randn(1, generator=g)]
+    book = _linear_book(sigs, [3.0, 1.0, 5.0])
+    for target in (0.1, 0.3, 0.6):
+        plan = fp.allocate(book, params=target, strategy="global")
+        t = plan.meta["global_threshold"]
+        assert plan.params_reduction >= target - 1e-12
+        for v, gr in zip(sigs, book.groups):
+            want = sorted(torch.nonzero(v.double() <= t).flatten().tolist())
+            want = sorted(want, key=lambda i: float(v[i]))[: int(0.99 * v.numel())]
+            assert plan.removed[gr.name] == sorted(want)
+        # the smallest threshold that reaches the target: the next lower candidate falls short
+        below = [float(x) for v in sigs for x in v if float(x) < t]
+        if below:
+            kept = {gr.name: int((v.double() <= max(below)).sum()) for v, gr in zip(sigs, book.groups)}
+            p_rm = sum(min(k, int(0.99 * gr.size)) * c for (gn, k), gr, c in
+                       zip(kept.items(), book.groups, [3.0, 1.0, 5.0]))
+            assert p_rm / (7 * 3 + 20 + 5) < target
+    assert plan.removed["g2"] == []               # 1-unit group: cap 0.99 keeps it
+    with pytest.raises(fp.TargetError, match="needs a target"):
+        fp.allocate(book, strategy="global")

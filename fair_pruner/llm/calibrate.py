@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import resource
 import time
+import warnings
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -35,10 +36,15 @@ from ..cost import CostBuilder, CostModel
 from ..scorebook import Group, GroupSpec, Member, ScoreBook, model_fingerprint
 
 from ..signals import BUILTIN, Signal, UnitStats
-from .layout import Layout, UnitFamily, find_layout
+from .layout import Layout, UnitFamily, find_layout, is_conv1d, weight_oi
 from .verify import checked_layout
 
 KIND = "llm"
+# What fp.allocate uses for these unit kinds unless told otherwise (docs/method.md, "Signals for
+# language models"): remove by FLAP's fluctuation (the output variance that the default affine
+# reconstruction cannot restore), protect by the U-Score (next-token separability). MoE experts
+# keep the paper's U / R.
+DEFAULT_SIGNALS = {"neuron": ("fluctuation", "u"), "head": ("fluctuation", "u")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +134,8 @@ class _Tap(SketchTap):
         self.ch_sq = torch.zeros(fam.n_sub * fam.feat, dtype=torch.float64)
         self.tokens = 0
         self.handle = None         # what the family's install_tap returned (per-run state)
-        self.gram: Optional[Tensor] = None   # [C, C] fp64 sum of z zᵀ, when reconstruction asks
+        self.gram: Optional[Tensor] = None   # [C, C] fp32 sum of z zᵀ, when reconstruction asks
+        self.wgrad: Optional[Tensor] = None  # consumer weight's summed gradient (taylor signal)
 
     @property
     def where(self) -> str:
@@ -161,8 +168,8 @@ class _Tap(SketchTap):
         self.ch_sum += st[2]
         self.ch_sq += st[3]
         self.tokens += zv.shape[0]
-        if self.gram is not None:
-            self.gram += ops.gram(zv.detach()).double().cpu()
+        if self.gram is not None:     # fp32 on the calibration device: a GEMM per batch
+            self.gram += ops.gram(zv.detach())
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +179,9 @@ class _Tap(SketchTap):
 def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_class: int = 32,
           projections: int = 128, heads: str = "kv", seed: int = 0, device=None,
           progress: bool = True, signals: Sequence[Signal] = (),
-          roles: Optional[Sequence[str]] = None, reconstruction: bool = False) -> ScoreBook:
+          roles: Optional[Sequence[str]] = None, reconstruction="auto",
+          gram_memory: float = 4.0, weight_taylor: bool = False,
+          obs_signal: bool = False) -> ScoreBook:
     """Calibrate a Hugging Face causal LM on token batches and return its :class:`ScoreBook`.
 
     Args:
@@ -194,12 +203,24 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         roles: which unit families to score and prune (``"attention"``, ``"ffn"``; default:
             every one the architecture table lets this model prune); the others are kept whole
             but still count in the parameter/MAC totals (see :func:`restrict`).
-        reconstruction: also accumulate, per group, the Gram matrix Σ x xᵀ and the mean of the
-            consumer's input channels (``group.tensors["gram"]``, ``["mean"]``), so
-            ``fp.prune(..., reconstruct="lstsq", book=book)`` can update the kept weights.
-            Costs C² fp32 per group in the book (C = the consumer's input width: d_ff for an
-            MLP, heads x head_dim for attention): ~0.3 GB for SmolLM2-135M, ~28 GB for a 7B
-            Llama (32 x (14336² + 4096²) x 4 B); MoE expert groups have no consumer to update.
+        reconstruction: also accumulate, per group, the Gram matrix Σ x xᵀ of the consumer's
+            input channels (``group.tensors["gram"]``; the channel means ``["mean"]`` and the
+            token count ``meta["tokens"]`` are always stored), so ``fp.prune(..., book=book)``
+            can update the kept weights by least squares (:mod:`fair_pruner.llm.reconstruct`).
+            Costs C² fp32 per group, on the calibration device while scoring and in the book
+            (C = the consumer's input width: d_ff for an MLP, heads x head_dim for attention):
+            0.32 GB for SmolLM2-135M, 28.5 GB for a 7B Llama (32 x (14336² + 4096²) x 4 B);
+            MoE expert groups have no consumer to update. ``"auto"`` (default): collect them
+            when they fit in ``gram_memory`` GiB, else warn and collect only the means (the
+            ``"bias"`` reconstruction still works); True: collect them whatever the size.
+        gram_memory: the budget (GiB) for ``reconstruction="auto"``.
+        weight_taylor: also compute LLM-Pruner's element-wise first-order Taylor importance of
+            the consumer's weights, Σ |w · Σ_batches ∂L/∂w| over each unit's weight columns
+            (signal ``"taylor"``; costs the consumer weights' gradient GEMMs and one fp32 copy
+            of those weights).
+        obs_signal: with the Gram matrices, also compute the ``"obs"`` signal (the output error
+            the affine update leaves when a unit alone is removed; a C x C inverse per group:
+            O(C³), minutes per layer at 7B widths on a CPU).
 
     The book stores, per group, ``u``, ``r``, ``l1``, ``l2``, ``activation``, ``random`` and
     ``fluctuation`` (FLAP: variance of each tap channel times the squared norm of the weight
@@ -222,18 +243,29 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     cls, n_labelled, n_batches = _top_classes(loader, classes)
     res = Reservoir(cls, samples_per_class, seed)
     taps = [_Tap(f) for f in layout.prunable if f.role in roles]
+    reconstruction = _gram_wanted(taps, reconstruction, gram_memory)
     if reconstruction:
         for tp in taps:
             if tp.fam.kind != "expert":        # experts feed the residual stream directly
                 C = tp.fam.n_sub * tp.fam.feat
-                tp.gram = torch.zeros((C, C), dtype=torch.float64)
+                tp.gram = torch.zeros((C, C), dtype=torch.float32, device=device)
     seq_lens: List[int] = []
+    params, on_grads = _weight_grads(work, taps) if weight_taylor else ((), None)
 
     sampling = Sampling(tuple(cls), samples_per_class, projections, "sliced", seed)
+    flags = [p.requires_grad for p in params]
     with preserved(work, restore_buffers=False):
         work.eval()
-        gradient_pass(work, taps, _batches(loader, device, seq_lens), res, sampling, sketch=taps,
-                      progress=progress, total=n_batches, desc="fair_pruner: calibrating LM")
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            gradient_pass(work, taps, _batches(loader, device, seq_lens), res, sampling,
+                          sketch=taps, progress=progress, total=n_batches,
+                          desc="fair_pruner: calibrating LM", params=params,
+                          on_param_grads=on_grads)
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
     for tp in taps:
         finish_u(tp, res, cls)
 
@@ -241,7 +273,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     all_signals: Dict[str, Signal] = dict(BUILTIN)
     for s in signals:
         all_signals[s.name] = s
-    groups = [_group(work, tp, all_signals, seed) for tp in taps]
+    groups = [_group(work, tp, all_signals, seed, obs_signal) for tp in taps]
     cost = _cost_model(work, layout, context, [tp.fam for tp in taps])
     counts = res.counts()
     meta = {
@@ -250,7 +282,8 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "architecture": type(model).__name__, "layers_module": layout.layers_name,
         "in_architecture_table": layout.in_table, "frozen": layout.frozen(),
-        "reconstruction_stats": bool(reconstruction),
+        "reconstruction_stats": bool(reconstruction), "weight_taylor": bool(weight_taylor),
+        "obs_signal": bool(obs_signal and reconstruction),
         "num_layers": len(layout.layers), "classes": cls, "class_counts": counts,
         "classes_used": [c for c, n in zip(cls, counts) if n >= 2],
         "samples_per_class": samples_per_class, "projections": projections,
@@ -262,6 +295,40 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "torch": torch.__version__,
     }
     return ScoreBook(groups, cost, meta)
+
+
+def _gram_wanted(taps: Sequence[_Tap], reconstruction, gram_memory: float) -> bool:
+    """Resolve ``reconstruction`` ("auto" / bool) against the Gram matrices' size."""
+    if reconstruction not in ("auto", True, False):
+        raise CalibrationDataError(f"reconstruction must be 'auto', True or False, got "
+                                   f"{reconstruction!r}")
+    if reconstruction != "auto":
+        return bool(reconstruction)
+    need = sum((tp.fam.n_sub * tp.fam.feat) ** 2 * 4 for tp in taps if tp.fam.kind != "expert")
+    if need > gram_memory * 2 ** 30:
+        warnings.warn(f"fair_pruner: the reconstruction Gram matrices need {need / 2**30:.1f} GiB "
+                      f"(> gram_memory={gram_memory:g}); collecting only the channel means, so "
+                      "fp.prune can reconstruct with 'bias' only. Raise gram_memory or pass "
+                      "reconstruction=True for the least-squares update")
+        return False
+    return True
+
+
+def _weight_grads(model: nn.Module, taps: Sequence[_Tap]):
+    """The consumer weights of the taps and a callback summing their gradients (fp32)."""
+    params = []
+    for tp in taps:
+        cons = model.get_submodule(tp.fam.tap)
+        if tp.fam.kind == "expert" or not isinstance(getattr(cons, "weight", None), Tensor):
+            continue
+        tp.wgrad = torch.zeros_like(cons.weight, dtype=torch.float32)
+        params.append((tp, cons.weight))
+
+    def on_grads(grads):
+        for (tp, _), g in zip(params, grads):
+            if g is not None:
+                tp.wgrad += g.detach().float()
+    return [p for _, p in params], on_grads
 
 
 def _batches(loader: Iterable, device, seq_lens: List[int]) -> Iterable[Batch]:
@@ -288,7 +355,8 @@ def _batches(loader: Iterable, device, seq_lens: List[int]) -> Iterable[Batch]:
 # Signals, groups, costs
 # --------------------------------------------------------------------------------------------
 
-def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
+def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int,
+           obs_signal: bool = False) -> Group:
     fam = tp.fam
     subs = fam.sub_of_unit()                      # [size, k]
     k = subs.shape[1]
@@ -300,6 +368,9 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
     ch_var = (tp.ch_sq / ntok - ch_mean * ch_mean).clamp_min(0)
     flap_ch = ch_var * fam.tap_column_sq(model)
     flap = flap_ch.reshape(fam.n_sub, fam.feat).sum(dim=1)[subs].sum(dim=1)
+    per_unit = lambda ch: ch.reshape(fam.n_sub, fam.feat).sum(dim=1)[subs].sum(dim=1)
+    # Wanda-sp (An et al., FLAP paper): Σ_i |W_ij| · ||x_j||₂ over the unit's channels j.
+    wanda = per_unit(fam.tap_column_abs(model) * (tp.ch_sq / ntok).sqrt())
     # Unit-level moments (means over the unit's channels) for user signals.
     ch_sq_u = (tp.ch_sq / ntok).reshape(fam.n_sub, fam.feat).mean(dim=1)[subs].mean(dim=1)
     ch_mean_u = ch_mean.reshape(fam.n_sub, fam.feat).mean(dim=1)[subs].mean(dim=1)
@@ -317,6 +388,18 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
             raise NonFiniteError(f"signal {name!r} is not finite for group {fam.group_name}")
         sigs[name] = v
     sigs["fluctuation"] = flap
+    # FLAP's cross-layer score (An et al. 2024, its code's AL-AM structure): the channels'
+    # fluctuation standardised over the whole tap, then averaged over each unit's channels.
+    z = (flap_ch - flap_ch.mean()) / flap_ch.std().clamp_min(1e-300) if flap_ch.numel() > 1 \
+        else torch.zeros_like(flap_ch)
+    sigs["flap"] = z.reshape(fam.n_sub, fam.feat).mean(dim=1)[subs].mean(dim=1)
+    sigs["wanda"] = wanda
+    if tp.wgrad is not None:         # LLM-Pruner element-wise first-order Taylor (consumer)
+        cons = model.get_submodule(fam.tap)
+        imp = (cons.weight.detach().float() * tp.wgrad).abs()
+        sigs["taylor"] = per_unit((imp.T if is_conv1d(cons) else imp).double().sum(dim=0).cpu())
+    if obs_signal and tp.gram is not None and fam.kind != "expert":
+        sigs["obs"] = _obs(fam, model, tp.gram.double().cpu(), tp.ch_sum / ntok, ntok)
     if hasattr(tp.handle, "extra_signals"):       # e.g. MoE experts: routing freq, REAP
         sigs.update({k: v.double().cpu() for k, v in tp.handle.extra_signals().items()})
     members = [Member(m, role, [], []) for m, role in fam.members(model)]
@@ -325,15 +408,43 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int) -> Group:
             "sub_units": fam.n_sub, "features": fam.feat}
     if hasattr(fam, "extra_meta"):                # e.g. MoE experts: top_k, router
         meta.update(fam.extra_meta())
+    if fam.kind in DEFAULT_SIGNALS:
+        meta["default_signal"], meta["default_protect"] = DEFAULT_SIGNALS[fam.kind]
     if fam.kind == "head":
         meta.update({"head_dim": fam.head_dim, "num_heads": fam.n_heads,
                      "num_kv_heads": fam.n_kv, "mode": fam.mode})
-    extra = {} if tp.gram is None else {"gram": tp.gram.float(),
-                                        "mean": (tp.ch_sum / ntok).float()}
+    # Consumer-input statistics for weight reconstruction (fair_pruner.llm.reconstruct): the
+    # channel means always (C floats), the Gram matrix when asked (C² floats).
+    extra = {} if fam.kind == "expert" else {"mean": (tp.ch_sum / ntok).float()}
+    meta["tokens"] = int(tp.tokens)
+    if tp.gram is not None:
+        extra["gram"] = tp.gram.float().cpu()
     return Group(fam.group_name, fam.size, sigs, spec, fam.kind, meta,
                  min_keep=min(fam.min_keep(), fam.size), roundable=fam.round_to_applies,
                  tier=fam.tier,
                  tensors=extra)
+
+
+def _obs(fam: UnitFamily, model, gram: Tensor, mean: Tensor, n: int, damp: float = 1e-2) -> Tensor:
+    """Per unit: the consumer-output error (per token) left after removing the unit alone and
+    reconstructing it by affine least squares (OBS): tr(W_U [(S + λI)⁻¹]_UU⁻¹ W_Uᵀ) with S the
+    channels' covariance and U the unit's channels (for one channel: ||W_j||² / [S⁻¹]_jj).
+    FLAP's fluctuation, var(x_j) ||W_j||², is the same quantity with the correlations ignored."""
+    S = gram / max(1, n) - torch.outer(mean, mean)
+    S = S + damp * float(S.diagonal().mean().clamp_min(1e-12)) * torch.eye(S.shape[0],
+                                                                             dtype=S.dtype)
+    Sinv = torch.cholesky_inverse(torch.linalg.cholesky(S))
+    W = weight_oi(model.get_submodule(fam.tap)).detach().double().cpu()
+    chans = torch.stack([fam.removed_channels([u]) for u in range(fam.size)])   # [size, c]
+    if chans.shape[1] == 1:
+        c = chans[:, 0]
+        return W[:, c].pow(2).sum(dim=0) / Sinv.diagonal()[c]
+    out = torch.empty(fam.size, dtype=torch.float64)
+    for u in range(fam.size):
+        c = chans[u]
+        Wu = W[:, c]
+        out[u] = (Wu @ torch.linalg.inv(Sinv[c][:, c]) * Wu).sum()
+    return out
 
 
 def _check_roles(layout: Layout, roles: Sequence[str]) -> None:

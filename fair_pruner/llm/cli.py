@@ -101,13 +101,18 @@ def cli_prune_lm(args) -> int:
     if len(batches) < args.num_seqs:
         say(f"note: the text gives only {len(batches)} sequences of {args.seq_len} tokens")
     say(f"calibrating on {len(batches)} x {args.seq_len} tokens ...")
-    recon = bool(getattr(args, "reconstruct", False))
-    book = fp.score(model, batches, seed=args.seed, progress=not args.quiet, reconstruction=recon)
+    recon = getattr(args, "reconstruct", "auto")
+    recon = None if recon == "none" else recon
+    book = fp.score(model, batches, seed=args.seed, progress=not args.quiet,
+                    reconstruction={"auto": "auto", None: False, "bias": False}.get(recon, True),
+                    gram_memory=getattr(args, "gram_memory", 4.0))
     kw = {"params": args.params} if args.params is not None else {"tod": args.tod}
     if args.params is None and args.tod is None:
         kw = {"params": 0.2}
-    plan = fp.allocate(book, strategy=args.strategy, round_to=args.round_to, **kw)
-    pruned = fp.prune(model, plan, reconstruct="lstsq" if recon else None, book=book)
+    plan = fp.allocate(book, strategy=args.strategy, round_to=args.round_to,
+                       signal=getattr(args, "signal", None), **kw)
+    pruned = fp.prune(model, plan, reconstruct=recon, book=book)
+    say(f"reconstruction: {pruned._fair_pruner_reconstruct or 'none'}")
     save_pretrained(pruned, args.out, tokenizer=tok, plan=plan)
     book.save(os.path.join(args.out, "score_book.safetensors"))
     say("")

@@ -5,7 +5,8 @@ cannot round-trip through its own ``save_pretrained``/``from_pretrained``. A dir
 by :func:`save_pretrained` holds:
 
 * ``config.json``: the model's config plus a ``"fair_pruner"`` entry
-  ``{"format": 1, "layers": [{role: widths, ...}, ...]}`` (e.g. ``{"attention":
+  ``{"format": 1, "layers": [{role: widths, ...}, ...]}`` (format 2 adds ``"biases"``: the
+  modules weight reconstruction gave a bias) (e.g. ``{"attention":
   {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64}, "ffn":
   {"intermediate_size": 1200}}``), one dict per decoder layer;
 * ``model.safetensors``: the weights (tied weights stored once);
@@ -32,7 +33,7 @@ from ..errors import FairPrunerError
 from ..scorebook import atomic_write
 from ._hf import transformers_module
 from .layout import find_layout
-from .surgery import CONFIG_KEY, FORMAT, layer_widths
+from .surgery import CONFIG_KEY, FORMAT, config_entry
 
 WEIGHTS = "model.safetensors"
 PLAN = "fair_pruner_plan.json"
@@ -68,7 +69,7 @@ def _config_dict(model: nn.Module) -> Dict[str, Any]:
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     cfg["dtype"] = str(dtype).replace("torch.", "")
     cfg.pop("torch_dtype", None)
-    cfg[CONFIG_KEY] = {"format": FORMAT, "layers": layer_widths(model)}
+    cfg[CONFIG_KEY] = config_entry(model)
     return cfg
 
 
@@ -170,6 +171,11 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
                 raise FairPrunerError(f"{directory}: layer {layer.index} has no {role} block to "
                                       "resize")
             fams[role].resize(model, w)
+    for name in entry.get("biases", []):      # added by weight reconstruction
+        mod = model.get_submodule(name)
+        if getattr(mod, "bias", None) is None:
+            w = mod.weight
+            mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     with safe_open(os.path.join(directory, WEIGHTS), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("fair_pruner_aliases", "{}"))
         state = {k: f.get_tensor(k) for k in f.keys()}

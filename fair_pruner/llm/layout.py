@@ -192,6 +192,10 @@ class UnitFamily:
         """fp64 [n_sub * feat]: squared L2 norm of each input column of the tap (FLAP)."""
         return weight_oi(model.get_submodule(self.tap)).double().pow(2).sum(dim=0).cpu()
 
+    def tap_column_abs(self, model: nn.Module) -> Tensor:
+        """fp64 [n_sub * feat]: L1 norm of each input column of the tap (Wanda-sp)."""
+        return weight_oi(model.get_submodule(self.tap)).double().abs().sum(dim=0).cpu()
+
     def cost_terms(self, model: nn.Module, context: float) -> List[CostTerm]:
         raise NotImplementedError
 

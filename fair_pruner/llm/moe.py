@@ -558,6 +558,8 @@ class RoutedExperts(UnitFamily):
         # y_e is added to the residual stream unchanged: its consumer is the identity.
         return torch.ones(self.size * self.feat, dtype=torch.float64)
 
+    tap_column_abs = tap_column_sq
+
     # ---- cost -----------------------------------------------------------------------------
     def cost_terms(self, model: nn.Module, context: float) -> List[CostTerm]:
         """Params: every expert tensor and router row goes with its expert. MACs per token:

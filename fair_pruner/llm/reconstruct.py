@@ -1,32 +1,39 @@
-"""Weight reconstruction after removal: update each consumer's kept input columns.
+"""Weight reconstruction of LLM consumers (``down_proj`` for MLP neurons, ``o_proj`` for heads).
 
-A group's units reach the rest of the model through one consumer projection (``down_proj`` for
-MLP neurons, ``o_proj`` for heads), y = W x with x the consumer's input channels. Removing the
-channels R of x leaves y ≈ W_K x_K. With the calibration Gram matrix G = Σ x xᵀ (collected by
-``fp.score(..., reconstruction=True)``), the kept columns that reproduce y best in least squares
-over the calibration tokens are the closed form
-
-    W_K' = W_K + W_R G_RK (G_KK + λ I)⁻¹,      λ = damp · mean(diag G_KK)
-
-(the OBS / "numerical pruning" update: the removed channels' contribution is carried by their
-linear prediction from the kept ones). λ keeps a rank-deficient G_KK (fewer tokens than channels,
-dead channels) solvable; the solve is a Cholesky in fp64. ``method="lstsq"`` applies it;
-``method=None`` leaves the weights as they are.
+The update itself is :func:`fair_pruner.reconstruct.update` (``"bias"``, ``"lstsq"``,
+``"affine"``; docs/method.md, "Reconstruction"). A consumer without a bias (Llama's
+``down_proj``/``o_proj``) gets one: the pruned model records the module names in
+``config.fair_pruner["biases"]`` so :func:`fair_pruner.from_pretrained` rebuilds them, and
+``generate()`` works as before.
 
 Exactness: :func:`fair_pruner.llm.prune` and :func:`~fair_pruner.llm.mask` apply the same update
 before slicing / zeroing, so a reconstructed pruned model equals its masked reference.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import warnings
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import FairPrunerError
+from ..reconstruct import METHODS, NEEDS_GRAM, lstsq_update, set_bias, update
 from .layout import UnitFamily, is_conv1d, weight_oi
 
-METHODS = ("lstsq",)
+__all__ = ["METHODS", "default_method", "check_method", "reconstruct", "update", "lstsq_update"]
+
+
+def default_method(book) -> Optional[str]:
+    """``"affine"`` for a book scored with reconstruction statistics, else ``"bias"`` when the
+    book has channel means (every LLM book from this version), else None."""
+    if book is None:
+        return None
+    if book.meta.get("reconstruction_stats"):
+        return "affine"
+    if book.groups and all("mean" in g.tensors for g in book.groups if g.kind != "expert"):
+        return "bias"
+    return None
 
 
 def check_method(method: Optional[str], book) -> None:
@@ -37,52 +44,54 @@ def check_method(method: Optional[str], book) -> None:
     if book is None:
         raise FairPrunerError(f"reconstruct={method!r} needs the score book the plan came from: "
                               "fp.prune(model, plan, reconstruct=..., book=book)")
-    if not book.meta.get("reconstruction_stats"):
+    if method in NEEDS_GRAM and not book.meta.get("reconstruction_stats"):
         raise FairPrunerError(
-            "this score book has no reconstruction statistics: score with "
-            "fp.score(model, batches, reconstruction=True), then re-plan from that book")
-
-
-def lstsq_update(W: torch.Tensor, G: torch.Tensor, removed: torch.Tensor,
-                 damp: float = 1e-2) -> torch.Tensor:
-    """W' [out, C] equal to W except kept columns K = W_K + W_R G_RK (G_KK + λI)⁻¹ (fp64)."""
-    C = W.shape[1]
-    rem = torch.zeros(C, dtype=torch.bool)
-    rem[removed] = True
-    K, R = (~rem).nonzero().flatten(), rem.nonzero().flatten()
-    G = G.double()
-    if not torch.isfinite(G).all():
-        raise FairPrunerError("the reconstruction Gram matrix is not finite; recalibrate")
-    Gkk = G[K][:, K]
-    lam = damp * float(Gkk.diagonal().mean().clamp_min(1e-12))
-    L, info = torch.linalg.cholesky_ex(Gkk + lam * torch.eye(K.numel(), dtype=torch.float64))
-    if int(info) != 0:
-        raise FairPrunerError("the reconstruction Gram matrix is not positive definite even "
-                              f"with damping {damp}; raise damp or calibrate on more tokens")
-    X = torch.cholesky_solve(G[K][:, R], L)                      # [K, R] = G_KK⁻¹ G_KR
-    Wd = W.double()
-    out = Wd.clone()
-    out[:, K] = Wd[:, K] + Wd[:, R] @ X.T
-    return out.to(W.dtype)
+            f"reconstruct={method!r} needs the Gram matrices, and this score book has none: "
+            "score with fp.score(model, batches, reconstruction=True) and re-plan from that book, "
+            "or use reconstruct='bias' (needs only the channel means)")
+    missing = [g.name for g in book.groups if g.kind != "expert" and "mean" not in g.tensors]
+    if missing:
+        raise FairPrunerError(
+            f"reconstruct={method!r}: group {missing[0]} has no channel means (a book from an "
+            "older fair_pruner): rescore with fp.score")
 
 
 def reconstruct(model: nn.Module, fams: Dict[str, UnitFamily], removed: Dict[str, list],
-                book, method: Optional[str], damp: float = 1e-2) -> None:
-    """Apply ``method`` in place to the consumer of every group in ``fams`` that loses units."""
+                book, method: Optional[str], damp: float = 1e-2) -> List[str]:
+    """Apply ``method`` in place to the consumer of every group in ``fams`` that loses units.
+
+    Returns the consumer modules that gained a bias parameter.
+    """
+    added: List[str] = []
     if method is None:
-        return
+        return added
+    warned = False
     for name, fam in fams.items():
         if not removed.get(name):
             continue
         g = book.group(name)
-        if "gram" not in g.tensors:        # e.g. MoE experts: no consumer projection
+        if g.kind == "expert":        # experts feed the residual stream: no consumer projection
             continue
         cons = model.get_submodule(fam.tap)
         ch = fam.removed_channels(removed[name])
         W = weight_oi(cons)
-        if tuple(g.tensors["gram"].shape) != (W.shape[1],) * 2:
-            raise FairPrunerError(f"{name}: the book's Gram matrix is {tuple(g.tensors['gram'].shape)} "
-                                  f"but {fam.tap} takes {W.shape[1]} inputs; wrong book")
-        new = lstsq_update(W.cpu(), g.tensors["gram"], ch, damp).to(W.device)
+        gram = g.tensors.get("gram")
+        if gram is not None and tuple(gram.shape) != (W.shape[1],) * 2 or \
+                g.tensors["mean"].numel() != W.shape[1]:
+            raise FairPrunerError(f"{name}: the book's statistics cover "
+                                  f"{g.tensors['mean'].numel()} channels but {fam.tap} takes "
+                                  f"{W.shape[1]} inputs; wrong book")
+        tokens = int(g.meta.get("tokens", 0))
+        if method in NEEDS_GRAM and tokens <= W.shape[1] - len(ch) and not warned:
+            warnings.warn(f"fair_pruner: {tokens} calibration tokens for {W.shape[1]} input "
+                          f"channels of {fam.tap}: the least-squares system is rank-deficient "
+                          "and only the ridge damping makes it solvable; calibrate on more tokens")
+            warned = True
+        b = cons.bias.detach().cpu() if cons.bias is not None else None
+        newW, newb = update(W.detach().cpu(), b, ch, method, mean=g.tensors["mean"], gram=gram,
+                            tokens=tokens, damp=damp, what=fam.tap)
         with torch.no_grad():
-            cons.weight.copy_(new.T if is_conv1d(cons) else new)
+            cons.weight.copy_((newW.T if is_conv1d(cons) else newW).to(cons.weight.device))
+        if newb is not None and set_bias(cons, newb) and fam.tap not in added:
+            added.append(fam.tap)
+    return added

@@ -16,10 +16,10 @@ import torch.nn as nn
 from ..errors import BookMismatchError, FairPrunerError
 from ..plan import Plan
 from .layout import Layout, UnitFamily, find_layout
-from .reconstruct import check_method, reconstruct as apply_reconstruction
+from .reconstruct import check_method, default_method, reconstruct as apply_reconstruction
 
 CONFIG_KEY = "fair_pruner"
-FORMAT = 1
+FORMAT = 2          # 2: may list "biases" (consumers that reconstruction gave a bias)
 
 
 def _heads_mode(plan: Plan) -> str:
@@ -51,21 +51,52 @@ def layer_widths(model: nn.Module, layout: Layout = None) -> List[dict]:
             for layer in layout.layers]
 
 
-def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: str = None,
+def _method(reconstruct, book, plan: Plan):
+    """Resolve ``reconstruct="auto"``: the book's best method (None without a book)."""
+    method = default_method(book) if reconstruct == "auto" else reconstruct
+    check_method(method, book)
+    if method is not None and book.fingerprint and plan.fingerprint and \
+            book.fingerprint != plan.fingerprint:
+        raise BookMismatchError("reconstruction needs the score book this plan was made from; "
+                                "this book belongs to another model")
+    return method
+
+
+def added_biases(model: nn.Module) -> List[str]:
+    """Modules that reconstruction gave a bias the model's config does not declare."""
+    entry = getattr(getattr(model, "config", None), CONFIG_KEY, None) or {}
+    return [n for n in entry.get("biases", [])
+            if getattr(model.get_submodule(n), "bias", None) is not None]
+
+
+def config_entry(model: nn.Module, added=()) -> dict:
+    """``config.fair_pruner``: per-layer widths, plus the added biases when there are any."""
+    biases = added_biases(model) + [n for n in added if n not in added_biases(model)]
+    entry = {"format": 2 if biases else 1, "layers": layer_widths(model)}
+    if biases:
+        entry["biases"] = biases
+    return entry
+
+
+def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: str = "auto",
           book=None, damp: float = 1e-2) -> nn.Module:
     """Return ``model`` with the plan's units removed (a deep copy unless ``inplace``).
 
-    ``reconstruct="lstsq"`` first updates each consumer's kept input columns from the book's
-    calibration Gram matrix (:mod:`fair_pruner.llm.reconstruct`; needs ``book`` scored with
-    ``reconstruction=True``). The result records its per-layer widths in ``config.fair_pruner``
-    (what :func:`fair_pruner.save_pretrained` writes) and keeps the plan as ``_fair_pruner_plan``.
+    ``reconstruct`` first updates each consumer of removed units from the book's calibration
+    statistics (:mod:`fair_pruner.llm.reconstruct`): ``"affine"`` (least squares with a bias;
+    needs a book scored with ``reconstruction=True``), ``"lstsq"``, ``"bias"`` (FLAP's mean
+    compensation) or None. ``"auto"`` (default) is ``"affine"`` when ``book`` has the Gram
+    matrices, ``"bias"`` when it has only channel means, and None without a ``book``. The result
+    records its per-layer widths (and any bias reconstruction added) in ``config.fair_pruner``
+    (what :func:`fair_pruner.save_pretrained` writes) and keeps the plan as ``_fair_pruner_plan``
+    (and the method as ``_fair_pruner_reconstruct``).
     """
     fams = _resolve(model, plan)          # validates everything before any change
-    check_method(reconstruct, book)
+    reconstruct = _method(reconstruct, book, plan)
     target = model if inplace else copy.deepcopy(model)
     if not inplace:
         fams = _resolve(target, plan)
-    apply_reconstruction(target, fams, plan.removed, book, reconstruct, damp)
+    added = apply_reconstruction(target, fams, plan.removed, book, reconstruct, damp)
     for name, fam in fams.items():
         removed = set(plan.removed[name])
         if not removed:
@@ -74,18 +105,19 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
         fam.prune(target, keep)
     cfg = getattr(target, "config", None)
     if cfg is not None:
-        setattr(cfg, CONFIG_KEY, {"format": FORMAT, "layers": layer_widths(target)})
+        setattr(cfg, CONFIG_KEY, config_entry(target, added))
     target._fair_pruner_plan = plan
+    target._fair_pruner_reconstruct = reconstruct
     return target
 
 
-def mask(model: nn.Module, plan: Plan, *, reconstruct: str = None, book=None,
+def mask(model: nn.Module, plan: Plan, *, reconstruct: str = "auto", book=None,
          damp: float = 1e-2) -> nn.Module:
     """A copy of ``model`` whose removed units are zeroed at their consumer's input (after the
-    same reconstruction as :func:`prune`, when asked)."""
+    same reconstruction as :func:`prune`, resolved the same way)."""
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
-    check_method(reconstruct, book)
+    reconstruct = _method(reconstruct, book, plan)
     masked = copy.deepcopy(model)
     fams = _resolve(masked, plan)
     apply_reconstruction(masked, fams, plan.removed, book, reconstruct, damp)
