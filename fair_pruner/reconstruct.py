@@ -91,17 +91,6 @@ def lstsq_update(W: torch.Tensor, G: torch.Tensor, removed: torch.Tensor,
     return update(W, None, removed, "lstsq", mean=torch.zeros(W.shape[1]), gram=G, damp=damp)[0]
 
 
-def _set_bias(cons: nn.Module, b: torch.Tensor) -> bool:
-    """Write ``b`` into ``cons.bias``, creating the parameter if needed (True if created)."""
-    if cons.bias is not None:
-        with torch.no_grad():
-            cons.bias.copy_(b.to(cons.bias.dtype))
-        return False
-    w = cons.weight
-    cons.bias = nn.Parameter(b.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-    return True
-
-
 def set_bias(cons: nn.Module, b: torch.Tensor) -> bool:
     """Write ``b`` into ``cons.bias``, creating the parameter if needed (True if created)."""
     if cons.bias is not None:

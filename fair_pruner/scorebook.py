@@ -76,8 +76,9 @@ class Group:
     roundable: bool = True         # whether ``round_to`` rounds this group's kept width
     frozen: bool = False           # scored, but never pruned
     tier: int = 0                  # targets open higher tiers only when lower ones fall short
-    # Calibration statistics beyond per-unit signals, e.g. "gram" [C, C] and "mean" [C] of the
-    # consumer's input channels (weight reconstruction); saved with the book.
+    # Calibration statistics beyond per-unit signals, saved with the book: weight reconstruction's
+    # "mean" [C] and "gram" [C, C] of an LLM group's consumer input (meta["tokens"] rows), or
+    # "mean@<module>" / "gram@<module>" per CNN consumer (meta["tokens@<module>"]).
     tensors: Dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self):

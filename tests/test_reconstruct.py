@@ -141,14 +141,7 @@ def test_gram_is_the_calibration_second_moment():
     batches = token_batches()
     book = fp.score(m, batches, classes=8, samples_per_class=8, projections=16,
                     progress=False, reconstruction=True)
-    tap = find_layout(m).layers[0].family("ffn").tap
-    xs = []
-    h = m.get_submodule(tap).register_forward_pre_hook(lambda mod, a: xs.append(a[0].detach()))
-    with torch.no_grad():
-        for b in batches:
-            m(input_ids=b["input_ids"], use_cache=False)
-    h.remove()
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+    x = _tap_inputs(m, find_layout(m).layers[0].family("ffn").tap, batches)
     g = book.group("model.layers.0.mlp")
     torch.testing.assert_close(g.tensors["gram"].double(), x.T @ x, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(g.tensors["mean"].double(), x.mean(0), rtol=1e-4, atol=1e-5)
