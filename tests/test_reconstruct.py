@@ -65,6 +65,10 @@ def test_auto_picks_the_best_method_the_book_allows():
     m, book, plan = _setup()
     assert fp.prune(m, plan, book=book)._fair_pruner_reconstruct == "affine"
     assert fp.prune(m, plan)._fair_pruner_reconstruct is None          # no book, nothing to use
+    old = fp.ScoreBook.load(_save(book))        # a book from before token counts were stored
+    for g in old.groups:
+        g.meta.pop("tokens", None)
+    assert fp.prune(m, plan, book=old)._fair_pruner_reconstruct == "lstsq"
     plain = fp.score(m, token_batches(), classes=8, samples_per_class=8, projections=16,
                      progress=False, reconstruction=False)
     assert "gram" not in plain.groups[0].tensors and "mean" in plain.groups[0].tensors

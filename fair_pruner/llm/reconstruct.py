@@ -25,13 +25,15 @@ __all__ = ["METHODS", "default_method", "check_method", "reconstruct", "update",
 
 
 def default_method(book) -> Optional[str]:
-    """``"affine"`` for a book scored with reconstruction statistics, else ``"bias"`` when the
-    book has channel means (every LLM book from this version), else None."""
+    """``"affine"`` for a book scored with reconstruction statistics (``"lstsq"`` for such a book
+    from before token counts were stored), else ``"bias"`` when the book has channel means
+    (every LLM book from this version), else None."""
     if book is None:
         return None
+    dense = [g for g in book.groups if g.kind != "expert"]
     if book.meta.get("reconstruction_stats"):
-        return "affine"
-    if book.groups and all("mean" in g.tensors for g in book.groups if g.kind != "expert"):
+        return "affine" if all("tokens" in g.meta for g in dense) else "lstsq"
+    if dense and all("mean" in g.tensors for g in dense):
         return "bias"
     return None
 
