@@ -298,11 +298,12 @@ class _ConsumerStats:
                 if m.module not in names and reconstructable(mods[m.module]):
                     names.append(m.module)
         width = {n: mods[n].weight[0].numel() for n in names}
-        budget, self.skipped = gram_memory * 2 ** 30, []
+        need, self.skipped = sum(width[n] ** 2 * 4 for n in names), []
         for n in sorted(names, key=lambda n: -width[n]):       # drop the largest first
-            if sum(width[k] ** 2 * 4 for k in names if k not in self.skipped) <= budget:
+            if need <= gram_memory * 2 ** 30:
                 break
             self.skipped.append(n)
+            need -= width[n] ** 2 * 4
         if self.skipped:
             warnings.warn(f"fair_pruner: reconstruction statistics of {len(self.skipped)} "
                           f"consumers (e.g. {self.skipped[0]}, {width[self.skipped[0]]} inputs) "

@@ -26,6 +26,9 @@ from .scorebook import ScoreBook, atomic_write, model_fingerprint
 from .tod import ToDCurves, m_hat_capped
 
 
+STRATEGIES = ("tod", "uniform", "global")
+
+
 @dataclass
 class Plan:
     """Units to remove per group, with the tolerance and the reductions they give."""
@@ -152,8 +155,8 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         cap: at most floor(cap * n) units of a group are removed.
         signal / protect: names of the removal and protection signals in the book, for every
             group. Default: each group's own recommendation (``group.meta["default_signal"]`` /
-            ``["default_protect"]``, set by the adapter that scored it, e.g. ``wanda`` for LLM
-            neurons and heads), else ``"u"`` / ``"r"`` (the paper's U- and R-Scores).
+            ``["default_protect"]``, set by the adapter that scored it, e.g. ``fluctuation`` /
+            ``u`` for LLM neurons and heads), else ``"u"`` / ``"r"`` (the paper's U- and R-Scores).
         tiers: with a ToD target, meet it with the lowest ``Group.tier`` that can reach it
             (LLM attention heads are tier 1: cut only when the MLP neurons cannot reach the
             target; see docs/method.md). ``tiers=False``: one α over every group at once.
@@ -222,6 +225,7 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         return (base_p - p) / base_p if which == "params" else (base_f - f) / base_f
 
     opened = None
+    cap_m = torch.floor(cap * sizes.double()).to(torch.int64)
     if strategy == "tod":
         curves = ToDCurves([g.signals[sig_of[g.name][0]] for g in book.groups],
                            [g.signals[sig_of[g.name][1]] for g in book.groups], cap)
@@ -245,7 +249,6 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         else:
             alpha = float(tod)
     elif strategy == "global":
-        cap_m = torch.floor(cap * sizes.double()).to(torch.int64)
         zs = [torch.sort(g.signals[sig_of[g.name][0]].double()).values for g in book.groups]
         counts_at = lambda t: rounded(torch.minimum(torch.stack([
             torch.searchsorted(v, torch.tensor([float(t)], dtype=torch.float64),
@@ -254,7 +257,6 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         alpha_f = _search(cands, counts_at, reduction, targets)
         alpha = None
     else:
-        cap_m = torch.floor(cap * sizes.double()).to(torch.int64)
         counts_at = lambda f: rounded(torch.minimum(
             torch.floor(torch.as_tensor(f, dtype=torch.float64) * sizes.double()).to(torch.int64),
             cap_m))
@@ -263,8 +265,6 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
         alpha_f = _search(torch.tensor(fr, dtype=torch.float64), counts_at, reduction, targets)
         alpha = None
     m = counts_at(alpha if strategy == "tod" else alpha_f)
-    if strategy == "global":
-        m = torch.maximum(m, torch.zeros_like(m))
 
     removed = {}
     for g, k in zip(book.groups, m.tolist()):
@@ -276,9 +276,6 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
                             else None,
                             "global_threshold": float(alpha_f) if strategy == "global" else None,
                             "tiers_opened": opened})
-
-
-STRATEGIES = ("tod", "uniform", "global")
 
 
 def _resolve_signals(book: ScoreBook, signal: Optional[str], protect: Optional[str]):
@@ -298,7 +295,6 @@ def _signal_fields(book: ScoreBook, sig_of) -> Dict[str, Any]:
     group's own follow from its ``meta["default_signal"]``)."""
     names = [sorted({sig_of[g.name][i] for g in book.groups}) for i in (0, 1)]
     return {"signal": "|".join(names[0]), "protect": "|".join(names[1])}
-
 
 
 def _lowest(g, signal: str, k: int) -> List[int]:

@@ -25,10 +25,38 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .errors import FairPrunerError
+from .errors import BookMismatchError, FairPrunerError
 
 METHODS = ("bias", "lstsq", "affine")
 NEEDS_GRAM = ("lstsq", "affine")
+
+
+def resolve(method: Optional[str], book, plan, default: Optional[str],
+            needs_stats: Tuple[str, ...] = NEEDS_GRAM, hint: str = "") -> Optional[str]:
+    """The method ``fp.prune(model, plan, reconstruct=method, book=book)`` applies.
+
+    ``"auto"`` is ``default`` (the adapter's best choice for ``book``; None without a book).
+    Any other method is checked against the book before anything changes: it must exist, the
+    book must be given and be the plan's, and the methods in ``needs_stats`` need a book scored
+    with ``reconstruction=True`` (``hint`` names an alternative that does not)."""
+    if method == "auto":
+        method = default if book is not None else None
+    if method is None:
+        return None
+    if method not in METHODS:
+        raise FairPrunerError(f"reconstruct={method!r}: choose one of {METHODS}, 'auto' or None")
+    if book is None:
+        raise FairPrunerError(f"reconstruct={method!r} needs the score book the plan came from: "
+                              "fp.prune(model, plan, reconstruct=..., book=book)")
+    if method in needs_stats and not book.meta.get("reconstruction_stats"):
+        raise FairPrunerError(
+            f"reconstruct={method!r} needs reconstruction statistics, and this score book has "
+            "none: score with fp.score(model, batches, reconstruction=True) and re-plan from that "
+            "book" + (f", {hint}" if hint else ""))
+    if book.fingerprint and plan.fingerprint and book.fingerprint != plan.fingerprint:
+        raise BookMismatchError("reconstruction needs the score book this plan was made from; "
+                                "this book belongs to another model")
+    return method
 
 
 def solve(S: torch.Tensor, rhs: torch.Tensor, damp: float, what: str,

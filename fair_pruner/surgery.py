@@ -18,7 +18,7 @@ from .errors import BookMismatchError, FairPrunerError
 from .calibrate import consumer_columns
 from .graph import build_dependency_graph
 from .plan import Plan
-from .reconstruct import METHODS, set_bias, update
+from .reconstruct import METHODS, resolve, set_bias, update
 
 
 def _example_from_spec(spec: Any, device) -> Any:
@@ -33,38 +33,27 @@ def _example_from_spec(spec: Any, device) -> Any:
 
 
 def _options(options, plan: Plan):
-    """(method or None, book, damp) from ``fp.prune``'s options for a CNN plan."""
+    """(method or None, book, damp) from ``fp.prune``'s options for a CNN plan; every method
+    reads the statistics of ``fp.score(..., reconstruction=True)``."""
     unknown = sorted(set(options) - {"reconstruct", "book", "damp"})
     if unknown:
         raise FairPrunerError(f"unknown option(s) {unknown} for a CNN plan")
-    method, book = options.get("reconstruct", "auto"), options.get("book")
-    if method == "auto":
-        method = "affine" if book is not None and book.meta.get("reconstruction_stats") else None
-    if method is None:
-        return None, book, 0.0
-    if method not in METHODS:
-        raise FairPrunerError(f"reconstruct={method!r}: choose one of {METHODS}, 'auto' or None")
-    if book is None:
-        raise FairPrunerError(f"reconstruct={method!r} needs the score book the plan came from: "
-                              "fp.prune(model, plan, reconstruct=..., book=book)")
-    if not book.meta.get("reconstruction_stats"):
-        raise FairPrunerError(f"reconstruct={method!r} needs reconstruction statistics, and this "
-                              "score book has none: score with fp.score(model, loader, "
-                              "reconstruction=True) and re-plan from that book")
-    if book.fingerprint and plan.fingerprint and book.fingerprint != plan.fingerprint:
-        raise BookMismatchError("the book is not the one this plan was made from")
+    book = options.get("book")
+    default = "affine" if book is not None and book.meta.get("reconstruction_stats") else None
+    method = resolve(options.get("reconstruct", "auto"), book, plan, default, needs_stats=METHODS)
     return method, book, float(options.get("damp", 1e-2))
 
 
-def _removed_inputs(book, plan: Plan) -> Dict[str, List[int]]:
-    """Consumer module -> its input channels (Linear: features) that the plan removes."""
+def _channels_by_role(book, plan: Plan, role: str) -> Dict[str, List[int]]:
+    """Member module of ``role`` -> its channels (a Linear consumer: features) that the plan
+    removes."""
     out: Dict[str, List[int]] = {}
     for g in book.groups:
         rem = set(plan.removed.get(g.name, []))
         if not rem:
             continue
         for m in g.spec.members:
-            if m.role == "consumer":
+            if m.role == role:
                 out.setdefault(m.module, []).extend(i for i, r in zip(m.idxs, m.root_idxs)
                                                     if r in rem)
     return {k: sorted(set(v)) for k, v in out.items() if v}
@@ -79,7 +68,7 @@ def _reconstruct(model: nn.Module, plan: Plan, book, method: str, damp: float) -
                 name = key[5:]
                 stats[name] = (t, g.tensors[f"mean@{name}"], int(g.meta[f"tokens@{name}"]))
     mods = dict(model.named_modules())
-    for name, chans in _removed_inputs(book, plan).items():
+    for name, chans in _channels_by_role(book, plan, "consumer").items():
         if name not in stats:          # not reconstructable (e.g. depthwise) or over budget
             continue
         mod = mods[name]
@@ -177,22 +166,12 @@ def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
     if method is not None:
         _reconstruct(masked, plan, book, method, damp)
     mods = dict(masked.named_modules())
-    zero_in: Dict[str, List[int]] = {}
-    norm_keep: Dict[str, set] = {}
-    for g in book.groups:
-        rem = set(plan.removed.get(g.name, []))
-        if not rem:
-            continue
-        for m in g.spec.members:
-            chans = [i for i, r in zip(m.idxs, m.root_idxs) if r in rem]
-            if m.role == "consumer":
-                zero_in.setdefault(m.module, []).extend(chans)
-            elif m.role == "norm":
-                norm_keep.setdefault(m.module, set()).update(chans)
+    zero_in = _channels_by_role(book, plan, "consumer")
+    norm_keep = _channels_by_role(book, plan, "norm")
     for name, chans in zero_in.items():
         mod = mods[name]
         dim = -1 if isinstance(mod, nn.Linear) else 1
-        idx = torch.tensor(sorted(set(chans)))
+        idx = torch.tensor(chans)
 
         def pre(module, args, idx=idx, dim=dim):
             x = args[0].clone()
@@ -201,7 +180,7 @@ def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
         mod.register_forward_pre_hook(pre)
     for name, removed in norm_keep.items():
         ln = mods[name]
-        n = ln.normalized_shape[-1]
+        n, removed = ln.normalized_shape[-1], set(removed)
         keep = torch.tensor([i for i in range(n) if i not in removed])
         channels_first = type(ln).__name__ == "LayerNorm2d"
         parent, _, attr = name.rpartition(".")

@@ -33,6 +33,7 @@ from ..engine import (Batch, Reservoir, Sampling, SketchTap, check_sampling, fin
                       gradient_pass, preserved, split_batch, working_model)
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from ..cost import CostBuilder, CostModel
+from ..reconstruct import solve
 from ..scorebook import Group, GroupSpec, Member, ScoreBook, model_fingerprint
 
 from ..signals import BUILTIN, Signal, UnitStats
@@ -366,9 +367,9 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int,
     act_abs = tp.act_abs[subs].sum(dim=1) / (ntok * fam.feat * k)
     ch_mean = tp.ch_sum / ntok
     ch_var = (tp.ch_sq / ntok - ch_mean * ch_mean).clamp_min(0)
-    flap_ch = ch_var * fam.tap_column_sq(model)
-    flap = flap_ch.reshape(fam.n_sub, fam.feat).sum(dim=1)[subs].sum(dim=1)
     per_unit = lambda ch: ch.reshape(fam.n_sub, fam.feat).sum(dim=1)[subs].sum(dim=1)
+    flap_ch = ch_var * fam.tap_column_sq(model)
+    flap = per_unit(flap_ch)
     # Wanda-sp (An et al., FLAP paper): Σ_i |W_ij| · ||x_j||₂ over the unit's channels j.
     wanda = per_unit(fam.tap_column_abs(model) * (tp.ch_sq / ntok).sqrt())
     # Unit-level moments (means over the unit's channels) for user signals.
@@ -431,9 +432,7 @@ def _obs(fam: UnitFamily, model, gram: Tensor, mean: Tensor, n: int, damp: float
     channels' covariance and U the unit's channels (for one channel: ||W_j||² / [S⁻¹]_jj).
     FLAP's fluctuation, var(x_j) ||W_j||², is the same quantity with the correlations ignored."""
     S = gram / max(1, n) - torch.outer(mean, mean)
-    S = S + damp * float(S.diagonal().mean().clamp_min(1e-12)) * torch.eye(S.shape[0],
-                                                                             dtype=S.dtype)
-    Sinv = torch.cholesky_inverse(torch.linalg.cholesky(S))
+    Sinv = solve(S, torch.eye(S.shape[0], dtype=torch.float64), damp, fam.tap)   # (S + λI)⁻¹
     W = weight_oi(model.get_submodule(fam.tap)).detach().double().cpu()
     chans = torch.stack([fam.removed_channels([u]) for u in range(fam.size)])   # [size, c]
     if chans.shape[1] == 1:

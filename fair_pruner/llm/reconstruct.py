@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import FairPrunerError
-from ..reconstruct import METHODS, NEEDS_GRAM, lstsq_update, set_bias, update
+from ..reconstruct import METHODS, NEEDS_GRAM, lstsq_update, resolve, set_bias, update
 from .layout import UnitFamily, is_conv1d, weight_oi
 
-__all__ = ["METHODS", "default_method", "check_method", "reconstruct", "update", "lstsq_update"]
+__all__ = ["METHODS", "default_method", "resolve_method", "reconstruct", "update",
+           "lstsq_update"]
 
 
 def default_method(book) -> Optional[str]:
@@ -38,24 +39,18 @@ def default_method(book) -> Optional[str]:
     return None
 
 
-def check_method(method: Optional[str], book) -> None:
-    if method is None:
-        return
-    if method not in METHODS:
-        raise FairPrunerError(f"reconstruct={method!r}: choose one of {METHODS} or None")
-    if book is None:
-        raise FairPrunerError(f"reconstruct={method!r} needs the score book the plan came from: "
-                              "fp.prune(model, plan, reconstruct=..., book=book)")
-    if method in NEEDS_GRAM and not book.meta.get("reconstruction_stats"):
-        raise FairPrunerError(
-            f"reconstruct={method!r} needs the Gram matrices, and this score book has none: "
-            "score with fp.score(model, batches, reconstruction=True) and re-plan from that book, "
-            "or use reconstruct='bias' (needs only the channel means)")
-    missing = [g.name for g in book.groups if g.kind != "expert" and "mean" not in g.tensors]
+def resolve_method(reconstruct: Optional[str], book, plan) -> Optional[str]:
+    """:func:`fair_pruner.reconstruct.resolve` with this adapter's default, plus the check that
+    the book has the channel means every method reads."""
+    method = resolve(reconstruct, book, plan, default_method(book), NEEDS_GRAM,
+                     hint="or use reconstruct='bias' (needs only the channel means)")
+    missing = [g.name for g in book.groups if g.kind != "expert" and "mean" not in g.tensors] \
+        if method is not None else []
     if missing:
         raise FairPrunerError(
             f"reconstruct={method!r}: group {missing[0]} has no channel means (a book from an "
             "older fair_pruner): rescore with fp.score")
+    return method
 
 
 def reconstruct(model: nn.Module, fams: Dict[str, UnitFamily], removed: Dict[str, list],

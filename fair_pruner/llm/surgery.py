@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..errors import BookMismatchError, FairPrunerError
 from ..plan import Plan
 from .layout import Layout, UnitFamily, find_layout
-from .reconstruct import check_method, default_method, reconstruct as apply_reconstruction
+from .reconstruct import reconstruct as apply_reconstruction, resolve_method
 
 CONFIG_KEY = "fair_pruner"
 FORMAT = 2          # 2: may list "biases" (consumers that reconstruction gave a bias)
@@ -51,17 +51,6 @@ def layer_widths(model: nn.Module, layout: Layout = None) -> List[dict]:
             for layer in layout.layers]
 
 
-def _method(reconstruct, book, plan: Plan):
-    """Resolve ``reconstruct="auto"``: the book's best method (None without a book)."""
-    method = default_method(book) if reconstruct == "auto" else reconstruct
-    check_method(method, book)
-    if method is not None and book.fingerprint and plan.fingerprint and \
-            book.fingerprint != plan.fingerprint:
-        raise BookMismatchError("reconstruction needs the score book this plan was made from; "
-                                "this book belongs to another model")
-    return method
-
-
 def added_biases(model: nn.Module) -> List[str]:
     """Modules that reconstruction gave a bias the model's config does not declare."""
     entry = getattr(getattr(model, "config", None), CONFIG_KEY, None) or {}
@@ -71,7 +60,8 @@ def added_biases(model: nn.Module) -> List[str]:
 
 def config_entry(model: nn.Module, added=()) -> dict:
     """``config.fair_pruner``: per-layer widths, plus the added biases when there are any."""
-    biases = added_biases(model) + [n for n in added if n not in added_biases(model)]
+    biases = added_biases(model)
+    biases += [n for n in added if n not in biases]
     entry = {"format": 2 if biases else 1, "layers": layer_widths(model)}
     if biases:
         entry["biases"] = biases
@@ -92,7 +82,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
     (and the method as ``_fair_pruner_reconstruct``).
     """
     fams = _resolve(model, plan)          # validates everything before any change
-    reconstruct = _method(reconstruct, book, plan)
+    reconstruct = resolve_method(reconstruct, book, plan)
     target = model if inplace else copy.deepcopy(model)
     if not inplace:
         fams = _resolve(target, plan)
@@ -117,7 +107,7 @@ def mask(model: nn.Module, plan: Plan, *, reconstruct: str = "auto", book=None,
     same reconstruction as :func:`prune`, resolved the same way)."""
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
-    reconstruct = _method(reconstruct, book, plan)
+    reconstruct = resolve_method(reconstruct, book, plan)
     masked = copy.deepcopy(model)
     fams = _resolve(masked, plan)
     apply_reconstruction(masked, fams, plan.removed, book, reconstruct, damp)
