@@ -84,6 +84,10 @@ def full_pipeline(m, tmp_path):
     torch.testing.assert_close(logits(again), out, atol=1e-5, rtol=1e-5)
     gen = again.generate(X[:1], max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, X.shape[1] + 3)
+    # Stock transformers, through the modeling file the directory carries.
+    stock = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert stock.config.model_type == "fair_pruned_" + m.config.model_type
+    torch.testing.assert_close(logits(stock.eval()), out, atol=1e-5, rtol=1e-5)
     return book
 
 

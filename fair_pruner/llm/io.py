@@ -1,27 +1,32 @@
 """Saving and reloading pruned causal LMs with per-layer widths.
 
 transformers (5.x) builds every decoder layer from one global config width, so a pruned model
-cannot round-trip through its own ``save_pretrained``/``from_pretrained``. A directory written
-by :func:`save_pretrained` holds:
+cannot round-trip through its own class's ``save_pretrained``/``from_pretrained``. A directory
+written by :func:`save_pretrained` holds:
 
-* ``config.json``: the model's config plus a ``"fair_pruner"`` entry
-  ``{"format": 1, "layers": [{role: widths, ...}, ...]}`` (format 2 adds ``"biases"``: the
-  modules weight reconstruction gave a bias) (e.g. ``{"attention":
-  {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64}, "ffn":
-  {"intermediate_size": 1200}}``), one dict per decoder layer;
+* ``config.json``: the model's config with model type ``fair_pruned_<type>``, an ``auto_map`` to
+  the modeling file below, and a ``"fair_pruner"`` entry (format 3): ``"layers"``, one dict of
+  widths per decoder layer (e.g. ``{"attention": {"num_attention_heads": 6,
+  "num_key_value_heads": 2, "head_dim": 64}, "ffn": {"intermediate_size": 1200}}``),
+  ``"biases"`` (modules weight reconstruction gave a bias), ``"base_architecture"`` /
+  ``"base_model_type"``, and the exact difference from the full-width model that rebuilds it
+  (``"params"``, ``"modules"``, ``"lists"``: :mod:`fair_pruner.llm.remote_modeling`);
+* ``modeling_fair_pruner.py``: that module, so stock transformers loads the directory with
+  ``trust_remote_code=True`` where fair_pruner is not installed;
 * ``model.safetensors``: the weights (tied weights stored once);
 * ``fair_pruner_plan.json``: the plan that produced the model (when known);
 * ``generation_config.json`` and the tokenizer files, when present.
 
-Every file is written atomically. :func:`from_pretrained` builds the transformers class from the
-config, rebuilds each layer's modules at its saved widths through the unit families' ``resize``
-(``fair_pruner.llm.layout``; a new family, e.g. MoE experts, adds its own role key and
-``resize``), then loads the weights - never by unpickling a model.
+Every file is written atomically. :func:`from_pretrained` builds the base transformers class from
+the config, applies the same difference (one implementation for both loaders), then loads the
+weights - never by unpickling a model. Directories of formats 1 and 2 (widths only) still load,
+through the unit families' ``resize`` (:mod:`fair_pruner.llm.layout`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Dict, Optional, Tuple
@@ -36,6 +41,9 @@ from .layout import find_layout
 from .surgery import CONFIG_KEY, FORMAT, config_entry
 
 WEIGHTS = "model.safetensors"
+REMOTE_MODULE = "modeling_fair_pruner"      # the modeling file a saved directory carries
+REMOTE_CLASS = "FairPrunedForCausalLM"
+REMOTE_TYPE_PREFIX = "fair_pruned_"
 PLAN = "fair_pruner_plan.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -61,35 +69,162 @@ def _write_text(path: str, text: str) -> None:
     _atomic(path, w)
 
 
-def _config_dict(model: nn.Module) -> Dict[str, Any]:
+def _base_class(model: nn.Module) -> type:
+    """The transformers class a (possibly reloaded) pruned model is an instance of."""
+    for c in type(model).__mro__:
+        if c.__module__.startswith("transformers.") and hasattr(c, "config_class"):
+            return c
+    raise FairPrunerError(f"save_pretrained saves transformers models; {type(model).__name__} "
+                          "does not derive from a transformers model class")
+
+
+def _base_config(model: nn.Module):
+    """(base config as a dict, its transformers config class): ``config.fair_pruner`` dropped,
+    the original model type restored for a reloaded pruned model."""
     cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)        # e.g. GGUF: the weights are dequantized here
-    cfg.pop("_name_or_path", None)
-    cfg["architectures"] = [type(model).__name__]
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    entry = cfg.pop(CONFIG_KEY, None) or {}
+    for k in ("quantization_config", "_name_or_path", "auto_map", "torch_dtype",
+              "architectures", "transformers_version"):
+        cfg.pop(k, None)           # e.g. GGUF: the weights are dequantized here
+    base = _base_class(model)
+    cfg["model_type"] = entry.get("base_model_type") or base.config_class.model_type
+    return cfg, base
+
+
+def _simple(v) -> bool:
+    return isinstance(v, (bool, int, float)) and not (isinstance(v, float) and v != v)
+
+
+def _attr_diff(mod: nn.Module, ref: nn.Module, is_shared_config) -> dict:
+    out = {}
+    for k, v in vars(mod).items():
+        if k.startswith("_") or k == "training" or not _simple(v):
+            continue
+        if not hasattr(ref, k) or getattr(ref, k) != v:
+            out[k] = v
+    cfg = getattr(mod, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict") and not is_shared_config(cfg):
+        rc = getattr(ref, "config", None)
+        own = {k: v for k, v in vars(cfg).items()
+               if not k.startswith("_") and _simple(v) and getattr(rc, k, None) != v}
+        if own:
+            out["config"] = own
+    return out
+
+
+def architecture_delta(model: nn.Module) -> dict:
+    """How ``model`` differs from its class built at the config's full widths: tensor shapes,
+    module attributes and ModuleList lengths (see :mod:`fair_pruner.llm.remote_modeling`)."""
+    tf = transformers_module()
+    cfg, base = _base_config(model)
+    config = tf.AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        ref = base._from_config(config)
+    lists = {}
+    ref_mods = dict(ref.named_modules())
+    for name, m in model.named_modules():
+        r = ref_mods.get(name)
+        if isinstance(r, nn.ModuleList) and isinstance(m, nn.ModuleList) and len(m) != len(r):
+            if len(m) > len(r):
+                raise FairPrunerError(f"{name} has more modules ({len(m)}) than the model's "
+                                      f"config builds ({len(r)}); cannot save it")
+            lists[name] = len(m)
+    for name, n in lists.items():       # compare against the truncated reference
+        owner, leaf = (ref.get_submodule(name.rpartition(".")[0]) if "." in name else ref,
+                       name.rpartition(".")[2])
+        setattr(owner, leaf, nn.ModuleList(list(getattr(owner, leaf))[:n]))
+    ref_mods = dict(ref.named_modules())
+    shared = model.config
+    modules, params = {}, {}
+    for name, m in model.named_modules():
+        r = ref_mods.get(name)
+        if r is None:
+            raise FairPrunerError(f"module {name} ({type(m).__name__}) does not exist in "
+                                  f"{base.__name__} built from its config; cannot save it")
+        d = _attr_diff(m, r, lambda c: c is shared)
+        if d:
+            modules[name] = d
+        for kind, own, theirs in (("parameter", m._parameters, r._parameters),
+                                  ("buffer", m._buffers, r._buffers)):
+            for leaf, t in own.items():
+                if t is None:
+                    continue
+                full = f"{name}.{leaf}" if name else leaf
+                rt = theirs.get(leaf)
+                if rt is None or tuple(rt.shape) != tuple(t.shape):
+                    params[full] = list(t.shape)
+    return {"params": params, "modules": modules, "lists": lists}
+
+
+def _config_dict(model: nn.Module, dtype: torch.dtype) -> Dict[str, Any]:
+    cfg, base = _base_config(model)
+    entry = dict(config_entry(model))
+    entry.update(architecture_delta(model))
+    entry.update({"format": FORMAT, "base_model_type": cfg["model_type"],
+                  "base_architecture": base.__name__,
+                  "base_config": base.config_class.__name__})
+    cfg["model_type"] = REMOTE_TYPE_PREFIX + cfg["model_type"]
+    cfg["architectures"] = [REMOTE_CLASS]
+    cfg["auto_map"] = {"AutoConfig": f"{REMOTE_MODULE}.FairPrunedConfig",
+                       "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_CLASS}"}
     cfg["dtype"] = str(dtype).replace("torch.", "")
-    cfg.pop("torch_dtype", None)
-    cfg[CONFIG_KEY] = config_entry(model)
+    cfg[CONFIG_KEY] = entry
     return cfg
 
 
-def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None) -> None:
-    """Write ``model`` (pruned or not) to ``directory`` for :func:`from_pretrained`.
+def _remote_code(entry: dict) -> str:
+    """``remote_modeling.py`` with this model's base classes filled in."""
+    src_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_modeling.py")
+    with open(src_path) as fh:
+        src = fh.read()
+    for const, val in (("BASE_ARCHITECTURE", entry["base_architecture"]),
+                       ("BASE_CONFIG", entry["base_config"]),
+                       ("BASE_MODEL_TYPE", entry["base_model_type"])):
+        src, n = re.subn(rf'^{const} = ".*"$', f'{const} = "{val}"', src, count=1, flags=re.M)
+        if n != 1:
+            raise FairPrunerError(f"remote_modeling.py lost its {const} line")
+    return src
+
+
+def _dtype(dtype, model: nn.Module) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return next((p.dtype for p in model.parameters()), torch.float32)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16}.get(dtype, dtype)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise FairPrunerError(f"dtype={dtype!r}: save_pretrained writes float32, float16 or "
+                              "bfloat16 weights (or 'auto': the model's own dtype)")
+    return dtype
+
+
+def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtype=None) -> None:
+    """Write ``model`` (pruned or not) to ``directory``.
+
+    The directory loads with :func:`from_pretrained`, and with stock transformers where
+    fair_pruner is not installed: ``AutoModelForCausalLM.from_pretrained(directory,
+    trust_remote_code=True)`` (it carries ``modeling_fair_pruner.py``, which needs only torch
+    and transformers; see :mod:`fair_pruner.llm.remote_modeling`).
 
     Args:
-        model: a Llama-style transformers causal LM, e.g. from :func:`fair_pruner.prune`.
+        model: a transformers causal LM, e.g. from :func:`fair_pruner.prune`.
         directory: created if needed; files are replaced atomically one by one.
         tokenizer: saved along when given; otherwise tokenizer files found in the model's source
             directory (``model.name_or_path``) are copied.
         plan: the plan to store; default: the one :func:`fair_pruner.prune` attached.
+        dtype: weights' dtype on disk: ``"float32"``, ``"float16"``, ``"bfloat16"`` (or the
+            torch dtype); default ``None`` / ``"auto"``: the model's own. Buffers that are not
+            floating point, and the model in memory, are unchanged.
     """
     from safetensors.torch import save_file
 
     if not hasattr(model, "config"):
         raise FairPrunerError("save_pretrained needs a transformers model (it has no .config)")
+    dtype = _dtype(dtype, model)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    cfg = _config_dict(model)
+    cfg = _config_dict(model, dtype)
     # Weights: contiguous CPU copies, tied tensors stored once (aliases recorded in the header).
     tensors: Dict[str, torch.Tensor] = {}
     seen: Dict[tuple, str] = {}
@@ -101,10 +236,12 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None) -> N
             continue
         if key is not None:
             seen[key] = name
-        tensors[name] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu")
+        tensors[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     header = {"format": "pt", "fair_pruner_aliases": json.dumps(aliases)}
     _atomic(os.path.join(directory, WEIGHTS),
-                 lambda tmp: save_file(tensors, tmp, metadata=header))
+            lambda tmp: save_file(tensors, tmp, metadata=header))
+    _write_text(os.path.join(directory, REMOTE_MODULE + ".py"), _remote_code(cfg[CONFIG_KEY]))
     _write_text(os.path.join(directory, "config.json"), json.dumps(cfg, indent=2, sort_keys=True))
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -130,9 +267,9 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None) -> N
 
 
 def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
-    """Load a model written by :func:`save_pretrained` into its transformers class (eval mode)."""
-    from safetensors import safe_open
+    """Load a model written by :func:`save_pretrained` into its transformers class (eval mode).
 
+    ``dtype`` (default: the saved one) and ``device`` apply to the loaded model."""
     tf = transformers_module()
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, "config.json")
@@ -148,11 +285,21 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
     if int(entry.get("format", 0)) > FORMAT:
         raise FairPrunerError(f"{directory} was saved by a newer fair_pruner (format "
                               f"{entry['format']}); upgrade fair_pruner to load it")
+    fmt = int(entry.get("format", 0))
+    if fmt >= 3:
+        cfg["model_type"] = entry["base_model_type"]
+        for k in ("auto_map", "architectures"):
+            cfg.pop(k, None)
+        cfg["architectures"] = [entry["base_architecture"]]
     config = tf.AutoConfig.for_model(**cfg)
     setattr(config, CONFIG_KEY, entry)
     arch = (cfg.get("architectures") or [None])[0]
     cls = getattr(tf, arch, None) if arch else None
     saved_dtype = getattr(torch, str(cfg.get("dtype", "float32")), torch.float32)
+    if dtype is not None and dtype != "auto":
+        dtype = _dtype(dtype, None)
+    else:
+        dtype = None
     dtype = dtype or (saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32)
     # Built at the config's full widths in ``dtype`` (transformers decides which buffers stay
     # fp32, as its own loader does), then resized below.
@@ -160,6 +307,29 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
         model = cls._from_config(config, dtype=dtype)
     else:
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if fmt >= 3:
+        from .remote_modeling import apply_delta
+        apply_delta(model, entry)
+    else:
+        _resize_layers(model, entry, directory)
+    _load_weights(model, directory)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    gen_path = os.path.join(directory, "generation_config.json")
+    if os.path.isfile(gen_path):
+        model.generation_config = tf.GenerationConfig.from_pretrained(directory)
+    plan_path = os.path.join(directory, PLAN)
+    if os.path.isfile(plan_path):
+        from ..plan import Plan
+        model._fair_pruner_plan = Plan.load(plan_path)
+    model.name_or_path = directory
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _resize_layers(model: nn.Module, entry: dict, directory: str) -> None:
+    """Formats 1-2: rebuild each layer at its saved widths through the families' ``resize``."""
     layout = find_layout(model)
     if len(entry["layers"]) != len(layout.layers):
         raise FairPrunerError(f"{directory}: config has {len(layout.layers)} decoder layers but "
@@ -176,6 +346,11 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
         if getattr(mod, "bias", None) is None:
             w = mod.weight
             mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+
+
+def _load_weights(model: nn.Module, directory: str) -> None:
+    from safetensors import safe_open
+
     with safe_open(os.path.join(directory, WEIGHTS), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("fair_pruner_aliases", "{}"))
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -186,19 +361,6 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
     if missing or unexpected:
         raise FairPrunerError(f"{directory}: weights do not match the rebuilt model (missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]})")
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    gen_path = os.path.join(directory, "generation_config.json")
-    if os.path.isfile(gen_path):
-        model.generation_config = tf.GenerationConfig.from_pretrained(directory)
-    plan_path = os.path.join(directory, PLAN)
-    if os.path.isfile(plan_path):
-        from ..plan import Plan
-        model._fair_pruner_plan = Plan.load(plan_path)
-    model.name_or_path = directory
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
 
 
 def load_model(path: str, dtype=None) -> Tuple[Any, Optional[Any]]:

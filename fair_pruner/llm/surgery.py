@@ -19,7 +19,8 @@ from .layout import Layout, UnitFamily, find_layout
 from .reconstruct import reconstruct as apply_reconstruction, resolve_method
 
 CONFIG_KEY = "fair_pruner"
-FORMAT = 2          # 2: may list "biases" (consumers that reconstruction gave a bias)
+FORMAT = 3   # saved directories: 2 may list "biases"; 3 adds the exact architecture delta
+              # and the modeling file for stock transformers (fair_pruner.llm.io)
 
 
 def _heads_mode(plan: Plan) -> str:
