@@ -179,3 +179,15 @@ def test_format_2_directories_still_load(pruned, tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     (out / "modeling_fair_pruner.py").unlink()
     torch.testing.assert_close(logits(fp.from_pretrained(out)), logits(p), atol=1e-6, rtol=1e-6)
+
+
+def test_layer_plot_draws_every_layer_and_kind(pruned, tmp_path):
+    from fair_pruner.llm.plot import plot_layers
+    m, _ = pruned
+    book = fp.score(m, token_batches(), classes=8, samples_per_class=8, projections=16,
+                    progress=False)
+    plan = fp.allocate(book, params=0.3)
+    drawn = plot_layers(book, plan, tmp_path / "layers.png")
+    want = {(g.meta["layer"], g.meta["family"], plan.kept[g.name], g.size) for g in book.groups}
+    assert set(drawn) == want and len(drawn) == len(book.groups)
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
