@@ -6,31 +6,68 @@
     pruned = fp.prune(model, plan)            # physically smaller copy
 
 Data flows one way: calibrate -> score book -> allocate (ToD) -> plan -> surgery.
+
+Importing the package is cheap (it does not import torch): the public names are resolved on
+first access (PEP 562), so ``fair-pruner --help`` and ``fair_pruner.__version__`` stay fast.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from . import adapters, errors, ops, signals
-from .errors import (BookMismatchError, CalibrationDataError, FairPrunerError, NonFiniteError,
-                     TargetError, UnsupportedModelError)
-from .plan import Plan, allocate
-from .rounds import prune_in_rounds
-from .scorebook import Group, ScoreBook
-from .signals import Signal, UnitStats, signal
+# Public name -> the submodule defining it, imported on first access (see __getattr__).
+_LAZY = {
+    "BookMismatchError": "errors", "CalibrationDataError": "errors",
+    "FairPrunerError": "errors", "NonFiniteError": "errors", "TargetError": "errors",
+    "UnsupportedModelError": "errors",
+    "Plan": "plan", "allocate": "plan",
+    "prune_in_rounds": "rounds",
+    "Group": "scorebook", "ScoreBook": "scorebook",
+    "Signal": "signals", "UnitStats": "signals", "signal": "signals",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these resolve lazily
+    from . import adapters, errors, ops, signals
+    from .errors import (BookMismatchError, CalibrationDataError, FairPrunerError,
+                         NonFiniteError, TargetError, UnsupportedModelError)
+    from .plan import Plan, allocate
+    from .rounds import prune_in_rounds
+    from .scorebook import Group, ScoreBook
+    from .signals import Signal, UnitStats, signal
 
 
-def score(model, loader, **kwargs) -> ScoreBook:
+def __getattr__(name: str):
+    """PEP 562: import a public name's submodule (or a submodule itself) on first access."""
+    mod = _LAZY.get(name)
+    if mod is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")     # fp.ops, fp.adapters, fp.llm...
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+def score(model, loader, **kwargs) -> "ScoreBook":
     """Calibrate ``model`` on ``loader`` and return its :class:`ScoreBook`.
 
     The model's adapter (:mod:`fair_pruner.adapters`) does the work: CNNs and MLPs through
     :func:`fair_pruner.calibrate.score`, Hugging Face causal LMs through
     :func:`fair_pruner.llm.score` (see each for its options).
     """
+    from . import adapters
     return adapters.for_model(model).score(model, loader, **kwargs)
 
 
-def prune(model, plan: Plan, inplace: bool = False, **options):
+def prune(model, plan: "Plan", inplace: bool = False, **options):
     """Return ``model`` with the plan's units physically removed (a copy unless ``inplace``).
 
     With ``book=book`` (the score book the plan came from) each consumer of removed units is
@@ -38,16 +75,22 @@ def prune(model, plan: Plan, inplace: bool = False, **options):
     ``"affine"`` least squares when the book has Gram matrices, else ``"bias"`` for LLMs / none
     for CNNs), ``"affine"``, ``"lstsq"``, ``"bias"`` or None (:mod:`fair_pruner.reconstruct`).
     """
+    from . import adapters
+    from .errors import FairPrunerError
+    from .plan import Plan
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
                               "make one with fp.allocate(book, ...)")
     return adapters.named(plan.meta.get("kind")).prune(model, plan, inplace=inplace, **options)
 
 
-def mask(model, plan: Plan, book: ScoreBook = None, **options):
+def mask(model, plan: "Plan", book: "ScoreBook" = None, **options):
     """The reference a pruned model equals: ``model`` with the removed units zeroed where they
     are consumed (CNN plans need their ``book``; LLM plans carry what they need, and take the
     same ``reconstruct=`` as :func:`prune`)."""
+    from . import adapters
+    from .errors import FairPrunerError
+    from .plan import Plan
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
     return adapters.named(plan.meta.get("kind")).mask(model, plan, book, **options)
@@ -55,6 +98,8 @@ def mask(model, plan: Plan, book: ScoreBook = None, **options):
 
 def save_pretrained(model, directory, **kwargs) -> None:
     """Save a pruned Hugging Face model (per-layer widths) so :func:`from_pretrained` reloads it."""
+    from . import adapters
+    from .errors import FairPrunerError
     adapter = adapters.for_model(model)
     if adapter.save is None:
         raise FairPrunerError(f"save_pretrained saves Hugging Face models; a {type(model).__name__} "
@@ -65,10 +110,18 @@ def save_pretrained(model, directory, **kwargs) -> None:
 
 def from_pretrained(directory, **kwargs):
     """Load a model written by :func:`save_pretrained` into its transformers class."""
+    from . import adapters
     return adapters.named("llm").load(directory, **kwargs)
 
 
-__all__ = ["save_pretrained", "from_pretrained", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal", "adapters",
+def save_gguf(model, path, **kw):
+    """Write a (pruned) Llama-style Hugging Face model as a llama.cpp GGUF file
+    (:func:`fair_pruner.llm.gguf_export.save_gguf`: per-layer widths, arch ``deci``)."""
+    from .llm.gguf_export import save_gguf as _save_gguf
+    return _save_gguf(model, path, **kw)
+
+
+__all__ = ["save_pretrained", "from_pretrained", "save_gguf", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal", "adapters",
            "UnitStats", "signal", "ops", "signals", "errors", "FairPrunerError",
            "CalibrationDataError", "NonFiniteError", "UnsupportedModelError", "TargetError",
            "BookMismatchError", "__version__"]
