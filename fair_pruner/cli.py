@@ -509,10 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default="auto",
                     help="update each down_proj / o_proj after removal from the calibration "
                          "statistics: affine (least squares with a bias), lstsq (without), bias "
-                         "(FLAP's mean compensation), none; auto: affine when the Gram matrices "
-                         "fit in --gram-memory, else bias")
+                         "(FLAP's mean compensation), none; auto: affine")
     lm.add_argument("--gram-memory", type=float, default=4.0, dest="gram_memory", metavar="GIB",
-                    help="memory budget in GiB for the reconstruction Gram matrices")
+                    help="device memory in GiB for the reconstruction Gram matrices; over it they "
+                         "are collected in chunks of layers, one extra forward pass per chunk")
     lm.add_argument("--seq-len", type=_positive, default=512, dest="seq_len", metavar="N",
                     help="tokens per calibration sequence (also the perplexity window)")
     lm.add_argument("--num-seqs", type=_positive, default=64, dest="num_seqs", metavar="N",

@@ -407,9 +407,9 @@ def test_signal_names_cover_real_books(lm_dir):
 def test_quiet_silences_everything(lm_dir, tmp_path, capsys):
     d = lm_dir
     # Control: without -q the same run shows progress, tables and fair_pruner's warning (here:
-    # the Gram matrices do not fit --gram-memory 0).
+    # the Gram matrices exceed --gram-memory 1e-9 and are collected in chunks).
     with pytest.warns(UserWarning, match="gram_memory"):
-        assert main(_lm_args(d, tmp_path / "loud", "--gram-memory", "0", "--eval-text",
+        assert main(_lm_args(d, tmp_path / "loud", "--gram-memory", "1e-9", "--eval-text",
                              str(d / "eval.txt"))) == 0
     cap = capsys.readouterr()
     assert "layer" in cap.out and "perplexity" in cap.out and "calibrating" in cap.err
@@ -418,7 +418,7 @@ def test_quiet_silences_everything(lm_dir, tmp_path, capsys):
     before = (log.get_verbosity(), log.is_progress_bar_enabled())
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        assert main(_lm_args(d, tmp_path / "quiet", "--gram-memory", "0", "--eval-text",
+        assert main(_lm_args(d, tmp_path / "quiet", "--gram-memory", "1e-9", "--eval-text",
                              str(d / "eval.txt"), "-q")) == 0
     assert capsys.readouterr() == ("", "")
     assert not [w for w in seen if "fair_pruner" in f"{w.message} {w.filename}"
@@ -428,7 +428,7 @@ def test_quiet_silences_everything(lm_dir, tmp_path, capsys):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     r = subprocess.run([sys.executable, "-m", "fair_pruner.cli"]
-                       + _lm_args(d, tmp_path / "sub", "--gram-memory", "0", "--eval-text",
+                       + _lm_args(d, tmp_path / "sub", "--gram-memory", "1e-9", "--eval-text",
                                   str(d / "eval.txt"), "-q"),
                        capture_output=True, text=True, cwd=cwd, env=_env())
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")

@@ -78,13 +78,42 @@ def test_auto_picks_the_best_method_the_book_allows():
                                logits(fp.mask(m, p2, plain)), atol=1e-4, rtol=1e-3)
 
 
-def test_auto_skips_the_grams_over_the_memory_budget():
+@pytest.mark.parametrize("budget_groups", [0.5, 1, 2])
+def test_grams_over_the_memory_budget_are_collected_in_chunks(budget_groups):
+    """A budget of half, one or two of the largest Grams: extra no-grad passes, same book."""
     m = tiny_lm("llama")
-    with pytest.warns(UserWarning, match="gram_memory"):
-        book = fp.score(m, token_batches(), classes=8, samples_per_class=8, projections=16,
-                        progress=False, gram_memory=1e-9)
+    kw = dict(classes=8, samples_per_class=8, projections=16, progress=False)
+    one = fp.score(m, token_batches(), **kw)
+    assert one.meta["gram_chunks"] == 1
+    sizes = [g.tensors["gram"].numel() * 4 for g in one.groups]
+    budget = sorted(sizes)[-1] * budget_groups / 2 ** 30
+    with pytest.warns(UserWarning, match="chunks of layers"):
+        book = fp.score(m, token_batches(), gram_memory=budget, **kw)
+    assert book.meta["gram_chunks"] > 1
+    for a, b in zip(one.groups, book.groups):
+        assert a.tensors.keys() == b.tensors.keys()
+        for k in a.tensors:
+            if k == "gram":
+                torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=1e-5, atol=1e-4)
+                assert b.tensors[k].abs().max() > 0
+            else:
+                torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=0, atol=0)
+    plan = fp.allocate(book, params=0.3)
+    assert plan.removed == fp.allocate(one, params=0.3).removed
+    torch.testing.assert_close(fp.prune(m, plan, book=book)(input_ids=X).logits,
+                               fp.prune(m, plan, book=one)(input_ids=X).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_no_grams_when_reconstruction_is_off_and_bad_budgets():
+    m = tiny_lm("llama")
+    kw = dict(classes=8, samples_per_class=8, projections=16, progress=False)
+    book = fp.score(m, token_batches(), reconstruction=False, **kw)
     assert not book.meta["reconstruction_stats"]
-    assert all("gram" not in g.tensors for g in book.groups)
+    assert all("gram" not in g.tensors and "mean" in g.tensors for g in book.groups)
+    for bad in (0, -1.0, float("nan"), "4"):
+        with pytest.raises(fp.CalibrationDataError, match="gram_memory"):
+            fp.score(m, token_batches(), gram_memory=bad, **kw)
 
 
 def _xw(seed, n=200, c=9, out=5, shift=3.0):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..engine import (Batch, Reservoir, Sampling, SketchTap, check_sampling, finish_u,
+from ..engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, finish_u,
                       gradient_pass, preserved, split_batch, working_model)
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from ..cost import CostBuilder, CostModel
@@ -211,10 +211,13 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
             Costs C² fp32 per group, on the calibration device while scoring and in the book
             (C = the consumer's input width: d_ff for an MLP, heads x head_dim for attention):
             0.32 GB for SmolLM2-135M, 28.5 GB for a 7B Llama (32 x (14336² + 4096²) x 4 B);
-            MoE expert groups have no consumer to update. ``"auto"`` (default): collect them
-            when they fit in ``gram_memory`` GiB, else warn and collect only the means (the
-            ``"bias"`` reconstruction still works); True: collect them whatever the size.
-        gram_memory: the budget (GiB) for ``reconstruction="auto"``.
+            MoE expert groups have no consumer to update. ``"auto"`` (default) and True:
+            collect them; False: only the means (the ``"bias"`` reconstruction still works).
+        gram_memory: the budget (GiB) for the Gram matrices on the calibration device. When
+            they need more, they are collected in chunks of consecutive layers that fit: the
+            first chunk in the gradient pass, each further chunk in one extra no-grad forward
+            pass, each finished chunk moved to CPU memory (a 7B Llama at the default 4 GiB:
+            28.5 GB in 8 chunks, 7 extra forward passes, 28.5 GB of host memory and book).
         weight_taylor: also compute LLM-Pruner's element-wise first-order Taylor importance of
             the consumer's weights, Σ |w · Σ_batches ∂L/∂w| over each unit's weight columns
             (signal ``"taylor"``; costs the consumer weights' gradient GEMMs and one fp32 copy
@@ -244,12 +247,10 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     cls, n_labelled, n_batches = _top_classes(loader, classes)
     res = Reservoir(cls, samples_per_class, seed)
     taps = [_Tap(f) for f in layout.prunable if f.role in roles]
-    reconstruction = _gram_wanted(taps, reconstruction, gram_memory)
-    if reconstruction:
-        for tp in taps:
-            if tp.fam.kind != "expert":        # experts feed the residual stream directly
-                C = tp.fam.n_sub * tp.fam.feat
-                tp.gram = torch.zeros((C, C), dtype=torch.float32, device=device)
+    reconstruction = _gram_wanted(reconstruction)
+    chunks = _gram_chunks(taps, gram_memory) if reconstruction else []
+    for tp in (chunks[0] if chunks else ()):
+        tp.gram = _zeros_gram(tp, device)
     seq_lens: List[int] = []
     params, on_grads = _weight_grads(work, taps) if weight_taylor else ((), None)
 
@@ -269,6 +270,8 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
                 p.requires_grad_(f)
     for tp in taps:
         finish_u(tp, res, cls)
+    if chunks:
+        _gram_passes(work, chunks, loader, device, progress)
 
     context = (max(seq_lens) + 1) / 2.0          # mean causal context of a calibration sequence
     all_signals: Dict[str, Signal] = dict(BUILTIN)
@@ -283,7 +286,8 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "architecture": type(model).__name__, "layers_module": layout.layers_name,
         "in_architecture_table": layout.in_table, "frozen": layout.frozen(),
-        "reconstruction_stats": bool(reconstruction), "weight_taylor": bool(weight_taylor),
+        "reconstruction_stats": bool(reconstruction), "gram_chunks": len(chunks),
+        "weight_taylor": bool(weight_taylor),
         "obs_signal": bool(obs_signal and reconstruction),
         "num_layers": len(layout.layers), "classes": cls, "class_counts": counts,
         "classes_used": [c for c, n in zip(cls, counts) if n >= 2],
@@ -298,21 +302,89 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     return ScoreBook(groups, cost, meta)
 
 
-def _gram_wanted(taps: Sequence[_Tap], reconstruction, gram_memory: float) -> bool:
-    """Resolve ``reconstruction`` ("auto" / bool) against the Gram matrices' size."""
+def _gram_wanted(reconstruction) -> bool:
     if reconstruction not in ("auto", True, False):
         raise CalibrationDataError(f"reconstruction must be 'auto', True or False, got "
                                    f"{reconstruction!r}")
-    if reconstruction != "auto":
-        return bool(reconstruction)
-    need = sum((tp.fam.n_sub * tp.fam.feat) ** 2 * 4 for tp in taps if tp.fam.kind != "expert")
-    if need > gram_memory * 2 ** 30:
-        warnings.warn(f"fair_pruner: the reconstruction Gram matrices need {need / 2**30:.1f} GiB "
-                      f"(> gram_memory={gram_memory:g}); collecting only the channel means, so "
-                      "fp.prune can reconstruct with 'bias' only. Raise gram_memory or pass "
-                      "reconstruction=True for the least-squares update")
-        return False
-    return True
+    return bool(reconstruction)
+
+
+def _gram_bytes(tp: _Tap) -> int:
+    return (tp.fam.n_sub * tp.fam.feat) ** 2 * 4
+
+
+def _zeros_gram(tp: _Tap, device) -> Tensor:
+    C = tp.fam.n_sub * tp.fam.feat
+    return torch.zeros((C, C), dtype=torch.float32, device=device)
+
+
+def _gram_chunks(taps: Sequence[_Tap], gram_memory: float) -> List[List[_Tap]]:
+    """The taps with a consumer to update, in model order, cut into chunks whose Gram matrices
+    fit ``gram_memory`` GiB on the calibration device together. The first chunk is collected in
+    the gradient pass; each further chunk costs one extra no-grad forward pass."""
+    if not (isinstance(gram_memory, (int, float)) and gram_memory > 0):
+        raise CalibrationDataError(f"gram_memory must be a positive number of GiB, got "
+                                   f"{gram_memory!r}")
+    budget = gram_memory * 2 ** 30
+    chunks: List[List[_Tap]] = []
+    used = budget + 1
+    for tp in taps:
+        if tp.fam.kind == "expert":            # experts feed the residual stream directly
+            continue
+        b = _gram_bytes(tp)
+        if used + b > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(tp)
+        used += b
+    total = sum(_gram_bytes(tp) for c in chunks for tp in c)
+    big = [tp.name for c in chunks for tp in c if _gram_bytes(tp) > budget]
+    if big:
+        warnings.warn(f"fair_pruner: the Gram matrix of {big[0]} alone needs "
+                      f"{_gram_bytes(next(t for c in chunks for t in c if t.name == big[0])) / 2**30:.2f}"
+                      f" GiB (> gram_memory={gram_memory:g}); collected on its own")
+    if len(chunks) > 1:
+        warnings.warn(f"fair_pruner: the reconstruction Gram matrices need {total / 2**30:.2f} GiB "
+                      f"(> gram_memory={gram_memory:g} GiB on the calibration device): collecting "
+                      f"them in {len(chunks)} chunks of layers, {len(chunks) - 1} extra forward "
+                      "pass(es) over the calibration data; each finished chunk moves to CPU "
+                      "memory (the book holds all of them). Raise gram_memory for fewer passes, "
+                      "or pass reconstruction=False to skip them ('bias' reconstruction only)")
+    return chunks
+
+
+@torch.no_grad()
+def _gram_passes(model: nn.Module, chunks: List[List[_Tap]], loader, device,
+                 progress: bool) -> None:
+    """Move the first chunk's Grams to the CPU, then collect every further chunk in one
+    no-grad forward pass each, the taps hooked only to add ``zᵀ z`` of the valid tokens."""
+    from tqdm.auto import tqdm
+
+    for tp in chunks[0]:
+        tp.gram = tp.gram.cpu()
+    for ci, chunk in enumerate(chunks[1:], start=2):
+        state: Dict[str, Optional[Tensor]] = {"valid": None}
+        handles = []
+        for tp in chunk:
+            tp.gram = _zeros_gram(tp, device)
+
+            def add(x: Tensor, tp=tp) -> Tensor:
+                zv = x.reshape(-1, x.shape[-1])
+                if state["valid"] is not None:
+                    zv = zv[state["valid"]]
+                tp.gram += ops.gram(zv.detach())
+                return x
+            handles.append(tp.fam.install_tap(model, add))
+        try:
+            for batch in tqdm(list(_batches(loader, device, [])), disable=not progress,
+                              desc=f"fair_pruner: Gram chunk {ci}/{len(chunks)}", leave=False):
+                state["valid"] = batch.valid
+                call_model(model, batch.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for tp in chunk:
+            tp.gram = tp.gram.cpu()
 
 
 def _weight_grads(model: nn.Module, taps: Sequence[_Tap]):

@@ -386,9 +386,8 @@ def _prune_lm(args, gguf) -> int:
                     gram_memory=args.gram_memory, heads=args.heads or "kv", roles=roles,
                     weight_taylor=args.signal == "taylor", obs_signal=args.signal == "obs")
     if args.signal == "obs" and not book.meta.get("obs_signal"):
-        raise FairPrunerError("--signal obs needs the Gram matrices, which did not fit in "
-                              f"--gram-memory {args.gram_memory:g} GiB; raise --gram-memory or "
-                              "pass --reconstruct affine")
+        raise FairPrunerError("--signal obs needs the Gram matrices; pass --reconstruct auto "
+                              "or affine")
     if args.experts is not None:
         kw = {"experts": args.experts, "tod": args.tod}
     elif args.params is not None:
