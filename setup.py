@@ -47,6 +47,9 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=["fair_pruner", "fair_pruner.llm", "fair_pruner.kernels"],
     package_dir={"fair_pruner": "fair_pruner", "fair_pruner.kernels": "kernels"},
+    # The demo's trained CNN (fair_pruner/demo.py; rebuilt by `fair-pruner demo --train
+    # --save-model fair_pruner/demo_cnn.safetensors`).
+    package_data={"fair_pruner": ["demo_cnn.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -2,7 +2,8 @@
 
 Flow: probe the model on one sample (shapes, output layer, in-place ops) -> build the dependency
 graph -> pass 1 over the loader with taps on every producer module (Taylor terms for R, running
-activation moments, and per-class projected samples for the first chunk of U sketches) ->
+activation moments, and per-class projected samples for the first chunk of U sketches; the
+classes are the labels the data holds, at most ``max_classes``, see :class:`_DataClasses`) ->
 extra no-grad passes over only the reservoir-selected samples for U chunks that did not fit the
 memory budget -> per-producer signals -> per-group scores -> :class:`ScoreBook`.
 
@@ -17,7 +18,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -60,8 +61,104 @@ def _check_labels(labels: Optional[Tensor], batch_idx: int,
 
 
 # --------------------------------------------------------------------------------------------
-# Sample selection: seeded per-class reservoirs, replayable on later passes
+# Sample selection: seeded per-class reservoirs over the classes the data holds
 # --------------------------------------------------------------------------------------------
+
+class _DataClasses(Reservoir):
+    """Per-class reservoirs for the U-Score classes: at most ``max_classes`` of the labels the
+    calibration data actually holds, whatever the model's number of outputs.
+
+    The labels are known only as the data is read (a 1000-output model may be calibrated on
+    images of 10 classes), so classes are taken as they appear, without an extra pass: every
+    label gets a seeded priority, and the U-Score keeps the ``max_classes`` present labels of
+    lowest priority, a seeded uniform subset that depends only on the seed and on the set of
+    labels present. A class pushed out of that set by a later label of lower priority gives up
+    its slot and its samples; since the set's highest priority only falls, every class kept
+    holds its slot from its first sample on. Each class draws its reservoir slots from its own
+    seeded generator, so its samples do not depend on which other classes are present.
+    ``classes[k]`` is the class of slot ``k``; ``label_counts`` counts every label seen.
+    """
+
+    def __init__(self, max_classes: int, per_class: int, seed: int):
+        super().__init__([], per_class, seed)
+        self.max_classes, self.seed = max_classes, seed
+        self.classes: List[int] = []
+        self.label_counts: Dict[int, int] = {}
+        self._keys: List[Tuple[float, int]] = []
+        self._rngs: List[random.Random] = []
+
+    def _key(self, c: int) -> Tuple[float, int]:
+        return random.Random(f"fair_pruner.classes:{self.seed}:{c}").random(), c
+
+    def _admit(self, c: int, rows: List[Tuple[int, int, int]]) -> Optional[int]:
+        """Slot of a label seen for the first time, or None when it is not among the kept."""
+        key = self._key(c)
+        rng = random.Random(f"fair_pruner.reservoir:{self.seed}:{c}")
+        if len(self.classes) < self.max_classes:
+            self.classes.append(c)
+            self.seen.append(0)
+            self._keys.append(key)
+            self._rngs.append(rng)
+            k = len(self.classes) - 1
+        else:
+            k = max(range(len(self.classes)), key=lambda i: self._keys[i])
+            if key > self._keys[k]:
+                return None
+            del self.index[self.classes[k]]              # evict: free its slots and samples
+            for slot in range(self.per_class):
+                owner = self._slot_owner.pop((k, slot), None)
+                if owner is not None:
+                    del self.final[owner]
+            rows[:] = [r for r in rows if r[1] != k]
+            self.classes[k], self.seen[k], self._keys[k], self._rngs[k] = c, 0, key, rng
+        self.index[c] = k
+        return k
+
+    def offer(self, labels: List[int], first_index: int) -> List[Tuple[int, int, int]]:
+        rows: List[Tuple[int, int, int]] = []
+        for row, y in enumerate(labels):
+            n_label = self.label_counts.get(y, 0) + 1
+            self.label_counts[y] = n_label
+            k = self.index.get(y)
+            if k is None:
+                # Only a label's first sample can admit it: the kept set's bar only falls.
+                k = self._admit(y, rows) if n_label == 1 else None
+                if k is None:
+                    continue
+            self.seen[k] += 1
+            n = self.seen[k]
+            slot = n - 1 if n <= self.per_class else self._rngs[k].randrange(n)
+            if slot < self.per_class:
+                gidx = first_index + row
+                old = self._slot_owner.get((k, slot))
+                if old is not None:
+                    del self.final[old]
+                    if old >= first_index:          # replaced within this batch: store once
+                        rows[:] = [r for r in rows if r[1:] != (k, slot)]
+                self._slot_owner[(k, slot)] = gidx
+                self.final[gidx] = (k, slot)
+                rows.append((row, k, slot))
+        return rows
+
+    def check(self) -> None:
+        """Raise a :class:`CalibrationDataError` unless two kept classes have >= 2 samples."""
+        if sum(1 for n in self.counts() if n >= 2) >= 2:
+            return
+        found = self.label_counts
+        shown = ", ".join(f"{c}: {n}" for c, n in sorted(found.items())[:10])
+        shown += ", ..." if len(found) > 10 else ""
+        what = (f"{len(found)} distinct label{'s' if len(found) != 1 else ''} "
+                f"(samples per label: {{{shown}}})")
+        if sum(1 for n in found.values() if n >= 2) >= 2:
+            fix = (f"max_classes={self.max_classes} kept labels {sorted(self.classes)[:10]}, "
+                   f"fewer than two of them with >= 2 samples: raise max_classes (the data has "
+                   f"{len(found)} labels) or give more samples of each class")
+        else:
+            fix = ("calibrate on labelled samples of at least two classes, two or more each "
+                   "(e.g. a class-balanced subset of the training data)")
+        raise CalibrationDataError(
+            "the U-Score compares classes and needs at least two classes with >= 2 samples "
+            f"each; the calibration data has {what}: {fix}")
 
 # --------------------------------------------------------------------------------------------
 # Taps
@@ -149,9 +246,13 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         loader: any iterable of ``(inputs, labels)`` or dicts with ``labels``; re-iterated (in
             the same order) only when U sketches need more than one pass.
         loss_fn: ``loss_fn(outputs, labels) -> scalar``; default summed cross-entropy.
-        num_classes: number of output classes; default: the logits' last dim.
+        num_classes: number of model outputs (labels must lie in ``[0, num_classes)``);
+            default: the logits' last dim.
         samples_per_class: reservoir size per class for the U-Score (also its quantile count).
-        max_classes: at most this many classes (a seeded random subset) enter the U-Score.
+        max_classes: the U-Score's classes are the labels present in the calibration data; when
+            there are more than ``max_classes`` of them, a seeded random subset of that many
+            (the same for a given seed and set of labels). A model may have more outputs than
+            the data has classes; at least two classes need >= 2 samples each.
         projections: sliced-W1 directions per layer for map units.
         u_mode: ``"sliced"`` (default; docs/method.md) or ``"pooled"`` (GAP then exact 1-D W1).
         seed: makes sample selection, directions and the plan reproducible.
@@ -230,31 +331,44 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                 p.clone = m.module in probe["inplace"]
                 producers.append(p)
 
-        classes = _choose_classes(num_classes, max_classes, seed)
-        res = Reservoir(classes, samples_per_class, seed)
-        chunks = _plan_chunks(producers, probe, len(classes), samples_per_class, projections,
-                              u_mode, memory_budget)
+        # The U-Score classes are the labels the data holds (at most max_classes of them),
+        # known only after pass 1: its sample buffers have room for the most there can be, and
+        # the U passes after it are planned for the classes found.
+        res = _DataClasses(max_classes, samples_per_class, seed)
+        slots = min(max_classes, num_classes)
+        first_chunk = _plan_chunks(producers, probe, slots, samples_per_class, projections,
+                                   u_mode, memory_budget, warn=False)[0]
+        _warn_oversize(first_chunk, probe, slots, samples_per_class, projections, u_mode,
+                       memory_budget)
         run = _Run(work, producers, loader, loss_fn, num_classes, device, progress, res,
-                   Sampling(tuple(classes), samples_per_class, projections, u_mode, seed))
+                   Sampling(tuple(range(slots)), samples_per_class, projections, u_mode, seed))
         grams = _ConsumerStats(work, specs, gram_memory) if reconstruction else None
         _set_modes(work, bn_mode)
         try:
-            stats = _pass_one(run, chunks[0], first, it)
+            stats = _pass_one(run, first_chunk, first, it)
         finally:
             if grams is not None:
                 grams.remove()
         _set_modes(work, "eval")
+        run.sampling = replace(run.sampling, classes=tuple(res.classes))
+        rest = [p for p in producers if p not in first_chunk]
+        chunks = [first_chunk] + (_plan_chunks(rest, probe, len(res.classes), samples_per_class,
+                                               projections, u_mode, memory_budget)
+                                  if rest else [])
         for chunk in chunks[1:]:
             _u_pass(run, chunk, stats["label_hashes"])
 
-    counts = res.counts()
+    order = sorted(range(len(res.classes)), key=lambda k: res.classes[k])
+    classes = [res.classes[k] for k in order]
+    counts = [res.counts()[k] for k in order]
     groups = _assemble(specs, producers, all_signals, seed)
     if grams is not None:
         grams.store(groups)
     meta = {
         "fingerprint": fingerprint, "seed": seed, "num_classes": num_classes,
+        "classes": classes, "class_counts": counts, "max_classes": max_classes,
         "classes_used": [int(c) for c, n in zip(classes, counts) if n >= 2],
-        "class_counts": counts, "samples_per_class": samples_per_class,
+        "labels_found": len(res.label_counts), "samples_per_class": samples_per_class,
         "calibration_samples": stats["samples"], "batches": stats["batches"],
         "projections": projections, "u_mode": u_mode, "bn_mode": bn_mode,
         "u_passes": len(chunks), "output_layer": probe["names"].get(out_layer),
@@ -413,12 +527,6 @@ def _output_layer(model, probe, num_classes) -> Optional[nn.Module]:
     return cands[-1]
 
 
-def _choose_classes(num_classes: int, max_classes: int, seed: int) -> List[int]:
-    if num_classes <= max_classes:
-        return list(range(num_classes))
-    return sorted(random.Random(seed).sample(range(num_classes), max_classes))
-
-
 def _proj_dim(p: _Producer, probe, projections: int, u_mode: str) -> Tuple[int, int]:
     """(D, P): flattened positions per unit and the number of sketch coordinates."""
     shape = probe["feature_shapes"][p.name]
@@ -429,22 +537,33 @@ def _proj_dim(p: _Producer, probe, projections: int, u_mode: str) -> Tuple[int, 
     return D, projections
 
 
-def _plan_chunks(producers, probe, K, S, P, u_mode, budget) -> List[List[_Producer]]:
+def _u_bytes(p: _Producer, probe, K, S, P, u_mode) -> int:
+    return K * S * p.units * _proj_dim(p, probe, P, u_mode)[1] * 4
+
+
+def _plan_chunks(producers, probe, K, S, P, u_mode, budget,
+                 warn: bool = True) -> List[List[_Producer]]:
     """Split producers into chunks whose U samples fit ``budget`` bytes (one pass each)."""
     chunks: List[List[_Producer]] = [[]]
     used = 0
     for p in producers:
-        _, pp = _proj_dim(p, probe, P, u_mode)
-        nbytes = K * S * p.units * pp * 4
+        nbytes = _u_bytes(p, probe, K, S, P, u_mode)
         if chunks[-1] and used + nbytes > budget:
             chunks.append([])
             used = 0
-        if nbytes > budget:
-            warnings.warn(f"fair_pruner: U samples of {p.name} need {nbytes / 2**20:.0f} MiB, "
-                          f"over memory_budget; processing it alone")
+        if warn:
+            _warn_oversize([p], probe, K, S, P, u_mode, budget)
         chunks[-1].append(p)
         used += nbytes
     return chunks
+
+
+def _warn_oversize(producers, probe, K, S, P, u_mode, budget) -> None:
+    for p in producers:
+        nbytes = _u_bytes(p, probe, K, S, P, u_mode)
+        if nbytes > budget:
+            warnings.warn(f"fair_pruner: U samples of {p.name} need {nbytes / 2**20:.0f} MiB, "
+                          f"over memory_budget; processing it alone")
 
 
 @dataclass
@@ -457,7 +576,7 @@ class _Run:
     num_classes: int
     device: torch.device
     progress: bool
-    res: Reservoir
+    res: _DataClasses
     sampling: Sampling
 
 
@@ -481,8 +600,9 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it) -> Dict[str, An
 
     n = gradient_pass(run.model, run.producers, batches(), run.res, run.sampling, sketch=chunk,
                       progress=run.progress, total=len_or_none(run.loader))
+    run.res.check()
     for p in chunk:
-        finish_u(p, run.res, list(run.sampling.classes))
+        finish_u(p, run.res, list(run.res.classes))
     return {"samples": n, "batches": len(label_hashes), "label_hashes": label_hashes}
 
 
@@ -526,7 +646,7 @@ def _u_pass(run: _Run, chunk: List[_Producer], label_hashes: List[int]) -> None:
             h.remove()
         bar.close()
     for p in chunk:
-        finish_u(p, res, list(run.sampling.classes))
+        finish_u(p, res, list(res.classes))
 
 
 def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],

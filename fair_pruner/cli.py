@@ -380,11 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fair_pruner import demo
     d = sub.add_parser("demo", formatter_class=_Formatter,
-                       help="train a small CNN on bundled real data (sklearn digits), "
-                            "prune it with ToD and report before/after",
-                       description="Train a small CNN on sklearn's bundled digits, score it on "
-                                   "calibration images, prune it to a parameter target with ToD "
-                                   "and print accuracy, params, MACs and the per-group table.")
+                       help="prune a small CNN trained on bundled real data (sklearn "
+                            "digits) with ToD and report before/after",
+                       description="Load the small CNN shipped with the package (trained on "
+                                   "sklearn's bundled digits; --train trains it from scratch), "
+                                   "score it on calibration images, prune it to a parameter "
+                                   "target with ToD and print accuracy, params, MACs and the "
+                                   "per-group table.")
     demo.add_arguments(d)
     d.set_defaults(func=_demo)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Tuple
+import json
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -11,6 +12,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+# The demo's trained SmallCNN (package data; written by `fair-pruner demo --train --save-model`).
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_cnn.safetensors")
+DEMO_RECIPE = {"data": "digits", "seed": 0, "epochs": 12, "lr": 2e-3, "batch_size": 64,
+               "threads": 1, "widths": [32, 64, 128], "hidden": 128}
 
 
 def digits(seed: int = 0, test_fraction: float = 0.25) -> Tuple[TensorDataset, TensorDataset]:
@@ -68,6 +73,68 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+def demo_model(**recipe) -> nn.Module:
+    """A fresh (untrained) SmallCNN for the digits demo, seeded by ``recipe["seed"]``."""
+    r = {**DEMO_RECIPE, **recipe}
+    torch.manual_seed(r["seed"])
+    return SmallCNN(in_ch=1, num_classes=10, widths=tuple(r["widths"]), hidden=r["hidden"])
+
+
+def train_demo_model(train_set=None, **recipe) -> nn.Module:
+    """Train the demo's SmallCNN from scratch on the digits training split (``train_set``:
+    ``digits(seed)[0]``, given or loaded), as the shipped checkpoint was (``DEMO_RECIPE``; one
+    thread, so the result does not depend on the core count)."""
+    r = {**DEMO_RECIPE, **recipe}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(r["threads"])
+    try:
+        model = demo_model(**r)
+        train_set = train_set if train_set is not None else digits(seed=r["seed"])[0]
+        train(model, train_set, epochs=r["epochs"], lr=r["lr"],
+              batch_size=r["batch_size"], seed=r["seed"])
+    finally:
+        torch.set_num_threads(threads)
+    return model
+
+
+def save_demo_checkpoint(model: nn.Module, path: str, recipe: Optional[Dict[str, Any]] = None
+                         ) -> None:
+    """Write ``model``'s weights as a demo checkpoint: safetensors, floating tensors as fp16
+    (~320 KB), the training recipe in the header. Written atomically, mode 0o666 & ~umask."""
+    from safetensors.torch import save_file
+
+    from .scorebook import atomic_write
+
+    tensors = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
+               .contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "fair_pruner.demo_cnn", "recipe": json.dumps(recipe or DEMO_RECIPE),
+            "torch": torch.__version__}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_demo_checkpoint(path: str = DEMO_CHECKPOINT) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(the trained SmallCNN in fp32, eval mode; its training recipe) from a demo checkpoint."""
+    from safetensors import safe_open
+
+    from .errors import FairPrunerError
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise FairPrunerError(f"cannot read the demo checkpoint {path} ({exc}); run "
+                              "`fair-pruner demo --train` to train the model instead") from exc
+    if meta.get("format") != "fair_pruner.demo_cnn":
+        raise FairPrunerError(f"{path} is not a fair_pruner demo checkpoint (write one with "
+                              "`fair-pruner demo --train --save-model FILE`)")
+    recipe = {**DEMO_RECIPE, **json.loads(meta.get("recipe", "{}"))}
+    model = demo_model(**recipe)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in state.items()})
+    return model.eval(), recipe
 
 
 def train(model: nn.Module, data, epochs: int, lr: float = 2e-3, batch_size: int = 64,

@@ -65,9 +65,20 @@ def _grouped_conv(m: nn.Module) -> bool:
         m.groups == m.in_channels == m.out_channels)
 
 
+def group_name(root: str, producers: Sequence[str]) -> str:
+    """The name of a group: its root module's, with ``+N`` appended when N other modules'
+    outputs carry the same units (a residual stream: ``layer4.0.downsample.0+2`` is that conv,
+    ``layer4.0.conv2`` and ``layer4.1.conv2``; a depthwise conv after its pointwise one), so a
+    plan says which rows cover several layers. A group of one producer keeps the module's name.
+    ``Group.modules`` / ``GroupSpec.producers`` list the members."""
+    others = len({p for p in producers if p != root})
+    return f"{root}+{others}" if others else root
+
+
 def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
                 skipped: Optional[List[str]] = None) -> List[GroupSpec]:
-    """All prunable coupled groups, in module order, excluding groups touching ``ignored``.
+    """All prunable coupled groups, in module order (of their roots), excluding groups touching
+    ``ignored``. Names: :func:`group_name` (unique: a module is the root of one group at most).
 
     Groups that touch a grouped (non-depthwise) convolution are left out and their root names
     appended to ``skipped``.
@@ -82,7 +93,7 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
             if skipped is not None:
                 skipped.append(names[root])
             continue
-        spec = GroupSpec(name=names[root], size=len(g[0].idxs))
+        spec = GroupSpec(name=names[root], size=len(g[0].idxs), root=names[root])
         for item in g.items:
             mod = item.dep.target.module
             role = _role(DG, mod, item.dep.handler)
@@ -92,8 +103,12 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
                                        [int(i) for i in item.root_idxs]))
         if not spec.producers:
             continue
+        spec.name = group_name(spec.root, [m.module for m in spec.producers])
         specs.append(spec)
-    specs.sort(key=lambda s: order[s.name])
+    specs.sort(key=lambda s: order[s.root])
+    if len({s.name for s in specs}) != len(specs):        # a module named like "x+1"
+        raise UnsupportedModelError("two pruning groups would share a name: "
+                                    f"{sorted(s.name for s in specs)}")
     return specs
 
 
@@ -126,7 +141,7 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
     pname_of = {p: n for n, p in model.named_parameters()}
     b = CostBuilder()
     for gi, spec in enumerate(groups):
-        root = model.get_submodule(spec.name)
+        root = model.get_submodule(spec.root_module)
         pruner = DG.get_pruner_of_module(root)
         g = DG.get_pruning_group(root, pruner.prune_out_channels, list(range(spec.size)))
         for item in g.items:

@@ -104,6 +104,7 @@ class Plan:
                 f"{plan.fingerprint}, model {fp}); score this model with fp.score first")
 
     def save(self, path) -> None:
+        """Write the plan as JSON to ``path``, atomically, mode ``0o666 & ~umask``."""
         text = json.dumps(asdict(self), indent=1)
 
         def write(tmp):
@@ -117,13 +118,14 @@ class Plan:
             return cls(**json.load(f))
 
     def plot(self, path, title: Optional[str] = None) -> None:
-        """Write a PNG bar chart of the kept ratio per group."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Write a PNG bar chart of the kept ratio per group to ``path``, atomically, mode
+        ``0o666 & ~umask``. Draws on its own figure (not through pyplot), so the caller's
+        matplotlib backend and open figures are left alone."""
+        from matplotlib.figure import Figure
 
         names = list(self.sizes)
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+        fig = Figure(figsize=(max(6, 0.35 * len(names) + 2), 4))
+        ax = fig.subplots()
         ax.bar(range(len(names)), [self.ratios[n] for n in names], color="#3b75af")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
@@ -132,7 +134,6 @@ class Plan:
         ax.set_title(title or f"{self.strategy}: params -{self.params_reduction:.1%}")
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
 
 
 def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[float] = None,
@@ -311,6 +312,9 @@ def _make_plan(book: ScoreBook, removed: Dict[str, List[int]], *, meta: Dict[str
     p_after, f_after = book.cost.evaluate(mvec)
     full_meta = {"input_spec": book.meta.get("input_spec"), "kind": book.meta.get("kind"),
                  "ignored": book.meta.get("ignored", [])}
+    roots = {g.name: g.spec.root for g in book.groups if g.spec.root not in (None, g.name)}
+    if roots:              # groups named "root+N" (several producers): the module to prune from
+        full_meta["roots"] = roots
     full_meta.update(meta)
     return Plan(removed=removed, sizes={g.name: g.size for g in book.groups},
                 params_before=int(round(float(base_p))), params_after=int(round(float(p_after))),

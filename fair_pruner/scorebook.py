@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -39,9 +39,14 @@ class Member:
 class GroupSpec:
     """The structural part of a group: the modules it touches (producers carry its units in
     their outputs, consumers read them, norms follow them)."""
-    name: str            # the root module's name
+    name: str            # the root module's name, "+N" when N more modules produce its units
     size: int
     members: List[Member] = field(default_factory=list)
+    root: Optional[str] = None   # the module the group is pruned from; None: ``name`` is it
+
+    @property
+    def root_module(self) -> str:
+        return self.root or self.name
 
     @property
     def producers(self) -> List[Member]:
@@ -173,6 +178,7 @@ class ScoreBook:
                 "meta": g.meta, "min_keep": g.min_keep, "roundable": g.roundable,
                 "frozen": g.frozen, "tier": g.tier, "tensors": sorted(g.tensors),
                 "members": [[m.module, m.role, m.idxs, m.root_idxs] for m in g.spec.members],
+                **({"root": g.spec.root} if g.spec.root is not None else {}),
             })
         header = {"format": "fair_pruner.scorebook", "version": str(FORMAT_VERSION),
                   "groups": json.dumps(groups_meta), "meta": json.dumps(self.meta)}
@@ -194,7 +200,8 @@ class ScoreBook:
             raise FairPrunerError(f"{path} was written by a newer fair_pruner; upgrade to read it")
         groups = []
         for i, gm in enumerate(json.loads(header["groups"])):
-            spec = GroupSpec(gm["name"], gm["size"], [Member(*m) for m in gm["members"]])
+            spec = GroupSpec(gm["name"], gm["size"], [Member(*m) for m in gm["members"]],
+                             gm.get("root"))
             sig = {s: tensors[f"g{i}.{s}"] for s in gm["signals"]}
             kind, gmeta = gm.get("kind", "channel"), gm.get("meta", {})
             # Books written before a constraint existed: it followed from the unit kind then.
@@ -213,8 +220,28 @@ class ScoreBook:
                 f"params={p:,}, MACs={f:,}, signals={self.signal_names})")
 
 
+def umask() -> int:
+    """The process's file-mode creation mask, read without changing it where the OS tells it
+    (Linux ``/proc``); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    The file gets the usual mode of a new file, ``0o666 & ~umask`` (``mkstemp`` creates the
+    temporary file 0600), so every file the package writes through here is readable as if
+    ``open(path, "w")`` had made it.
+    """
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -222,6 +249,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -105,10 +105,10 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     if method is not None:           # before the graph: a consumer may gain a bias
         _reconstruct(target, plan, book, method, damp)
     DG = build_dependency_graph(target, example)
-    roots = {}
+    roots, root_of = {}, plan.meta.get("roots") or {}
     for name in plan.removed:
         try:
-            roots[name] = target.get_submodule(name)
+            roots[name] = target.get_submodule(root_of.get(name, name))
         except AttributeError:
             raise BookMismatchError(f"plan group {name!r} is not a module of this model") from None
     for name, idxs in plan.removed.items():

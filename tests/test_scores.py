@@ -100,9 +100,10 @@ def test_residual_group_joint_scores():
     y = torch.arange(8) % 4
     loader = batches(x, y, 8)
     book = fp.score(model, loader, samples_per_class=2, projections=4, progress=False)
-    g = next(g for g in book.groups if g.name == "layer4.0.downsample.0")
+    g = next(g for g in book.groups if g.spec.root == "layer4.0.downsample.0")
     members = {m.module for m in g.spec.producers}
     assert members == {"layer4.0.downsample.0", "layer4.0.conv2", "layer4.1.conv2"}
+    assert g.name == "layer4.0.downsample.0+2"        # the name says it covers 3 producers
     signed = sum(_direct_r(model, loader, model.get_submodule(m), signed=True) for m in members)
     torch.testing.assert_close(g.r, signed.abs(), rtol=1e-4, atol=1e-6)
     solo = fp.score(model, loader, samples_per_class=2, projections=4, progress=False,

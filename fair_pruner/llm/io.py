@@ -50,16 +50,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
-def _chmod(path: str) -> None:
-    """The usual file mode (atomic writes go through mkstemp, whose files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _atomic(path: str, write) -> None:
-    atomic_write(path, write)
-    _chmod(path)
+    atomic_write(path, write)      # the usual file mode, replaced in one rename
 
 
 def _write_text(path: str, text: str) -> None:
@@ -249,7 +241,6 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtyp
     plan = plan if plan is not None else getattr(model, "_fair_pruner_plan", None)
     if plan is not None:
         plan.save(os.path.join(directory, PLAN))
-        _chmod(os.path.join(directory, PLAN))
     if tokenizer is not None:
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tok-") as tmp:
             tokenizer.save_pretrained(tmp)
