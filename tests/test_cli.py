@@ -361,10 +361,13 @@ def test_prune_lm_gguf_calls_the_exporter(lm_dir, tmp_path, capsys, monkeypatch)
     from fair_pruner.errors import FairPrunerError
     calls = []
     fake = types.ModuleType("fair_pruner.llm.gguf_export")
+    checks = []
     fake.save_gguf = lambda model, path, **kw: calls.append((model, path, kw))
+    fake.check_gguf = lambda model, **kw: checks.append(kw)
     monkeypatch.setitem(sys.modules, "fair_pruner.llm.gguf_export", fake)
     g = str(tmp_path / "m.gguf")
     assert main(_lm_args(lm_dir, tmp_path / "o", "--gguf", g, "--gguf-dtype", "q8_0", "-q")) == 0
+    assert checks and checks[0]["dtype"] == "q8_0"
     (model, path, kw), = calls
     assert path == g and kw["dtype"] == "q8_0" and kw["source_gguf"] is None
     assert kw["progress"] is False                  # -q
@@ -376,6 +379,9 @@ def test_prune_lm_gguf_calls_the_exporter(lm_dir, tmp_path, capsys, monkeypatch)
     assert main(_lm_args(lm_dir, tmp_path / "o2", "--gguf", g)) == 2
     assert capsys.readouterr().err.splitlines()[-1] == \
         "fair-pruner: error: save_gguf: architecture llama-tiny is not supported"
+    fake.check_gguf = refuse            # refused up front: before calibration, nothing written
+    assert main(_lm_args(lm_dir, tmp_path / "o3", "--gguf", g)) == 2
+    assert not (tmp_path / "o3").exists()
 
 
 def test_save_dtype_auto(tmp_path):

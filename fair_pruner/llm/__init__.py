@@ -20,6 +20,7 @@ from .arch import ARCHITECTURES, Arch, AttnSpec, MLPSpec, register_architecture
 from .calibrate import KIND, restrict, score
 from .cli import cli_prune_lm, perplexity, text_batches
 from .io import from_pretrained, load_model, save_pretrained
+from .gguf_export import save_gguf
 from .layout import (AttentionHeads, CostTerm, FrozenBlock, Layout, MLPNeurons, UnitFamily,
                      find_layout, register_family)
 from .surgery import layer_widths
@@ -39,4 +40,4 @@ __all__ = ["score", "restrict", "prune", "mask", "find_layout", "register_family
            "MLPNeurons", "AttentionHeads", "FrozenBlock", "CostTerm", "Layout", "layer_widths",
            "load_model", "cli_prune_lm", "text_batches", "perplexity", "transformers_module",
            "is_hf_model", "KIND", "ARCHITECTURES", "Arch", "AttnSpec", "MLPSpec",
-           "register_architecture", "checked_layout"]
+           "register_architecture", "checked_layout", "save_gguf"]

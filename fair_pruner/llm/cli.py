@@ -361,6 +361,10 @@ def _prune_lm(args, gguf) -> int:
     if tok is None:
         raise FileNotFoundError(f"no tokenizer found with {args.model}; prune-lm needs one to "
                                 "tokenize --calib-text")
+    if gguf is not None:      # refuse an unexportable model before the long calibration
+        from .gguf_export import check_gguf
+        check_gguf(model, tokenizer=tok, dtype=args.gguf_dtype,
+                   source_gguf=args.model if args.model.endswith(".gguf") else None)
     if args.experts is not None:
         from .layout import find_layout
         if not any(f.kind == "expert" for f in find_layout(model).prunable):
