@@ -59,35 +59,25 @@ class _Formatter(argparse.HelpFormatter):
         return h
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1); e.g. 0.2 removes "
-                                         "20%")
-    return v
+def _number(kind, ok, what: str):
+    """An argparse type: ``kind(text)`` that must satisfy ``ok``, else ``what`` explains."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text}: {what}")
+        return v
+    parse.__name__ = what
+    return parse
 
 
-def _tolerance(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: the tolerance alpha lies in [0, 1]")
-    return v
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return v
+_fraction = _number(float, lambda v: 0.0 < v < 1.0,
+                    "not a fraction in (0, 1); e.g. 0.2 removes 20%")
+_tolerance = _number(float, lambda v: 0.0 <= v <= 1.0, "the tolerance alpha lies in [0, 1]")
+_positive = _number(int, lambda v: v >= 1, "must be >= 1")
 
 
 def _say(args):
