@@ -79,8 +79,16 @@ def _base_config(model: nn.Module):
               "architectures", "transformers_version"):
         cfg.pop(k, None)           # e.g. GGUF: the weights are dequantized here
     base = _base_class(model)
-    cfg["model_type"] = entry.get("base_model_type") or base.config_class.model_type
+    cfg["model_type"] = (entry.get("base_model_type") or cfg.get("model_type")
+                         or base.config_class.model_type)
     return cfg, base
+
+
+def _base_config_class(model: nn.Module, base: type) -> str:
+    for c in type(model.config).__mro__:
+        if c.__module__.startswith("transformers."):
+            return c.__name__
+    return base.config_class.__name__
 
 
 def _simple(v) -> bool:
@@ -154,7 +162,7 @@ def _config_dict(model: nn.Module, dtype: torch.dtype) -> Dict[str, Any]:
     entry.update(architecture_delta(model))
     entry.update({"format": FORMAT, "base_model_type": cfg["model_type"],
                   "base_architecture": base.__name__,
-                  "base_config": base.config_class.__name__})
+                  "base_config": _base_config_class(model, base)})
     cfg["model_type"] = REMOTE_TYPE_PREFIX + cfg["model_type"]
     cfg["architectures"] = [REMOTE_CLASS]
     cfg["auto_map"] = {"AutoConfig": f"{REMOTE_MODULE}.FairPrunedConfig",
@@ -357,29 +365,72 @@ def _load_weights(model: nn.Module, directory: str) -> None:
 def load_model(path: str, dtype=None) -> Tuple[Any, Optional[Any]]:
     """(model, tokenizer) from a transformers directory, a fair_pruner pruned directory, or a
     ``.gguf`` file (dequantized by transformers; needs ``gguf``). The tokenizer is None when the
-    directory has none."""
+    directory has none. A path that is none of these is a :class:`FileNotFoundError` (nothing
+    there) or an :class:`~fair_pruner.errors.UnsupportedModelError` naming what is wrong,
+    checked before any weights are read."""
+    from ..errors import UnsupportedModelError
+
     tf = transformers_module()
     dtype = dtype or torch.float32
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path}: give a transformers model directory or a "
                                 ".gguf file")
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise FileNotFoundError(f"{path} is a file but not a .gguf model; give a directory "
-                                    "or a .gguf file")
+            raise UnsupportedModelError(f"{path} is a file but not a .gguf model; give a "
+                                        "transformers model directory or a .gguf file")
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
+        except OSError as exc:
+            raise UnsupportedModelError(f"cannot read {path}: {exc}") from None
+        if magic != b"GGUF":
+            raise UnsupportedModelError(
+                f"{path} is not a GGUF file (it does not start with the GGUF magic bytes; got "
+                f"{magic!r}): give a llama.cpp .gguf model or a transformers model directory")
         d, f = os.path.split(os.path.abspath(path))
-        tok = tf.AutoTokenizer.from_pretrained(d, gguf_file=f)
-        model = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+        try:
+            tok = tf.AutoTokenizer.from_pretrained(d, gguf_file=f)
+            model = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+        except ImportError:
+            raise
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"{path} could not be loaded as a GGUF causal LM ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:300]}); give a GGUF of an architecture transformers "
+                "reads, or its transformers model directory") from exc
         return model.eval(), tok
     cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        ggufs = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
+        hint = (f"; it holds {ggufs[:3]}: give the .gguf file itself" if ggufs else
+                ": give a directory with config.json and weights (model.save_pretrained) or a "
+                ".gguf file")
+        raise UnsupportedModelError(f"{path} is not a transformers model directory (no "
+                                    f"config.json){hint}")
+    try:
+        with open(cfg_path) as fh:
+            cfg = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UnsupportedModelError(f"{cfg_path} is not readable JSON ({exc}); the model "
+                                    "directory is damaged") from None
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"{cfg_path} is not a transformers config (a JSON object)")
     tok = None
     try:
         tok = tf.AutoTokenizer.from_pretrained(path)
     except Exception:  # a weights-only directory is fine
         tok = None
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as fh:
-            if CONFIG_KEY in json.load(fh):
-                return from_pretrained(path), tok
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        if CONFIG_KEY in cfg:
+            return from_pretrained(path), tok
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (FairPrunerError, ImportError):
+        raise
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{path} could not be loaded as a causal LM ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); give a transformers causal-LM directory "
+            "(config.json and its weights) or a .gguf file") from exc
     return model.eval(), tok
