@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "BookMismatchError": "errors", "CalibrationDataError": "errors",
     "FairPrunerError": "errors", "NonFiniteError": "errors", "TargetError": "errors",
-    "UnsupportedModelError": "errors",
+    "UnsupportedModelError": "errors", "InvalidPlanError": "errors", "InvalidBookError": "errors",
     "Plan": "plan", "allocate": "plan",
     "prune_in_rounds": "rounds",
     "Group": "scorebook", "ScoreBook": "scorebook",
@@ -63,8 +63,16 @@ def score(model, loader, **kwargs) -> "ScoreBook":
     :func:`fair_pruner.calibrate.score`, Hugging Face causal LMs through
     :func:`fair_pruner.llm.score` (see each for its options).
     """
-    from . import adapters
-    return adapters.for_model(model).score(model, loader, **kwargs)
+    from . import adapters, distributed
+    adapter = adapters.for_model(model)
+    if distributed.active() and not adapter.data_parallel:
+        from .errors import UnsupportedModelError
+        raise UnsupportedModelError(
+            f"fp.score runs inside a torch.distributed group of {distributed.world()[1]} ranks, "
+            f"but the {adapter.name} adapter scores one process only (each rank would get the "
+            "book of its own shard). Score in a single process; data-parallel scoring is "
+            "implemented for Hugging Face causal LMs")
+    return adapter.score(model, loader, **kwargs)
 
 
 def prune(model, plan: "Plan", inplace: bool = False, **options):
@@ -124,4 +132,4 @@ def save_gguf(model, path, **kw):
 __all__ = ["save_pretrained", "from_pretrained", "save_gguf", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal", "adapters",
            "UnitStats", "signal", "ops", "signals", "errors", "FairPrunerError",
            "CalibrationDataError", "NonFiniteError", "UnsupportedModelError", "TargetError",
-           "BookMismatchError", "__version__"]
+           "BookMismatchError", "InvalidPlanError", "InvalidBookError", "__version__"]

@@ -31,6 +31,8 @@ class Adapter:
     mask: Callable          # mask(model, plan, book) -> masked reference model
     save: Optional[Callable] = None   # save(model, directory, **options): a loadable artifact
     load: Optional[Callable] = None   # load(directory, **options) -> model
+    # score() combines the ranks of an initialised torch.distributed group (fair_pruner.distributed)
+    data_parallel: bool = False
 
 
 _ADAPTERS: Dict[str, Adapter] = {}

@@ -15,6 +15,7 @@ restored afterwards.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import time
 import warnings
@@ -31,7 +32,8 @@ from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sa
                      first_tensor, gradient_pass, len_or_none, logits_of, map_tensors, preserved,
                      split_batch, store_samples, working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
-from .graph import PRODUCER_TYPES, build_cost_model, build_dependency_graph, find_groups
+from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
+                    check_model_types, check_traced, find_groups)
 from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
@@ -277,6 +279,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
+    loss_fn_given = loss_fn
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(logits_of(out).float(), y, reduction="sum"))
     all_signals: Dict[str, Signal] = dict(BUILTIN)
     for s in signals:
@@ -294,19 +297,28 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         raise CalibrationDataError("the first calibration batch holds no input tensor")
     example = map_tensors(inputs0, lambda t: t[:1].to(device))
 
+    check_model_types(work)
     with preserved(work, restore_buffers=(bn_mode == "train")):
         _set_modes(work, "eval")
         probe = _probe(work, example)
+        if probe["ambiguous"] and (loss_fn_given is None or num_classes is None):
+            raise UnsupportedModelError(
+                f"the model returns a {type(probe['out']).__name__} with several tensors "
+                f"({probe['ambiguous']}) and no 'logits' entry: fair_pruner cannot tell which "
+                "are the logits. Return the logits (a tensor, or a dict with a 'logits' key), "
+                "or pass loss_fn=(outputs, labels) -> loss and num_classes=")
         if num_classes is None:
             num_classes = probe["num_classes"]
-        elif probe["num_classes"] not in (None, num_classes):
+        elif probe["num_classes"] not in (None, num_classes) and not probe["ambiguous"]:
             raise CalibrationDataError(f"num_classes={num_classes} but the model outputs "
                                        f"{probe['num_classes']} logits")
         if num_classes is None or num_classes < 2:
             raise CalibrationDataError("cannot tell the number of classes from the model's "
                                        "output; pass num_classes=")
-        out_layer = _output_layer(work, probe, num_classes)
-        ignored = [out_layer] if out_layer is not None else []
+        out_layers = _output_layers(work, probe, num_classes)
+        out_layer = next((m for m in out_layers if _units(m) == num_classes),
+                         out_layers[0] if out_layers else None)
+        ignored = list(out_layers)
         name_to_mod = dict(work.named_modules())
         for m in ignore:
             mod = name_to_mod.get(m) if isinstance(m, str) else m
@@ -314,8 +326,9 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                 raise UnsupportedModelError(f"ignore: no module named {m!r}")
             ignored.append(mod)
         DG = build_dependency_graph(work, example)
+        check_traced(work, DG, list(probe["calls"]))
         skipped: List[str] = []
-        specs = find_groups(work, DG, ignored, skipped)
+        specs = find_groups(work, DG, ignored, skipped, calls=probe["calls"])
         if skipped:
             warnings.warn(f"fair_pruner: {len(skipped)} groups touch grouped convolutions and "
                           f"are kept whole (e.g. {skipped[0]})")
@@ -323,6 +336,9 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
             raise UnsupportedModelError("found no prunable Conv/Linear groups in this model "
                                         "(only the output layer, or everything is ignored)")
         cost = build_cost_model(work, DG, specs, probe["positions"])
+        # Before any calibration work: pruning each group must equal masking it, and the cost
+        # model must count what pruning leaves (else refuse, naming the groups).
+        check_exact(work, example, specs, cost, call_model, seed, DG=DG)
         producers: List[_Producer] = []
         for gi, spec in enumerate(specs):
             for m in spec.producers:
@@ -355,8 +371,15 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         chunks = [first_chunk] + (_plan_chunks(rest, probe, len(res.classes), samples_per_class,
                                                projections, u_mode, memory_budget)
                                   if rest else [])
+        if len(chunks) > 1 and hasattr(loader, "__next__"):
+            raise CalibrationDataError(
+                f"the U-Score needs {len(chunks)} passes over the calibration data under "
+                f"memory_budget={memory_budget}, but the loader is a one-shot iterator "
+                f"({type(loader).__name__}): pass a re-iterable loader (a list or a DataLoader) "
+                f"or raise memory_budget to at least {_need_bytes(producers, probe, run):,} "
+                "bytes for one pass")
         for chunk in chunks[1:]:
-            _u_pass(run, chunk, stats["label_hashes"])
+            _u_pass(run, chunk, stats, _need_bytes(producers, probe, run))
 
     order = sorted(range(len(res.classes)), key=lambda k: res.classes[k])
     classes = [res.classes[k] for k in order]
@@ -372,6 +395,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         "calibration_samples": stats["samples"], "batches": stats["batches"],
         "projections": projections, "u_mode": u_mode, "bn_mode": bn_mode,
         "u_passes": len(chunks), "output_layer": probe["names"].get(out_layer),
+        "output_layers": [probe["names"][m] for m in out_layers],
         "ignored": [probe["names"].get(m, str(m)) for m in ignored],
         "skipped_groups": skipped,
         "input_spec": map_tensors(example, lambda t: {"shape": list(t.shape), "dtype": str(t.dtype)}),
@@ -471,25 +495,40 @@ def _validate(spc, maxc, proj, u_mode, bn_mode, budget):
         raise CalibrationDataError(f"u_mode must be 'sliced' or 'pooled', got {u_mode!r}")
     if bn_mode not in ("eval", "train"):
         raise CalibrationDataError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
-    if budget <= 0:
-        raise CalibrationDataError("memory_budget must be a positive number of bytes")
+    if (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
+            or not math.isfinite(budget) or budget <= 0):
+        raise CalibrationDataError(f"memory_budget must be a positive, finite number of bytes, "
+                                   f"got {budget!r}")
+
+
+def _units(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
 def _probe(model: nn.Module, example: Any) -> Dict[str, Any]:
-    """One no-grad forward on one sample: output shapes, order, in-place-modified outputs."""
+    """One forward on one sample (with autograd, no backward): output shapes, order, in-place
+    modified outputs, calls per producer, and the autograd node of each producer output (to
+    find the producers the outputs depend on directly, :func:`_output_layers`)."""
     names = {m: n for n, m in model.named_modules()}
-    seen: List[Tuple[nn.Module, Tensor, int]] = []
+    seen: List[Tuple[nn.Module, Tensor, int, Any]] = []
+    calls: Dict[nn.Module, int] = {}
     hooks = []
 
     def hook(mod, inp, out):
-        if isinstance(out, Tensor):
-            seen.append((mod, out, out._version))
+        calls[mod] = calls.get(mod, 0) + 1
+        if not isinstance(out, Tensor):
+            return None
+        new = None
+        if out.grad_fn is None and out.is_floating_point():   # frozen: give it a node to find
+            new = out = out.detach().requires_grad_(True).clone()
+        seen.append((mod, out, out._version, out.grad_fn))
+        return new
 
     for m in model.modules():
         if isinstance(m, PRODUCER_TYPES):
             hooks.append(m.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             out = call_model(model, example)
     except Exception as exc:
         raise UnsupportedModelError(f"the model failed on the first calibration batch "
@@ -497,34 +536,68 @@ def _probe(model: nn.Module, example: Any) -> Dict[str, Any]:
     finally:
         for h in hooks:
             h.remove()
+    ambiguous = None
+    if (isinstance(out, dict) or hasattr(out, "keys")) and "logits" not in out:
+        keys = [k for k, v in out.items() if isinstance(v, Tensor)]
+        if len(keys) > 1:
+            ambiguous = keys
     logits = logits_of(out)
     positions, inplace, order = {}, set(), []
-    for mod, t, v in seen:
+    for mod, t, v, _ in seen:
         units = t.shape[1] if not isinstance(mod, nn.Linear) else t.shape[-1]
         positions[names[mod]] = t.numel() // max(1, t.shape[0] * units)
         if t._version != v:
             inplace.add(names[mod])
         order.append(mod)
     nc = logits.shape[-1] if logits.dim() >= 2 else None
-    return {"logits": logits, "positions": positions, "inplace": inplace, "order": order,
-            "outputs": {mod: t for mod, t, _ in seen}, "names": names, "num_classes": nc,
-            "feature_shapes": {names[mod]: tuple(t.shape[1:]) for mod, t, _ in seen}}
+    return {"logits": logits, "out": out, "positions": positions, "inplace": inplace,
+            "order": order, "outputs": {mod: t for mod, t, _, _ in seen}, "names": names,
+            "num_classes": nc, "calls": calls, "ambiguous": ambiguous,
+            "nodes": [(mod, node) for mod, _, _, node in seen if node is not None],
+            "feature_shapes": {names[mod]: tuple(t.shape[1:]) for mod, t, _, _ in seen}}
 
 
-def _output_layer(model, probe, num_classes) -> Optional[nn.Module]:
-    """The Conv/Linear that emits the logits: by identity with the output, else the last one
-    with ``num_classes`` units (by the number of classes, not by module order alone)."""
-    logits = probe["logits"]
-    for mod, t in probe["outputs"].items():
-        if t is logits:
-            return mod
-    cands = [m for m in probe["order"]
-             if (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == num_classes]
+def _output_tensors(out: Any) -> List[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        return [t for k in out.keys() for t in _output_tensors(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
+def _output_layers(model, probe, num_classes) -> List[nn.Module]:
+    """The Conv/Linear layers whose outputs the model's outputs depend on with no other
+    Conv/Linear in between (found by walking the autograd graph back from every output tensor):
+    pruning any of them would change what the model returns, so all are protected. The
+    logits may pass through log_softmax, a temperature, a sum of heads, ... on the way."""
+    node_mod: Dict[Any, List[nn.Module]] = {}
+    for mod, node in probe["nodes"]:
+        node_mod.setdefault(node, []).append(mod)
+    found: List[nn.Module] = []
+    stack = [t.grad_fn for t in _output_tensors(probe["out"]) if t.grad_fn is not None]
+    visited = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in visited:
+            continue
+        visited.add(fn)
+        if fn in node_mod:
+            found.extend(m for m in node_mod[fn] if m not in found)
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    if found:
+        return sorted(found, key=probe["order"].index)
+    cands = [m for m in probe["order"] if _units(m) == num_classes]
     if not cands:
         warnings.warn("fair_pruner: no Conv/Linear layer has num_classes outputs; no output "
                       "layer was protected (pass it in ignore= if there is one)")
-        return None
-    return cands[-1]
+        return []
+    warnings.warn(f"fair_pruner: the model's output does not depend on any Conv/Linear "
+                  f"through autograd; protecting {probe['names'][cands[-1]]}, the last layer "
+                  "with num_classes outputs (pass the output layer in ignore= if it is another)")
+    return [cands[-1]]
 
 
 def _proj_dim(p: _Producer, probe, projections: int, u_mode: str) -> Tuple[int, int]:
@@ -584,6 +657,7 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it) -> Dict[str, An
     """Forward + backward over every batch (``first``, then the rest of iterator ``it``): Taylor
     terms and moments for all producers, and U samples for the producers in ``chunk``."""
     label_hashes: List[int] = []
+    prints: List[tuple] = []
 
     def batches():
         batch, bi = first, 0
@@ -592,6 +666,7 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it) -> Dict[str, An
             labels = _check_labels(labels, bi, run.num_classes)
             lab_list = labels.tolist()
             label_hashes.append(hash(tuple(lab_list)))
+            prints.append(_input_print(inputs))
             labels = labels.to(run.device)
             yield Batch(map_tensors(inputs, lambda t: t.to(run.device)), lab_list,
                         lambda out, y=labels: run.loss_fn(out, y))
@@ -603,10 +678,44 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it) -> Dict[str, An
     run.res.check()
     for p in chunk:
         finish_u(p, run.res, list(run.res.classes))
-    return {"samples": n, "batches": len(label_hashes), "label_hashes": label_hashes}
+    return {"samples": n, "batches": len(label_hashes), "label_hashes": label_hashes,
+            "prints": prints}
 
 
-def _u_pass(run: _Run, chunk: List[_Producer], label_hashes: List[int]) -> None:
+def _input_print(inputs: Any) -> tuple:
+    """A cheap checksum of a batch's inputs: per tensor its shape, fp64 sum and 8 strided
+    elements, to tell a replayed batch from a reshuffled or re-augmented one."""
+    out: List[tuple] = []
+
+    def one(t: Tensor) -> Tensor:
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        s = float(flat.sum(dtype=torch.float64)) if n else 0.0
+        picks = tuple(flat[::max(1, n // 8)][:8].double().tolist()) if n else ()
+        out.append((tuple(t.shape), str(t.dtype), s, picks))
+        return t
+    map_tensors(inputs, one)
+    return tuple(out)
+
+
+def _same_print(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for (sa, da, ua, pa), (sb, db, ub, pb) in zip(a, b):
+        if sa != sb or da != db or pa != pb or not (
+                ua == ub or abs(ua - ub) <= 1e-9 * max(abs(ua), abs(ub))):
+            return False
+    return True
+
+
+def _need_bytes(producers, probe, run: _Run) -> int:
+    """memory_budget for a single pass (all producers' U samples at once)."""
+    S = run.sampling
+    return sum(_u_bytes(p, probe, len(run.res.classes), S.per_class, S.projections, S.u_mode)
+               for p in producers)
+
+
+def _u_pass(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int) -> None:
     """No-grad pass that forwards only the reservoir-selected samples, for one U chunk."""
     from tqdm.auto import tqdm
     model, loader, res, device = run.model, run.loader, run.res, run.device
@@ -616,20 +725,31 @@ def _u_pass(run: _Run, chunk: List[_Producer], label_hashes: List[int]) -> None:
     def hook(mod, inp, out):
         store_samples(by_module[mod], out, rows_now, run.sampling)
 
+    label_hashes, prints = first["label_hashes"], first["prints"]
     hooks = [p.module.register_forward_hook(hook) for p in chunk]
     bar = tqdm(total=len(label_hashes), desc="fair_pruner: U pass", disable=not run.progress,
                leave=False)
+    fix = ("the U-Score needed more than one pass over the data (memory_budget) and requires "
+           "a deterministic, re-iterable loader: a list, or a DataLoader with shuffle=False and "
+           f"no random augmentation; or raise memory_budget to at least {need:,} bytes for one "
+           "pass")
     try:
-        start = 0
+        start, nb = 0, 0
         for bi, batch in enumerate(loader):
+            nb = bi + 1
             inputs, labels = split_batch(batch)
             labels = _check_labels(labels, bi)
             lab = labels.tolist()
-            if bi >= len(label_hashes) or hash(tuple(lab)) != label_hashes[bi]:
-                raise CalibrationDataError(
-                    "the loader yielded different batches on a second pass; the U-Score needed "
-                    "more than one pass (memory_budget) and requires a deterministic loader: "
-                    "use shuffle=False, or raise memory_budget")
+            if bi >= len(label_hashes):
+                raise CalibrationDataError(f"the loader yielded more than the {len(label_hashes)}"
+                                           f" batches of the first pass on a later pass: {fix}")
+            if hash(tuple(lab)) != label_hashes[bi]:
+                raise CalibrationDataError(f"the loader yielded other labels in batch {bi} on a "
+                                           f"later pass than on the first: {fix}")
+            if not _same_print(_input_print(inputs), prints[bi]):
+                raise CalibrationDataError(f"the loader yielded other inputs in batch {bi} on a "
+                                           "later pass than on the first (random augmentation "
+                                           f"or shuffling?): {fix}")
             sel = [(row, *res.final[start + row]) for row in range(len(lab))
                    if start + row in res.final]
             start += len(lab)
@@ -645,6 +765,9 @@ def _u_pass(run: _Run, chunk: List[_Producer], label_hashes: List[int]) -> None:
         for h in hooks:
             h.remove()
         bar.close()
+    if nb != len(label_hashes):
+        raise CalibrationDataError(f"the loader yielded {nb} batches on a later pass but "
+                                   f"{len(label_hashes)} on the first: {fix}")
     for p in chunk:
         finish_u(p, res, list(res.classes))
 

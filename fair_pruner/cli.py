@@ -464,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "Targets are fractions of the attention+MLP parameters (or MACs). With a "
                     "target, attention units are cut only when the MLP neurons cannot reach it; "
                     "prune-lm warns when the plan overshoots the target by more than one point, "
-                    "and says why.")
+                    "and says why.\n"
+                    "Data parallel: `torchrun --nproc_per_node N -m fair_pruner prune-lm ...` "
+                    "(or torchrun with the fair-pruner script): each rank calibrates on every "
+                    "N-th sequence, the score book is the single-process one, rank 0 prunes and "
+                    "writes.")
     lm.add_argument("model", help="a transformers model directory, a fair_pruner pruned "
                                   "directory or a .gguf file")
     lm.add_argument("--calib-text", required=True, metavar="FILE",

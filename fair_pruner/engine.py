@@ -70,6 +70,7 @@ class SketchTap:
         self.name = name
         self.directions: Optional[Tensor] = None
         self.buf: Optional[Tensor] = None   # [K, S, units, P] projected class samples
+        self.filled: Optional[Tensor] = None  # [K, S] bool: which sample places were stored
         self.u: Optional[Tensor] = None
         self.ran = False
 
@@ -331,12 +332,16 @@ def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]],
     feats = sketch_features(p, z, sampling.projections, sampling.u_mode, sampling.seed)
     if p.buf is None:
         dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        # Unfilled slots are never read: quantiles use each class's first counts[k] rows.
-        p.buf = torch.empty((sampling.K, sampling.per_class, feats.shape[1], feats.shape[2]),
+        # Quantiles read each class's first counts[k] rows; finish_u checks they were all
+        # stored (zeros, never uninitialised memory, if a later pass skipped some).
+        p.buf = torch.zeros((sampling.K, sampling.per_class, feats.shape[1], feats.shape[2]),
                             dtype=dtype, device=feats.device)
+        p.filled = torch.zeros((sampling.K, sampling.per_class), dtype=torch.bool)
     k = torch.tensor([x[1] for x in rows], device=feats.device)
     s = torch.tensor([x[2] for x in rows], device=feats.device)
     p.buf[k, s] = feats.to(p.buf.dtype)
+    if getattr(p, "filled", None) is not None:
+        p.filled[k.cpu(), s.cpu()] = True
 
 
 def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
@@ -353,6 +358,14 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
             f"the U-Score needs at least two classes with >= 2 samples each; the calibration "
             f"data has {keep.numel()} (class counts {res.counts()[:20]}). Use more or more "
             "varied calibration samples")
+    filled = getattr(p, "filled", None)
+    if p.buf is None or (filled is not None and not all(
+            bool(filled[int(k), :int(counts[k])].all()) for k in keep)):
+        raise CalibrationDataError(
+            f"the U samples of {p.name} were not all collected: the loader yielded fewer or "
+            "other samples on a later pass than on the first. Use a deterministic, re-iterable "
+            "loader (a list, or a DataLoader with shuffle=False and no random augmentation), or "
+            "raise memory_budget so that one pass suffices")
     buf = p.buf if keep.numel() == p.buf.shape[0] else p.buf.index_select(0, keep.to(p.buf.device))
     c = counts[keep]
     # Bound the fp32 sketch memory: units in chunks.
@@ -363,7 +376,7 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
         sk = ops.class_quantiles(buf[:, :, s:s + step], c, buf.shape[1])
         out.append(ops.pairwise_w1_max(sk))
     p.u = torch.cat(out).double().cpu()
-    p.buf = None
+    p.buf = p.filled = None
     if not torch.isfinite(p.u).all():
         raise NonFiniteError(f"non-finite U-Score at {p.name}: NaN/inf activations")
 

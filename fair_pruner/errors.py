@@ -23,3 +23,13 @@ class TargetError(FairPrunerError):
 
 class BookMismatchError(FairPrunerError):
     """A score book or plan used with a model it was not made from."""
+
+
+class InvalidPlanError(FairPrunerError):
+    """A plan that breaks its own invariants (unit indices out of range, repeated, or every unit
+    of a group) or a plan file that cannot be read."""
+
+
+class InvalidBookError(FairPrunerError):
+    """A score book (or its file) that breaks its own invariants: signal lengths, non-finite
+    scores, a degenerate cost model, a renamed key or a broken header."""

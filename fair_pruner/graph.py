@@ -7,12 +7,15 @@ objects (which modules produce a group's units, which consume them, which norms 
 """
 from __future__ import annotations
 
+import copy
 import math
+import random
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .cost import CostBuilder, CostModel
 from .errors import UnsupportedModelError
@@ -21,6 +24,34 @@ from .scorebook import GroupSpec, Member
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRODUCER_TYPES = CONV_TYPES + (nn.Linear,)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+# Module types a pruning group may touch and that fair_pruner costs and masks exactly: each
+# keeps or removes whole channels and treats every channel on its own. Anything else in a
+# group (nn.MultiheadAttention, recurrent layers, ConvTranspose, GroupNorm, a customised
+# pruner) is refused before scoring (:func:`find_groups`).
+EXACT_TYPES = CONV_TYPES + (nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+                            nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
+VIT_HINT = ("head pruning of vision transformers (nn.MultiheadAttention) is not supported yet")
+
+
+def check_model_types(model: nn.Module) -> None:
+    """Refuse, before tracing, the layers Torch-Pruning's graph mishandles outright: recurrent
+    layers (its LSTM pruner does not cost the gates exactly; GRU / RNN raise deep inside it)."""
+    bad = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    if bad:
+        shown = ", ".join(f"{n or '<model>'} ({type(m).__name__})" for n, m in bad[:5])
+        raise UnsupportedModelError(
+            f"recurrent layers cannot be pruned exactly yet: {shown}. fair_pruner prunes "
+            "Conv/Linear networks (and Hugging Face causal LMs through fp.score on the LM); "
+            "score a model without nn.LSTM / nn.GRU / nn.RNN layers")
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on ``inputs`` as the engine calls it (a dict: keywords, a tuple: arguments)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Any):
@@ -37,8 +68,9 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any):
         try:
             for p in frozen:
                 p.requires_grad_(True)
+            # forward_fn: Torch-Pruning would call model(*x) first, unbatching a 1-sample x.
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                         verbose=False)
+                                                         forward_fn=_call, verbose=False)
         except Exception as exc:
             raise UnsupportedModelError(
                 f"Torch-Pruning could not trace this model ({type(exc).__name__}: {exc}). "
@@ -75,23 +107,101 @@ def group_name(root: str, producers: Sequence[str]) -> str:
     return f"{root}+{others}" if others else root
 
 
+def check_traced(model: nn.Module, DG, ran: Sequence[nn.Module]) -> None:
+    """Refuse Conv/Linear layers that ran in the forward but that Torch-Pruning's trace (from
+    the outputs back) never reached: a dead branch, whose input channels surgery would not
+    follow (the pruned model would fail)."""
+    names = {m: n for n, m in model.named_modules()}
+    dead = [names.get(m, type(m).__name__) for m in ran if m not in DG.module2node]
+    if dead:
+        raise UnsupportedModelError(
+            f"{dead[:6]} run in the model's forward but the model's outputs do not depend on "
+            "them (a dead branch, e.g. an auxiliary head whose result is dropped): pruning could "
+            "not follow their inputs. Return their outputs, or skip them in forward when not "
+            "training")
+
+
+def _tied_modules(model: nn.Module) -> Dict[nn.Module, List[str]]:
+    """Modules holding a parameter that another module holds too -> the names of all holders."""
+    holders: Dict[int, List[tuple]] = {}
+    for mn, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append((mn or "<model>", m))
+    out: Dict[nn.Module, List[str]] = {}
+    for hs in holders.values():
+        if len({id(m) for _, m in hs}) > 1:
+            for _, m in hs:
+                out.setdefault(m, []).extend(n for n, _ in hs)
+    return out
+
+
+def _refusal(m: nn.Module, name: str, tied, calls) -> Optional[str]:
+    """Why a module touched by a pruning group cannot be pruned exactly (None: it can)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return (f"{name} (nn.MultiheadAttention): pruning would change its embedding width, "
+                f"which it cannot follow; {VIT_HINT}")
+    if isinstance(m, nn.RNNBase):
+        return f"{name} ({type(m).__name__}): recurrent layers cannot be pruned exactly yet"
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return (f"{name} ({type(m).__name__}): transposed convolutions are not costed or "
+                "masked exactly yet")
+    if isinstance(m, nn.GroupNorm):
+        return (f"{name} (nn.GroupNorm): it normalises across the channels of a group, so "
+                "removing a channel changes the others")
+    if m in tied:
+        return (f"{name} shares a parameter with {sorted(set(tied[m]) - {name})}: pruning would "
+                "untie them (untie with nn.Parameter(w.clone()) or keep them whole)")
+    if calls.get(m, 0) > 1 and isinstance(m, PRODUCER_TYPES):
+        return (f"{name} runs {calls[m]} times per forward: its R-Score would keep one call's "
+                "Taylor term only (use separate modules per call, or keep it whole)")
+    if isinstance(m, nn.Parameter) or isinstance(m, EXACT_TYPES):
+        return None
+    if type(m).__module__.startswith("torch_pruning"):     # traced ops: cat, split, add, ...
+        return None
+    return (f"{name} ({type(m).__name__}) has a pruner fair_pruner does not cost and mask "
+            "exactly")
+
+
 def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
-                skipped: Optional[List[str]] = None) -> List[GroupSpec]:
+                skipped: Optional[List[str]] = None,
+                calls: Optional[Dict[nn.Module, int]] = None) -> List[GroupSpec]:
     """All prunable coupled groups, in module order (of their roots), excluding groups touching
     ``ignored``. Names: :func:`group_name` (unique: a module is the root of one group at most).
 
     Groups that touch a grouped (non-depthwise) convolution are left out and their root names
-    appended to ``skipped``.
+    appended to ``skipped``. A group that touches a module fair_pruner cannot prune exactly
+    (:func:`_refusal`: attention, recurrent and transposed-conv layers, GroupNorm, parameters
+    shared between modules, a producer run more than once per forward, as counted in
+    ``calls``) raises :class:`UnsupportedModelError` naming the modules and the ``ignore=``
+    that keeps those groups whole.
     """
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    specs = []
+    pnames = {p: n for n, p in model.named_parameters()}
+    inside_mha = {sub: n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for sub in m.modules() if sub is not m}
+    tied, calls = _tied_modules(model), calls or {}
+    specs, refused = [], []
     for g in DG.get_all_groups(ignored_layers=list(ignored),
                                root_module_types=PRODUCER_TYPES):
         root = g[0].dep.target.module
+        if root in inside_mha:        # never called as a module (F.multi_head_attention_forward)
+            continue
         if any(_grouped_conv(it.dep.target.module) for it in g.items):
             if skipped is not None:
                 skipped.append(names[root])
+            continue
+        why = []
+        for it in g.items:
+            m = it.dep.target.module
+            nm = names.get(m) or pnames.get(m) or type(m).__name__
+            if m in inside_mha:
+                m, nm = model.get_submodule(inside_mha[m]), inside_mha[m]
+            r = _refusal(m, nm, tied, calls)
+            if r is not None and r not in why:
+                why.append(r)
+        if why:
+            refused.append((names[root], why))
             continue
         spec = GroupSpec(name=names[root], size=len(g[0].idxs), root=names[root])
         for item in g.items:
@@ -105,6 +215,16 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
             continue
         spec.name = group_name(spec.root, [m.module for m in spec.producers])
         specs.append(spec)
+    if refused:
+        reasons = []
+        for _, why in refused:
+            reasons.extend(w for w in why if w not in reasons)
+        roots = [r for r, _ in refused]
+        raise UnsupportedModelError(
+            f"{len(refused)} pruning group(s) touch layers fair_pruner cannot prune exactly: "
+            + "; ".join(reasons[:6]) + ("; ..." if len(reasons) > 6 else "")
+            + f". To prune the rest and keep these groups whole, pass ignore={roots[:8]!r}"
+            + (" (and the rest of the groups' roots)" if len(roots) > 8 else ""))
     specs.sort(key=lambda s: order[s.root])
     if len({s.name for s in specs}) != len(specs):        # a module named like "x+1"
         raise UnsupportedModelError("two pruning groups would share a name: "
@@ -172,3 +292,241 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
         if attr == "weight" and mod_name in out_positions:
             b.term(free * out_positions[mod_name], keys, mac=True)
     return b.build()
+
+
+# --------------------------------------------------------------------------------------------
+# Applying removals, the masked reference, and the exactness self-check
+# --------------------------------------------------------------------------------------------
+
+def prune_units(model: nn.Module, DG, roots: Dict[str, nn.Module],
+                removed: Dict[str, Sequence[int]]) -> None:
+    """Remove ``removed[name]`` (root unit indices) of every group through ``DG``, in place."""
+    for name, idxs in removed.items():
+        if not idxs:
+            continue
+        mod = roots[name]
+        pruner = DG.get_pruner_of_module(mod)
+        DG.get_pruning_group(mod, pruner.prune_out_channels, list(idxs)).prune()
+
+
+class MaskedLayerNorm(nn.Module):
+    """LayerNorm over the kept channels only, zero on removed ones (what pruning computes)."""
+
+    def __init__(self, ln: nn.LayerNorm, keep: torch.Tensor, channels_first: bool):
+        super().__init__()
+        self.ln, self.keep, self.channels_first = ln, keep, channels_first
+
+    def forward(self, x):
+        if self.channels_first:
+            x = x.permute(0, *range(2, x.dim()), 1)
+        k = self.keep.to(x.device)
+        w = self.ln.weight[k] if self.ln.weight is not None else None
+        b = self.ln.bias[k] if self.ln.bias is not None else None
+        y = torch.zeros_like(x)
+        y[..., k] = F.layer_norm(x[..., k], (k.numel(),), w, b, self.ln.eps)
+        if self.channels_first:
+            y = y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+        return y
+
+
+def channels_by_role(specs: Sequence[GroupSpec], removed: Dict[str, Sequence[int]],
+                     role: str) -> Dict[str, List[int]]:
+    """Member module of ``role`` -> its channels (a Linear consumer: features) removed."""
+    out: Dict[str, List[int]] = {}
+    for spec in specs:
+        rem = set(removed.get(spec.name, []))
+        if not rem:
+            continue
+        for m in spec.members:
+            if m.role == role:
+                out.setdefault(m.module, []).extend(i for i, r in zip(m.idxs, m.root_idxs)
+                                                    if r in rem)
+    return {k: sorted(set(v)) for k, v in out.items() if v}
+
+
+def mask_units(masked: nn.Module, specs: Sequence[GroupSpec],
+               removed: Dict[str, Sequence[int]]) -> nn.Module:
+    """Zero, in place, the removed units of ``masked`` where they are consumed (and compute
+    channel norms over the kept channels only): the reference pruning must equal."""
+    mods = dict(masked.named_modules())
+    for name, chans in channels_by_role(specs, removed, "consumer").items():
+        mod = mods[name]
+        dim = -1 if isinstance(mod, nn.Linear) else 1
+        idx = torch.tensor(chans)
+
+        def pre(module, args, idx=idx, dim=dim):
+            x = args[0].clone()
+            x.index_fill_(dim % x.dim(), idx.to(x.device), 0)
+            return (x,) + tuple(args[1:])
+        mod.register_forward_pre_hook(pre)
+    for name, gone in channels_by_role(specs, removed, "norm").items():
+        ln = mods[name]
+        n, gone = ln.normalized_shape[-1], set(gone)
+        keep = torch.tensor([i for i in range(n) if i not in gone])
+        channels_first = type(ln).__name__ == "LayerNorm2d"
+        parent, _, attr = name.rpartition(".")
+        # torchvision's LayerNorm2d normalises dim 1; the wrapper replaces its forward wholesale.
+        setattr(mods[parent] if parent else masked, attr, MaskedLayerNorm(ln, keep, channels_first))
+    return masked
+
+
+def _perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """A copy with every parameter and norm statistic jittered, so near-zero initialisations
+    (zero heads, 1e-6 layer scales, GRN's zero gamma) cannot hide an inexact removal."""
+    m = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.is_floating_point() and p.numel():
+                std = float(p.double().std()) if p.numel() > 1 else float(p.double().abs())
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+                p.add_((noise * max(0.5 * std, 0.05)).to(p.dtype).to(p.device))
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+                rm, rv = mod.running_mean, mod.running_var
+                rm.add_((torch.randn(rm.shape, generator=g) * 0.1).to(rm))
+                rv.mul_((torch.rand(rv.shape, generator=g) + 0.5).to(rv))
+    return m
+
+
+def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return out
+    vals = list(out.values()) if isinstance(out, dict) or hasattr(out, "keys") else (
+        list(out) if isinstance(out, (tuple, list)) else [])
+    for v in vals:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _all_tensors(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    vals = list(out.values()) if isinstance(out, dict) or hasattr(out, "keys") else (
+        list(out) if isinstance(out, (tuple, list)) else [])
+    return [t for v in vals for t in _all_tensors(v)]
+
+
+def _measure(model: nn.Module, example: Any, call) -> tuple:
+    """(outputs, params, Conv/Linear MACs) of one forward: weight numel x output positions."""
+    macs, done = [0], set()
+
+    def hook(m, i, o):
+        if isinstance(o, torch.Tensor) and o.dim() >= 1 and o.shape[0] and m not in done:
+            done.add(m)
+            units = o.shape[-1] if isinstance(m, nn.Linear) else o.shape[1]
+            macs[0] += m.weight.numel() * (o.numel() // max(1, o.shape[0] * units))
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
+    try:
+        with torch.no_grad():
+            out = call(model, example)
+    finally:
+        for h in hs:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return _all_tensors(out), params, macs[0]
+
+
+def _odd_members(model: nn.Module, DG, spec: GroupSpec) -> List[str]:
+    """What else a group touches besides Conv/Linear/norm layers and traced ops: its loose
+    parameters (a layer scale, a GRN's gamma) and other modules, by name."""
+    names = {m: n for n, m in model.named_modules()}
+    pnames = {p: n for n, p in model.named_parameters()}
+    root = model.get_submodule(spec.root)
+    pruner = DG.get_pruner_of_module(root)
+    out: List[str] = []
+    for it in DG.get_pruning_group(root, pruner.prune_out_channels, [0]).items:
+        m = it.dep.target.module
+        if isinstance(m, nn.Parameter):
+            n = pnames.get(m)
+        elif isinstance(m, PRODUCER_TYPES + NORM_TYPES) or type(m).__module__.startswith(
+                "torch_pruning"):
+            continue
+        else:
+            n = names.get(m)
+        if n is not None and n not in out:
+            out.append(n)
+    return out
+
+
+def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost: CostModel,
+                call, seed: int = 0, tol: float = 1e-4, DG=None) -> None:
+    """Self-check before scoring: remove about a quarter of the units of every group from a
+    jittered copy of ``model`` (Torch-Pruning surgery, as :func:`fair_pruner.prune` does) and
+    compare with the masked reference on ``example`` and with the cost model. Raises
+    :class:`UnsupportedModelError` naming the group(s) whose removal is not exact (an op that
+    removes more channels than the group holds, a channel-mixing op between producer and
+    consumer such as a global response norm, ...)."""
+    rng = random.Random(f"fair_pruner.self_check:{seed}")
+    removed = {s.name: sorted(rng.sample(range(s.size), max(1, s.size // 4)))
+               for s in specs if s.size >= 2}
+    if not removed:
+        return
+    def finite(m):
+        return all(bool(torch.isfinite(t).all()) for t in _measure(m, example, call)[0]
+                   if t.is_floating_point())
+    ref, outputs = _perturbed(model, seed), True
+    if not finite(ref):
+        ref = copy.deepcopy(model).eval()          # the jitter overflowed: check as it is
+        outputs = finite(ref)   # NaN inputs: only the counts here (calibration reports them)
+    bad = _exact_errors(ref, example, specs, cost, call, removed, tol, outputs)
+    if not bad:
+        return
+    # Name the culprits: the same check one group at a time.
+    culprits = []
+    for s in specs:
+        if s.name in removed and _exact_errors(ref, example, specs, cost, call,
+                                               {s.name: removed[s.name]}, tol, outputs):
+            culprits.append(s)
+    shown = culprits or list(specs)
+    desc = []
+    for s in shown[:6]:
+        odd = _odd_members(model, DG, s) if DG is not None else []
+        desc.append(f"{s.name} (producers {[m.module for m in s.producers][:4]}"
+                    + (f", through {odd[:4]}" if odd else "") + ")")
+    raise UnsupportedModelError(
+        f"removing units of group(s) {', '.join(desc)} is not exact on this model ({bad[0]}): "
+        "an operation between their producers and consumers removes more channels than the "
+        "group holds, or mixes channels (e.g. a normalisation across channels such as "
+        "ConvNeXt-V2's global response norm). Keep these groups whole with "
+        f"ignore={[s.root for s in shown[:8]]!r}")
+
+
+def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost: CostModel,
+                  call, removed: Dict[str, Sequence[int]], tol: float,
+                  outputs: bool = True) -> List[str]:
+    idx = {s.name: i for i, s in enumerate(specs)}
+    vec = torch.zeros(len(specs), dtype=torch.float64)
+    for n, r in removed.items():
+        vec[idx[n]] = len(r)
+    want_p, want_m = (int(round(float(v))) for v in cost.evaluate(vec))
+    errs: List[str] = []
+    pruned = copy.deepcopy(ref)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            DG = build_dependency_graph(pruned, example)
+            prune_units(pruned, DG, {n: pruned.get_submodule(specs[idx[n]].root)
+                                     for n in removed}, removed)
+            out_p, params, macs = _measure(pruned, example, call)
+    except Exception as exc:        # pruned model no longer runs
+        return [f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"]
+    out_m = _measure(mask_units(copy.deepcopy(ref), specs, removed), example, call)[0]
+    if params != want_p:
+        errs.append(f"{params} parameters after pruning, the plan counts {want_p}")
+    if macs != want_m:
+        errs.append(f"{macs} MACs after pruning, the plan counts {want_m}")
+    if len(out_p) != len(out_m):
+        errs.append("the pruned model returns different outputs")
+    for a, b in zip(out_p, out_m):
+        if a.shape != b.shape:
+            errs.append(f"output shape {tuple(a.shape)} instead of {tuple(b.shape)}")
+        elif a.is_floating_point() and outputs:
+            scale = float(b.abs().max().clamp(min=1e-3)) if b.numel() else 1.0
+            d = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+            if not d <= tol * scale:
+                errs.append(f"pruned and masked outputs differ by {d:.3g} (scale {scale:.3g})")
+    return errs

@@ -23,6 +23,8 @@ N total units over G ragged groups.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 import threading
 import warnings
@@ -30,6 +32,8 @@ from typing import Callable, Dict, Tuple
 
 import torch
 from torch import Tensor
+
+from .errors import FairPrunerError, TargetError
 
 __all__ = [
     "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select", "gram",
@@ -384,6 +388,38 @@ _OPS = {"gram": _gram_op, "unit_stats": _unit_stats_op, "class_quantiles": _clas
         "tod_select": _tod_select_op}
 
 
+def is_real(x) -> bool:
+    """A real number: int, float or a NumPy / 0-d tensor scalar of either, but never a bool."""
+    if isinstance(x, bool) or type(x).__name__ in ("bool_", "bool"):
+        return False
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and x.dim() == 0 and not x.dtype == torch.bool \
+            and not x.is_complex()
+    return isinstance(x, numbers.Real)
+
+
+def check_cap(cap, what: str = "cap") -> float:
+    """``cap`` as a float in [0, 1] (the largest fraction of a group one round may remove), or
+    a :class:`TargetError`: a kernel reads floor(cap n) + 1 entries of an n + 1 curve."""
+    if not is_real(cap) or not math.isfinite(float(cap)) or not 0.0 <= float(cap) <= 1.0:
+        raise TargetError(f"{what} is the largest fraction of a group one round may remove and "
+                          f"must be a number in [0, 1], got {cap!r}")
+    return float(cap)
+
+
+def _checked_offsets(op: str, offsets, n: int, device) -> Tensor:
+    """int64 offsets [G + 1] on ``device``: 1-d, from 0 to ``n``, non-decreasing."""
+    if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.numel() < 1 \
+            or offsets.is_floating_point() or offsets.dtype == torch.bool:
+        raise FairPrunerError(f"{op}: offsets must be a 1-d integer tensor of G + 1 group bounds")
+    offsets = offsets.to(device=device, dtype=torch.int64)
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n or \
+            (offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any())):
+        raise FairPrunerError(f"{op}: offsets must start at 0, never decrease and end at {n} "
+                              f"(got {offsets.tolist()[:8]}{'...' if offsets.numel() > 8 else ''})")
+    return offsets
+
+
 def _check_pair(op: str, z: Tensor, g: Tensor, dim: int) -> None:
     if z.shape != g.shape:
         raise ValueError(f"{op}: activation shape {tuple(z.shape)} != gradient shape "
@@ -392,8 +428,8 @@ def _check_pair(op: str, z: Tensor, g: Tensor, dim: int) -> None:
         raise ValueError(f"{op}: activation on {z.device} but gradient on {g.device}")
     if not (z.is_floating_point() and g.is_floating_point()):
         raise ValueError(f"{op}: expected floating-point tensors, got {z.dtype} and {g.dtype}")
-    if not (-z.dim() <= dim < z.dim()):
-        raise ValueError(f"{op}: unit dim {dim} out of range for a {z.dim()}-d tensor")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not (-z.dim() <= dim < z.dim()):
+        raise ValueError(f"{op}: unit dim {dim!r} out of range for a {z.dim()}-d tensor")
 
 
 def unit_stats(z: Tensor, g: Tensor, dim: int) -> Tensor:
@@ -411,11 +447,16 @@ def class_quantiles(x: Tensor, counts: Tensor, q: int) -> Tensor:
     """fp32 [K, U, P, Q] quantile sketches of class samples x [K, S, U, P] (see the reference)."""
     if x.dim() != 4:
         raise ValueError(f"class_quantiles: expected [K, S, U, P] samples, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"class_quantiles: expected float samples, got {x.dtype}")
+    counts = torch.as_tensor(counts)
+    if counts.is_floating_point() or counts.dtype == torch.bool:
+        raise ValueError(f"class_quantiles: counts must be integers, got {counts.dtype}")
     counts = counts.to(device=x.device, dtype=torch.int64)
-    if counts.numel() != x.shape[0]:
+    if counts.dim() != 1 or counts.numel() != x.shape[0]:
         raise ValueError("class_quantiles: counts must have one entry per class")
-    if q < 1:
-        raise ValueError("class_quantiles: q must be >= 1")
+    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+        raise ValueError(f"class_quantiles: q must be an int >= 1, got {q!r}")
     if x.shape[0] and (int(counts.min()) < 1 or int(counts.max()) > x.shape[1]):
         raise ValueError(f"class_quantiles: counts must lie in [1, {x.shape[1]}]")
     _choose(x.device.type)
@@ -428,24 +469,36 @@ def pairwise_w1_max(sk: Tensor) -> Tensor:
         raise ValueError(f"pairwise_w1_max: expected [K, U, P, Q] sketches, got {tuple(sk.shape)}")
     if sk.shape[0] < 2:
         raise ValueError("pairwise_w1_max: need at least two classes")
+    if not sk.is_floating_point():
+        raise ValueError(f"pairwise_w1_max: expected float sketches, got {sk.dtype}")
     _choose(sk.device.type)
     return _pairwise_w1_max_op(sk)
 
 
 def tod_overlap(u: Tensor, r: Tensor, offsets: Tensor) -> Tensor:
     """int64 [N + G] overlap curves of ragged groups (see the reference for the layout)."""
-    if u.shape != r.shape or u.dim() != 1:
-        raise ValueError("tod_overlap: u and r must be 1-d tensors of equal length")
-    offsets = offsets.to(device=u.device, dtype=torch.int64)
-    if offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != u.numel():
-        raise ValueError("tod_overlap: offsets must start at 0 and end at len(u)")
+    if not (isinstance(u, Tensor) and isinstance(r, Tensor)) or u.shape != r.shape \
+            or u.dim() != 1:
+        raise FairPrunerError("tod_overlap: u and r must be 1-d tensors of equal length")
+    if not (u.is_floating_point() and r.is_floating_point()):
+        raise FairPrunerError(f"tod_overlap: u and r must be float tensors, got {u.dtype} and "
+                              f"{r.dtype}")
+    offsets = _checked_offsets("tod_overlap", offsets, u.numel(), u.device)
     _choose(u.device.type)
     return _tod_overlap_op(u, r, offsets)
 
 
 def tod_select(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float = 0.99) -> Tensor:
     """int64 [G, A]: units to remove per group for each tolerance in ``alphas``."""
-    offsets = offsets.to(device=overlap.device, dtype=torch.int64)
+    if not isinstance(overlap, Tensor) or overlap.dim() != 1 or overlap.is_floating_point() \
+            or overlap.dtype == torch.bool or overlap.is_complex():
+        raise FairPrunerError("tod_select: overlap must be the 1-d integer tensor tod_overlap "
+                              "returns")
+    if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.numel() < 1:
+        raise FairPrunerError("tod_select: offsets must be a 1-d tensor of G + 1 group bounds")
+    offsets = _checked_offsets("tod_select", offsets, overlap.numel() - (offsets.numel() - 1),
+                               overlap.device)
+    cap = check_cap(cap, "tod_select: cap")
     alphas = torch.as_tensor(alphas, dtype=torch.float64, device=overlap.device).reshape(-1)
     _choose(overlap.device.type)
     return _tod_select_op(overlap, offsets, alphas, float(cap))

@@ -15,18 +15,25 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import numbers
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from .errors import BookMismatchError, FairPrunerError, TargetError
+from .errors import BookMismatchError, FairPrunerError, InvalidPlanError, TargetError
+from .ops import check_cap, is_real as _is_real
 from .scorebook import ScoreBook, atomic_write, model_fingerprint
 from .tod import ToDCurves, m_hat_capped
 
 
 STRATEGIES = ("tod", "uniform", "global")
+
+
+def _is_int(x) -> bool:
+    """An int (Python or NumPy / torch integer scalar), never a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass
@@ -47,6 +54,79 @@ class Plan:
     round_to: int = 1
     fingerprint: str = ""
     meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidPlanError` unless the plan keeps its own invariants: ``sizes``
+        maps group names to ints >= 1, ``removed`` names only those groups and lists, per group,
+        distinct int unit indices in [0, size) leaving at least one unit. (Surgery would
+        otherwise wrap ``-1`` to the last unit, remove a repeated index's neighbours or leave
+        a zero-channel layer.) Runs on construction, on load and in :meth:`check`."""
+        if not isinstance(self.sizes, dict) or not isinstance(self.removed, dict):
+            raise InvalidPlanError("plan.sizes and plan.removed must be dicts keyed by group "
+                                   "name; make plans with fp.allocate(book, ...)")
+        for g, n in self.sizes.items():
+            if not isinstance(g, str) or not _is_int(n) or n < 1:
+                raise InvalidPlanError(f"plan.sizes[{g!r}] = {n!r}: a group size must be an int "
+                                       ">= 1; re-allocate the plan with fp.allocate(book, ...)")
+        extra = [g for g in self.removed if g not in self.sizes]
+        if extra:
+            raise InvalidPlanError(f"plan.removed names groups {extra[:5]} that plan.sizes does "
+                                   "not; every group of a plan needs its size")
+        for g, idxs in self.removed.items():
+            n = self.sizes[g]
+            if not isinstance(idxs, (list, tuple)):
+                raise InvalidPlanError(f"plan.removed[{g!r}] must be a list of unit indices, got "
+                                       f"{type(idxs).__name__}")
+            bad = [i for i in idxs if not _is_int(i) or not 0 <= i < n]
+            if bad:
+                raise InvalidPlanError(
+                    f"plan.removed[{g!r}] has unit indices {bad[:5]} outside [0, {n}) (indices "
+                    "are ints from 0; no negative indices). Fix the plan or re-allocate it with "
+                    "fp.allocate(book, ...)")
+            if len(set(idxs)) != len(idxs):
+                dup = sorted({i for i in idxs if list(idxs).count(i) > 1})
+                raise InvalidPlanError(f"plan.removed[{g!r}] repeats unit indices {dup[:5]}; "
+                                       "list each unit to remove once")
+            if len(idxs) > n - 1:
+                raise InvalidPlanError(
+                    f"the plan removes every unit of {g} ({len(idxs)} of {n}); a layer must "
+                    "keep at least one. Remove fewer (fp.allocate's cap < 1 always keeps one)")
+        for k in ("params_before", "params_after", "flops_before", "flops_after"):
+            v = getattr(self, k)
+            if not _is_int(v) or v < 0:
+                raise InvalidPlanError(f"plan.{k} = {v!r} must be an int >= 0")
+        if self.alpha is not None and not (_is_real(self.alpha) and math.isfinite(self.alpha)):
+            raise InvalidPlanError(f"plan.alpha = {self.alpha!r} must be a finite number or None")
+
+    def check_book(self, book, model=None) -> None:
+        """Raise unless ``book`` is the score book this plan was allocated from (same model
+        fingerprint, every planned group in it with the same size, no unit beyond its
+        ``min_keep``), and, with ``model``, the book was scored on ``model``."""
+        if not isinstance(book, ScoreBook):
+            raise FairPrunerError(f"expected the fair_pruner.ScoreBook the plan came from, got "
+                                  f"{type(book).__name__}")
+        if model is not None and book.fingerprint:
+            book.check_model(model)
+        if self.fingerprint and book.fingerprint and self.fingerprint != book.fingerprint:
+            raise BookMismatchError(
+                f"this score book (fingerprint {book.fingerprint}) is not the one the plan was "
+                f"allocated from (plan fingerprint {self.fingerprint}); pass the plan's own book")
+        groups = {g.name: g for g in book.groups}
+        for name, n in self.sizes.items():
+            g = groups.get(name)
+            if g is None or g.size != n:
+                raise BookMismatchError(
+                    f"plan group {name!r} ({n} units) is "
+                    f"{'not in' if g is None else f'{g.size} units in'} this score book; pass "
+                    "the book the plan was allocated from")
+            k = len(self.removed.get(name, []))
+            if k > g.size - (g.size if g.frozen else g.min_keep):
+                raise InvalidPlanError(
+                    f"plan removes {k} of {g.size} units of {name}, which must keep "
+                    f"{g.size if g.frozen else g.min_keep}; re-allocate with fp.allocate")
 
     @property
     def kept(self) -> Dict[str, int]:
@@ -92,11 +172,17 @@ class Plan:
                 f"MACs -{self.flops_reduction:.1%}, units -{self.units_reduction:.1%})")
 
     @staticmethod
-    def check(plan, model) -> None:
-        """Raise unless ``plan`` is a :class:`Plan` made from ``model``'s score book."""
+    def check(plan, model, book=None) -> None:
+        """Raise unless ``plan`` is a valid :class:`Plan` (its own invariants, see
+        :meth:`validate`; it may have been edited since it was made) made from ``model``'s
+        score book; with ``book``, also unless ``book`` is that score book, scored on
+        ``model`` (:meth:`check_book`). Surgery calls it before changing anything."""
         if not isinstance(plan, Plan):
             raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
                                   "make one with fp.allocate(book, ...)")
+        plan.validate()
+        if book is not None:
+            plan.check_book(book, model)
         fp = model_fingerprint(model)
         if plan.fingerprint and fp != plan.fingerprint:
             raise BookMismatchError(
@@ -114,8 +200,38 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> "Plan":
-        with open(path) as f:
-            return cls(**json.load(f))
+        """Read a plan written by :meth:`save`; a missing, unreadable or malformed file, or a
+        plan breaking its invariants, is an :class:`InvalidPlanError`."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise InvalidPlanError(f"no plan file at {path}: write one with plan.save(path) "
+                                   "(or fair-pruner allocate --out)") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidPlanError(f"{path} is not a fair_pruner plan (not readable JSON: "
+                                   f"{exc}); give a file written by plan.save") from None
+        if not isinstance(data, dict):
+            raise InvalidPlanError(f"{path} is not a fair_pruner plan (JSON "
+                                   f"{type(data).__name__}, not an object); give a file written "
+                                   "by plan.save")
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls)
+                    if f.default is MISSING and f.default_factory is MISSING}
+        missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
+        if missing or unknown:
+            raise InvalidPlanError(
+                f"{path} is not a fair_pruner plan: "
+                + "; ".join(([f"missing keys {missing}"] if missing else [])
+                            + ([f"unknown keys {unknown}"] if unknown else []))
+                + ". Give a file written by plan.save (or re-allocate from the score book)")
+        try:
+            return cls(**data)
+        except InvalidPlanError as exc:
+            raise InvalidPlanError(f"{path}: {exc}") from None
+        except (TypeError, AttributeError) as exc:
+            raise InvalidPlanError(f"{path} is not a valid fair_pruner plan ({exc}); give a "
+                                   "file written by plan.save") from None
 
     def plot(self, path, title: Optional[str] = None) -> None:
         """Write a PNG bar chart of the kept ratio per group to ``path``, atomically, mode
@@ -166,36 +282,59 @@ def allocate(book: ScoreBook, tod: Optional[float] = None, *, params: Optional[f
             :func:`fair_pruner.llm.moe.allocate_experts`). Dense groups of the book are pruned
             at ``tod`` if given, else kept.
     """
-    sig_of = _resolve_signals(book, signal, protect)
-    if experts is not None:
-        if params is not None or flops is not None or units is not None:
-            raise TargetError("experts= cannot be combined with params=/flops=/units=; give "
-                              "tod= for the dense groups instead")
-        return _allocate_experts(book, experts, strategy=strategy, cap=cap, sig_of=sig_of,
-                                 tod=tod)
+    # Every argument is checked before any branch (the experts= path included) and before any
+    # work: a bad cap would otherwise reach the native kernels.
+    if not isinstance(book, ScoreBook):
+        raise FairPrunerError(f"allocate needs a fair_pruner.ScoreBook, got {type(book).__name__}"
+                              "; make one with fp.score(model, loader) or fp.ScoreBook.load(path)")
     targets = {k: v for k, v in (("params", params), ("flops", flops), ("units", units))
                if v is not None}
+    if experts is not None and targets:
+        raise TargetError("experts= cannot be combined with params=/flops=/units=; give "
+                          "tod= for the dense groups instead")
     if len(targets) > 1:
         raise TargetError(f"give at most one target, got {sorted(targets)}")
     if targets and tod is not None:
         raise TargetError("give either tod= or a target (params=/flops=/units=), not both")
-    if strategy not in STRATEGIES:
-        raise TargetError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy != "tod" and not targets:
-        raise TargetError(f"strategy={strategy!r} needs a target: params=, flops= or units=")
-    if tod is None and not targets:
-        tod = 0.05
-    if tod is not None and not (isinstance(tod, (int, float)) and 0.0 <= tod <= 1.0):
-        raise TargetError(f"tod (the tolerance of difference) must lie in [0, 1], got {tod!r}")
+    if tod is not None:
+        if not (_is_real(tod) and 0.0 <= float(tod) <= 1.0):
+            raise TargetError(f"tod (the tolerance of difference) must be a number in [0, 1], got "
+                              f"{tod!r}" + (" (a bool is not a tolerance: tod=1.0 removes the "
+                                            "most)" if isinstance(tod, bool) or
+                                            type(tod).__name__ == "bool_" else ""))
+        tod = float(tod)
     for k, v in targets.items():
-        if not (isinstance(v, (int, float)) and 0.0 < v < 1.0):
-            raise TargetError(f"{k}= is the fraction to remove and must lie in (0, 1), got {v!r}")
-    if not (isinstance(round_to, int) and round_to >= 1):
-        raise TargetError("round_to must be an int >= 1")
-    if not (0.0 < cap < 1.0):
-        raise TargetError("cap must lie in (0, 1)")
+        if not (_is_real(v) and 0.0 < float(v) < 1.0):
+            raise TargetError(f"{k}= is the fraction to remove and must be a number in (0, 1), "
+                              f"got {v!r}")
+        targets[k] = float(v)
+    if experts is not None:
+        if not (_is_real(experts) and 0.0 < float(experts) < 1.0):
+            raise TargetError(f"experts= is the fraction of routed experts to remove and must be "
+                              f"a number in (0, 1), got {experts!r}")
+        experts = float(experts)
+    if not (isinstance(strategy, str) and strategy in STRATEGIES):
+        raise TargetError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if experts is not None and strategy not in ("tod", "uniform"):
+        raise TargetError(f"with experts=, strategy must be 'tod' or 'uniform', got {strategy!r}")
+    if experts is None and strategy != "tod" and not targets:
+        raise TargetError(f"strategy={strategy!r} needs a target: params=, flops= or units=")
+    if not (_is_int(round_to) and round_to >= 1):
+        raise TargetError(f"round_to must be an int >= 1, got {round_to!r}")
+    round_to = int(round_to)
+    if not (_is_real(cap) and 0.0 < float(cap) < 1.0):
+        raise TargetError(f"cap (the largest fraction of a group one round may remove) must be a "
+                          f"number in (0, 1), got {cap!r}")
+    cap = check_cap(cap)
     if not book.groups:
         raise FairPrunerError("the score book has no groups")
+    sig_of = _resolve_signals(book, signal, protect)
+    book.validate(need_macs="flops" in targets, structure=False)
+    if experts is not None:
+        return _allocate_experts(book, experts, strategy=strategy, cap=cap, sig_of=sig_of,
+                                 tod=tod)
+    if tod is None and not targets:
+        tod = 0.05
     for g in book.groups:
         for s in sig_of[g.name]:
             if s not in g.signals:

@@ -11,12 +11,11 @@ from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import adapters
-from .errors import BookMismatchError, FairPrunerError
+from .errors import BookMismatchError, FairPrunerError, UnsupportedModelError
 from .calibrate import consumer_columns
-from .graph import build_dependency_graph
+from .graph import build_dependency_graph, channels_by_role, mask_units, prune_units
 from .plan import Plan
 from .reconstruct import METHODS, resolve, set_bias, update
 
@@ -47,16 +46,7 @@ def _options(options, plan: Plan):
 def _channels_by_role(book, plan: Plan, role: str) -> Dict[str, List[int]]:
     """Member module of ``role`` -> its channels (a Linear consumer: features) that the plan
     removes."""
-    out: Dict[str, List[int]] = {}
-    for g in book.groups:
-        rem = set(plan.removed.get(g.name, []))
-        if not rem:
-            continue
-        for m in g.spec.members:
-            if m.role == role:
-                out.setdefault(m.module, []).extend(i for i, r in zip(m.idxs, m.root_idxs)
-                                                    if r in rem)
-    return {k: sorted(set(v)) for k, v in out.items() if v}
+    return channels_by_role([g.spec for g in book.groups], plan.removed, role)
 
 
 def _reconstruct(model: nn.Module, plan: Plan, book, method: str, damp: float) -> None:
@@ -93,7 +83,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     with ``reconstruction=True``, else none; "affine", "lstsq", "bias" or None) update each
     Conv/Linear consumer of removed channels first (:mod:`fair_pruner.reconstruct`).
     """
-    Plan.check(plan, model)
+    Plan.check(plan, model, options.get("book"))
     method, book, damp = _options(options, plan)
     target = model if inplace else copy.deepcopy(model)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
@@ -102,8 +92,10 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     example = _example_from_spec(plan.meta["input_spec"], device)
     was_training = target.training
     target.eval()
+    before = {n for n, _ in target.named_parameters()}
     if method is not None:           # before the graph: a consumer may gain a bias
         _reconstruct(target, plan, book, method, damp)
+    added = {n for n, _ in target.named_parameters()} - before
     DG = build_dependency_graph(target, example)
     roots, root_of = {}, plan.meta.get("roots") or {}
     for name in plan.removed:
@@ -115,13 +107,20 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
         if not idxs:
             continue
         mod = roots[name]
-        pruner = DG.get_pruner_of_module(mod)
-        n = pruner.get_out_channels(mod)
+        n = DG.get_pruner_of_module(mod).get_out_channels(mod)
         if n != plan.sizes[name]:
             raise BookMismatchError(f"group {name} has {n} units in this model but "
                                     f"{plan.sizes[name]} in the plan")
-        group = DG.get_pruning_group(mod, pruner.prune_out_channels, list(idxs))
-        group.prune()
+    prune_units(target, DG, roots, plan.removed)
+    # Never silently wrong: the pruned model must hold exactly the parameters the plan counts
+    # (biases added by reconstruction aside).
+    real = sum(p.numel() for n, p in target.named_parameters() if n not in added)
+    if real != plan.params_after:
+        raise UnsupportedModelError(
+            f"the pruned model has {real:,} parameters but the plan counts {plan.params_after:,}: "
+            "Torch-Pruning removed a different set of channels than the plan's groups hold "
+            "(an unsupported op couples them); keep the groups involved whole with ignore= "
+            "when scoring, and please report the model")
     for n, p in target.named_parameters():
         if n in flags:
             p.requires_grad_(flags[n])
@@ -130,26 +129,6 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
             m.training = modes[n]
     target.training = was_training
     return target
-
-
-class _MaskedLayerNorm(nn.Module):
-    """LayerNorm over the kept channels only, zero on removed ones (what pruning computes)."""
-
-    def __init__(self, ln: nn.LayerNorm, keep: torch.Tensor, channels_first: bool):
-        super().__init__()
-        self.ln, self.keep, self.channels_first = ln, keep, channels_first
-
-    def forward(self, x):
-        if self.channels_first:
-            x = x.permute(0, *range(2, x.dim()), 1)
-        k = self.keep.to(x.device)
-        w = self.ln.weight[k] if self.ln.weight is not None else None
-        b = self.ln.bias[k] if self.ln.bias is not None else None
-        y = torch.zeros_like(x)
-        y[..., k] = F.layer_norm(x[..., k], (k.numel(),), w, b, self.ln.eps)
-        if self.channels_first:
-            y = y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
-        return y
 
 
 def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
@@ -161,31 +140,11 @@ def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
     if book is None:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
     method, _, damp = _options(dict(options, book=book), plan)
-    Plan.check(plan, model)
+    Plan.check(plan, model, book)
     masked = copy.deepcopy(model)
     if method is not None:
         _reconstruct(masked, plan, book, method, damp)
-    mods = dict(masked.named_modules())
-    zero_in = _channels_by_role(book, plan, "consumer")
-    norm_keep = _channels_by_role(book, plan, "norm")
-    for name, chans in zero_in.items():
-        mod = mods[name]
-        dim = -1 if isinstance(mod, nn.Linear) else 1
-        idx = torch.tensor(chans)
-
-        def pre(module, args, idx=idx, dim=dim):
-            x = args[0].clone()
-            x.index_fill_(dim % x.dim(), idx.to(x.device), 0)
-            return (x,) + tuple(args[1:])
-        mod.register_forward_pre_hook(pre)
-    for name, removed in norm_keep.items():
-        ln = mods[name]
-        n, removed = ln.normalized_shape[-1], set(removed)
-        keep = torch.tensor([i for i in range(n) if i not in removed])
-        channels_first = type(ln).__name__ == "LayerNorm2d"
-        parent, _, attr = name.rpartition(".")
-        # torchvision's LayerNorm2d normalises dim 1; the wrapper replaces its forward wholesale.
-        setattr(mods[parent] if parent else masked, attr, _MaskedLayerNorm(ln, keep, channels_first))
+    mask_units(masked, [g.spec for g in book.groups], plan.removed)
     return masked
 
 

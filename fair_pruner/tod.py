@@ -14,12 +14,20 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .errors import FairPrunerError
 
 
 class ToDCurves:
     """Overlap curves of ragged groups; answers m̂ for any tolerances in one call."""
 
     def __init__(self, u: Sequence[Tensor], r: Sequence[Tensor], cap: float = 0.99):
+        cap = ops.check_cap(cap, "ToDCurves: cap")
+        u, r = list(u), list(r)
+        if len(u) != len(r) or any(int(a.numel()) != int(b.numel()) for a, b in zip(u, r)):
+            raise FairPrunerError(
+                f"ToDCurves: removal and protection scores must pair up group by group with "
+                f"equal lengths, got {[int(t.numel()) for t in u][:8]} and "
+                f"{[int(t.numel()) for t in r][:8]}")
         sizes = [int(t.numel()) for t in u]
         self.sizes = torch.tensor(sizes, dtype=torch.int64)
         self.offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
@@ -62,6 +70,7 @@ class ToDCurves:
 def m_hat_capped(overlap: Tensor, cap_m: int, alpha: float) -> int:
     """max{1 <= m <= cap_m : overlap(m) / m <= alpha} (0 if none) for one group's curve
     (``overlap`` as :meth:`ToDCurves.curve` returns it), with an explicit per-group cap."""
+    cap_m = min(int(cap_m), int(overlap.numel()) - 1)     # never past the curve's end
     if cap_m < 1:
         return 0
     m = torch.arange(1, cap_m + 1, dtype=torch.float64)

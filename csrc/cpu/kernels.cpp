@@ -484,7 +484,13 @@ void tod_select(const int64_t* overlap, const int64_t* offsets, int64_t G, const
     std::vector<double> sufmin;
     for (int64_t g = b; g < e; ++g) {
       const int64_t n = offsets[g + 1] - offsets[g];
-      const int64_t mmax = static_cast<int64_t>(cap * static_cast<double>(n));
+      // floor(cap n) clamped to [0, n]: the curve has n + 1 entries, so a cap outside [0, 1]
+      // (or NaN) must never read past it (fair_pruner.ops refuses such caps; this is the guard).
+      int64_t mmax = 0;
+      if (cap >= 1.0)
+        mmax = n;
+      else if (cap > 0.0)
+        mmax = std::min<int64_t>(n, static_cast<int64_t>(cap * static_cast<double>(n)));
       int64_t* o = out + g * A;
       if (mmax < 1) {
         std::fill(o, o + A, 0);

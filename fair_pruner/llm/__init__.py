@@ -34,7 +34,7 @@ def _mask(model, plan, book=None, **options):
 
 
 adapters.register(adapters.Adapter(KIND, is_hf_model, score, prune, _mask, save_pretrained,
-                                   from_pretrained))
+                                   from_pretrained, data_parallel=True))
 
 __all__ = ["score", "restrict", "prune", "mask", "find_layout", "register_family", "UnitFamily",
            "MLPNeurons", "AttentionHeads", "FrozenBlock", "CostTerm", "Layout", "layer_widths",

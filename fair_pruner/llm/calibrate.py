@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import ops
 from ..engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, finish_u,
                       gradient_pass, preserved, split_batch, working_model)
+from .. import distributed as dist
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from ..cost import CostBuilder, CostModel
 from ..reconstruct import solve
@@ -52,8 +53,13 @@ DEFAULT_SIGNALS = {"neuron": ("fluctuation", "u"), "head": ("fluctuation", "u")}
 # Batches: token ids and their next-token targets
 # --------------------------------------------------------------------------------------------
 
-def _token_batch(batch: Any, bi: int) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """(input_ids [B, T], attention_mask or None, targets [B, T-1] with -100 = no label)."""
+def _token_batch(batch: Any, bi: int, vocab: Optional[int] = None
+                 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """(input_ids [B, T], attention_mask or None, targets [B, T-1] with -100 = no label).
+
+    Token ids (and labels other than -100) must lie in [0, ``vocab``) (the model's vocabulary
+    size, when given; else only >= 0): checked here, before any forward, so a bad id is a
+    :class:`CalibrationDataError` rather than an index error deep inside the embedding."""
     inputs, labels = split_batch(batch)
     if isinstance(inputs, dict):
         ids = inputs.get("input_ids")
@@ -75,20 +81,100 @@ def _token_batch(batch: Any, bi: int) -> Tuple[Tensor, Optional[Tensor], Tensor]
         raise CalibrationDataError(
             f"batch {bi}: sequences of length {ids.shape[1]}; next-token labels need at least 2 "
             "tokens per sequence. Use longer calibration sequences (e.g. 512 tokens)")
+    top = f"[0, {vocab})" if vocab is not None else ">= 0"
+
+    def outside(t: Tensor) -> Tensor:
+        return (t < 0) if vocab is None else (t < 0) | (t >= vocab)
+    bad = ids[outside(ids)]
+    if bad.numel():
+        raise CalibrationDataError(
+            f"batch {bi}: token ids must lie in {top} (the model's vocabulary), got "
+            f"{sorted(set(bad.tolist()))[:5]}. Tokenize with the model's own tokenizer")
     if mask is not None:
-        mask = torch.as_tensor(mask).reshape(ids.shape).to(torch.bool)
+        mask = torch.as_tensor(mask)
+        if mask.numel() != ids.numel():
+            raise CalibrationDataError(f"batch {bi}: attention_mask shape {tuple(mask.shape)} "
+                                       f"!= input_ids shape {tuple(ids.shape)}")
+        mask = mask.reshape(ids.shape).to(torch.bool)
     if labels is not None:
         labels = torch.as_tensor(labels)
         if labels.shape != ids.shape:
             raise CalibrationDataError(f"batch {bi}: labels shape {tuple(labels.shape)} != "
                                        f"input_ids shape {tuple(ids.shape)} (HF convention: "
                                        "labels aligned with input_ids, -100 = ignore)")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise CalibrationDataError(f"batch {bi}: labels must be integer token ids, got "
+                                       f"{labels.dtype}")
+        lab = labels[labels != -100]
+        bad = lab[outside(lab)]
+        if bad.numel():
+            raise CalibrationDataError(
+                f"batch {bi}: labels must be -100 (ignore) or token ids in {top}, got "
+                f"{sorted(set(bad.tolist()))[:5]}")
         tgt = labels[:, 1:].to(torch.int64).clone()
     else:
         tgt = ids[:, 1:].to(torch.int64).clone()
     if mask is not None:
         tgt[~(mask[:, 1:] & mask[:, :-1])] = -100
     return ids, mask, tgt
+
+
+def _union_classes(loader: Iterable, k: int, vocab: Optional[int] = None):
+    """Distributed :func:`_top_classes`: the k most frequent next tokens of the union of the
+    ranks' shards, and every rank's per-batch row labels (for the replayed reservoir)."""
+    failure, local = None, None
+    try:
+        counts: Counter = Counter()
+        labels: List[List[int]] = []
+        n = 0
+        for bi, batch in enumerate(loader):
+            _, _, tgt = _token_batch(batch, bi, vocab)
+            t = tgt[tgt >= 0]
+            vals, c = torch.unique(t, return_counts=True)
+            counts.update(dict(zip(vals.tolist(), c.tolist())))
+            labels.append(tgt.reshape(-1).tolist())
+            n += int(t.numel())
+        local = (counts, labels, n)
+    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
+        failure = exc
+    dist.agree(failure)
+    parts = dist.gather_objects(local)
+    total: Counter = Counter()
+    for c, _, _ in parts:
+        total.update(c)
+    n = sum(p[2] for p in parts)
+    nb = sum(len(p[1]) for p in parts)
+    if nb == 0:
+        raise CalibrationDataError("the calibration loaders of all ranks are empty")
+    if n == 0:
+        raise CalibrationDataError(
+            "no labels possible: every next-token position is masked out (attention_mask / "
+            "labels == -100). Give unpadded token sequences of length >= 2")
+    top = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return sorted(t for t, _ in top), n, nb, [p[1] for p in parts]
+
+
+def _reduce_taps(taps: Sequence["_Tap"], sampling: Sampling) -> None:
+    """Sum every tap's statistics over the ranks; each U-sample slot was stored by one rank."""
+    shapes = dist.gather_objects([None if tp.buf is None else
+                                  (tuple(tp.buf.shape), str(tp.buf.dtype)) for tp in taps])
+    for i, tp in enumerate(taps):
+        if tp.buf is None:
+            known = next((s[i] for s in shapes if s[i] is not None), None)
+            if known is None:
+                continue
+            shape, dtype = known
+            dev = tp.taylor.device if tp.gram is None else tp.gram.device
+            tp.buf = torch.zeros(shape, dtype=getattr(torch, dtype.replace("torch.", "")),
+                                 device=dev)
+            tp.filled = torch.zeros(shape[:2], dtype=torch.bool)
+        tp.buf = dist.sum_(tp.buf)
+        tp.filled = dist.sum_(tp.filled)
+        for name in ("taylor", "act_abs", "ch_sum", "ch_sq", "wgrad"):   # Grams: after their passes
+            dist.sum_(getattr(tp, name))
+        tp.tokens = int(dist.sum_(torch.tensor([tp.tokens], dtype=torch.float64)).item())
+        if hasattr(tp.handle, "reduce"):      # a family's own run statistics (MoE routing)
+            tp.handle.reduce(dist.sum_)
 
 
 def _materialize(loader: Iterable) -> Iterable:
@@ -98,12 +184,13 @@ def _materialize(loader: Iterable) -> Iterable:
     return loader
 
 
-def _top_classes(loader: Iterable, k: int) -> Tuple[List[int], int, int]:
+def _top_classes(loader: Iterable, k: int, vocab: Optional[int] = None
+                 ) -> Tuple[List[int], int, int]:
     """The k most frequent next tokens (ties by id), number of labelled positions, batches."""
     counts: Counter = Counter()
     n = nb = 0
     for bi, batch in enumerate(loader):
-        _, _, tgt = _token_batch(batch, bi)
+        _, _, tgt = _token_batch(batch, bi, vocab)
         t = tgt[tgt >= 0]
         vals, c = torch.unique(t, return_counts=True)
         counts.update(dict(zip(vals.tolist(), c.tolist())))
@@ -244,8 +331,15 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     fingerprint = model_fingerprint(model)
 
     loader = _materialize(loader)
-    cls, n_labelled, n_batches = _top_classes(loader, classes)
-    res = Reservoir(cls, samples_per_class, seed)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    rank, size = dist.world()
+    if size > 1:        # data parallel: classes and reservoir of the union of the ranks' shards
+        cls, n_labelled, n_batches, labels = _union_classes(loader, classes, vocab)
+        res = dist.ReplayedReservoir(Reservoir(cls, samples_per_class, seed), labels)
+    else:
+        cls, n_labelled, n_batches = _top_classes(loader, classes, vocab)
+        res = Reservoir(cls, samples_per_class, seed)
     taps = [_Tap(f) for f in layout.prunable if f.role in roles]
     reconstruction = _gram_wanted(reconstruction)
     chunks = _gram_chunks(taps, gram_memory) if reconstruction else []
@@ -256,22 +350,34 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
 
     sampling = Sampling(tuple(cls), samples_per_class, projections, "sliced", seed)
     flags = [p.requires_grad for p in params]
+    failure = None
     with preserved(work, restore_buffers=False):
         work.eval()
         try:
             for p in params:
                 p.requires_grad_(True)
             gradient_pass(work, taps, _batches(loader, device, seq_lens), res, sampling,
-                          sketch=taps, progress=progress, total=n_batches,
+                          sketch=taps, progress=progress and rank == 0,
+                          total=n_batches if size == 1 else None,
                           desc="fair_pruner: calibrating LM", params=params,
                           on_param_grads=on_grads)
+        except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
+            if size == 1:
+                raise
+            failure = exc
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
+    if size > 1:
+        dist.agree(failure)
+        _reduce_taps(taps, sampling)
+        seq_lens = [t for part in dist.gather_objects(seq_lens) for t in part]
     for tp in taps:
         finish_u(tp, res, cls)
     if chunks:
-        _gram_passes(work, chunks, loader, device, progress)
+        _gram_passes(work, chunks, loader, device, progress and rank == 0)
+    for tp in taps:
+        dist.sum_(tp.gram)
 
     context = (max(seq_lens) + 1) / 2.0          # mean causal context of a calibration sequence
     all_signals: Dict[str, Signal] = dict(BUILTIN)
@@ -294,6 +400,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "samples_per_class": samples_per_class, "projections": projections,
         "calibration_sequences": len(seq_lens), "calibration_tokens": n_labelled,
         "batches": n_batches, "seq_len": max(seq_lens), "mac_context": context,
+        "world_size": size,
         "cost_scope": "attention+mlp projections; MACs per token",
         "seconds": time.perf_counter() - t0,
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,

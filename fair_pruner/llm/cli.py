@@ -340,19 +340,41 @@ def cli_prune_lm(args) -> int:
         except ImportError as exc:
             raise FairPrunerError(f"--gguf: GGUF export is not available in this install ({exc});"
                                   " install the LLM extras: pip install -e '.[llm]'") from exc
-    with quiet_transformers(args.quiet):
-        return _prune_lm(args, gguf)
+    owned = _init_distributed()
+    try:
+        with quiet_transformers(args.quiet):
+            return _prune_lm(args, gguf)
+    finally:
+        if owned:
+            import torch.distributed as tdist
+            tdist.destroy_process_group()
+
+
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL with CUDA, else gloo).
+    True when this call created it."""
+    import datetime
+
+    import torch.distributed as tdist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or tdist.is_initialized():
+        return False
+    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                             timeout=datetime.timedelta(minutes=30))
+    return True
 
 
 def _prune_lm(args, gguf) -> int:
     import fair_pruner as fp
 
+    from ..distributed import world
     from .io import load_model
 
-    say = (lambda *a, **k: None) if args.quiet else print
+    rank, size = world()
+    quiet = args.quiet or rank != 0         # under torchrun rank 0 speaks and writes
+    say = (lambda *a, **k: None) if quiet else print
 
     def warn(msg: str) -> None:
-        if not args.quiet:
+        if not quiet:
             print(f"fair-pruner: warning: {msg}", file=sys.stderr)
 
     t0 = time.perf_counter()
@@ -384,8 +406,10 @@ def _prune_lm(args, gguf) -> int:
 
     recon = None if args.reconstruct == "none" else args.reconstruct
     roles = {"mlp": ["ffn"], "attention": ["attention"], "all": None}[args.units]
-    say(f"calibrating on {len(batches)} x {args.seq_len} tokens ...")
-    book = fp.score(model, batches, seed=args.seed, progress=not args.quiet,
+    say(f"calibrating on {len(batches)} x {args.seq_len} tokens"
+        + (f", every {size}th sequence on each of {size} ranks" if size > 1 else "") + " ...")
+    batches = batches[rank::size]           # this rank's shard; the book is the union's
+    book = fp.score(model, batches, seed=args.seed, progress=not quiet,
                     reconstruction={"auto": "auto", None: False, "bias": False}.get(recon, True),
                     gram_memory=args.gram_memory, heads=args.heads or "kv", roles=roles,
                     weight_taylor=args.signal == "taylor", obs_signal=args.signal == "obs")
@@ -406,6 +430,8 @@ def _prune_lm(args, gguf) -> int:
                        **kw)
     for w in plan_warnings(book, plan, signal=args.signal):
         warn(w)
+    if rank != 0:       # every rank holds the same book and plan; rank 0 prunes and writes
+        return 0
 
     ppl0 = ppl1 = None
     if eval_ids is not None:

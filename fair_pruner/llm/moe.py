@@ -388,6 +388,12 @@ class _Calibration:
         for h in self.hs:
             h.remove()
 
+    def reduce(self, sum_) -> None:
+        """Sum the routing statistics over data-parallel ranks (``sum_``: in-place all-reduce)."""
+        sum_(self.freq)
+        sum_(self.reap)
+        self.tokens = int(sum_(torch.tensor([self.tokens], dtype=torch.float64)).item())
+
     def extra_signals(self) -> Dict[str, Tensor]:
         """Alternative removal signals: routing frequency and REAP (mean routed ||y_e||)."""
         return {"freq": self.freq / max(1, self.tokens),

@@ -1,0 +1,128 @@
+"""Data-parallel calibration on ``torch.distributed``: every rank scores its shard, the book is
+the single-process book of the union.
+
+Convention: rank r's loader yields its own shard (``batches[r::world_size]``, or a
+``DistributedSampler``). The union is read in *interleaved* order: step i of rank 0, step i of
+rank 1, ..., then step i + 1 (ranks may have different numbers of batches). A single process
+given that order computes the same book.
+
+* Sums (Taylor terms, moments, Gram matrices, token counts) are all-reduced: equal to the
+  single-process sums to float rounding.
+* U samples: every rank replays the seeded reservoir over the labels of the whole union (labels
+  are cheap to gather; an LM's first pass reads them anyway), so every rank knows which sample
+  ends in which (class, slot); each stores only its own final samples, and the sample buffers
+  are summed (each slot is written by exactly one rank). The U-Score is then computed from the
+  same samples as in one process.
+* A rank that fails tells the others at the next agreement point (:func:`agree`), so every rank
+  raises instead of waiting forever in a collective.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .errors import FairPrunerError
+
+
+def world() -> Tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when none is initialised."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def active() -> bool:
+    return world()[1] > 1
+
+
+def agree(error: Optional[BaseException]) -> None:
+    """Collective: raise on every rank if any rank failed (with that rank's message)."""
+    import torch.distributed as dist
+    if not active():
+        if error is not None:
+            raise error
+        return
+    rank, size = world()
+    msgs: List[Optional[str]] = [None] * size
+    dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, m = failed[0]
+        raise FairPrunerError(f"rank {r} of {size} failed during distributed calibration: {m}")
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    import torch.distributed as dist
+    if not active():
+        return [obj]
+    out: List[Any] = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_(t: Optional[Tensor]) -> Optional[Tensor]:
+    """All-reduce ``t`` in place (sum) and return it; bool tensors are OR-ed. The reduction
+    runs on the tensor's own device (CPU tensors for gloo)."""
+    import torch.distributed as dist
+    if t is None or not active():
+        return t
+    if t.dtype == torch.bool:
+        x = t.to(torch.uint8)
+        dist.all_reduce(x)
+        t.copy_(x > 0)
+        return t
+    dist.all_reduce(t)
+    return t
+
+
+def interleave(per_rank: Sequence[Sequence[Any]]) -> List[Tuple[int, int, Any]]:
+    """The union in interleaved order: (rank, local index, item) for step 0 of every rank, then
+    step 1, ..."""
+    out = []
+    for i in range(max((len(x) for x in per_rank), default=0)):
+        for r, items in enumerate(per_rank):
+            if i < len(items):
+                out.append((r, i, items[i]))
+    return out
+
+
+class ReplayedReservoir:
+    """The seeded reservoir of the whole union, replayed on every rank; ``offer`` returns, for
+    this rank's batch, only the rows that end in the reservoir (nothing is stored twice)."""
+
+    def __init__(self, reservoir, labels_per_rank: Sequence[Sequence[List[int]]]):
+        rank, _ = world()
+        starts: Dict[Tuple[int, int], int] = {}
+        n = 0
+        for r, i, labels in interleave(labels_per_rank):
+            starts[(r, i)] = n
+            reservoir.offer(labels, n)
+            n += len(labels)
+        self._res = reservoir
+        self._final = reservoir.final
+        self._starts = [starts[(rank, i)] for i in range(len(labels_per_rank[rank]))]
+        self._batch = 0
+        self.total_rows = n
+
+    def offer(self, labels: List[int], first_index: int) -> List[Tuple[int, int, int]]:
+        g0 = self._starts[self._batch]
+        self._batch += 1
+        rows = []
+        for row in range(len(labels)):
+            hit = self._final.get(g0 + row)
+            if hit is not None:
+                rows.append((row, hit[0], hit[1]))
+        return rows
+
+    def counts(self) -> List[int]:
+        return self._res.counts()
+
+    @property
+    def seen(self) -> List[int]:
+        return self._res.seen

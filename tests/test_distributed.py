@@ -1,0 +1,94 @@
+"""Data-parallel scoring under torchrun (gloo, CPU): the book of N ranks equals one process's."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fair_pruner as fp
+
+from helpers import tiny_lm, token_batches
+from test_cli import lm_dir  # noqa: F401  (fixture: a tiny saved Llama with texts)
+
+pytest.importorskip("transformers")
+WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+
+
+def torchrun(n, *args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           str(n), "--master_port", str(29500 + 7 * n + os.getpid() % 500),
+                           WORKER, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def single(model_type):
+    return fp.score(tiny_lm(model_type), token_batches(n=7), classes=8, samples_per_class=8,
+                    projections=16, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,n", [("llama", 2), ("llama", 3), ("qwen2_moe", 2)])
+def test_ranks_give_the_single_process_book(model_type, n, tmp_path):
+    out = tmp_path / "book.safetensors"
+    r = torchrun(n, "--model", model_type, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    got, want = fp.ScoreBook.load(out), single(model_type)
+    assert got.meta["world_size"] == n and want.meta["world_size"] == 1
+    for k in ("classes", "class_counts", "calibration_tokens", "batches", "seq_len"):
+        assert got.meta[k] == want.meta[k], k
+    assert [g.name for g in got.groups] == [g.name for g in want.groups]
+    for a, b in zip(got.groups, want.groups):
+        torch.testing.assert_close(a.u, b.u, rtol=0, atol=0)          # the same samples
+        for s in b.signals:
+            torch.testing.assert_close(a.signals[s], b.signals[s], rtol=1e-6, atol=1e-9)
+        for k in b.tensors:
+            torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-5, atol=1e-5)
+    for kw in ({"params": 0.3}, {"tod": 0.2}):
+        assert fp.allocate(got, **kw).removed == fp.allocate(want, **kw).removed
+
+
+@pytest.mark.slow
+def test_a_failing_rank_makes_every_rank_raise(tmp_path):
+    out = tmp_path / "book.safetensors"
+    r = torchrun(2, "--out", str(out), "--bad-rank", "1", timeout=200)
+    assert r.returncode != 0 and not out.exists()
+    errs = {p: (tmp_path / p).read_text() for p in os.listdir(tmp_path) if p.endswith(".err")}
+    assert set(errs) == {"book.safetensors.rank0.err", "book.safetensors.rank1.err"}, r.stderr[-3000:]
+    assert "rank 1 of 2 failed" in errs["book.safetensors.rank0.err"]
+    assert "token ids" in errs["book.safetensors.rank1.err"]
+
+
+@pytest.mark.slow
+def test_cnn_scoring_under_a_process_group_is_refused(tmp_path):
+    out = tmp_path / "book.safetensors"
+    r = torchrun(2, "--model", "cnn", "--out", str(out), timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        msg = (tmp_path / f"book.safetensors.rank{rank}.err").read_text()
+        assert "2 ranks" in msg and "single process" in msg
+
+
+@pytest.mark.slow
+def test_prune_lm_under_torchrun_writes_the_single_process_result(lm_dir, tmp_path):
+    from fair_pruner.cli import main
+    args = ["prune-lm", str(lm_dir / "model"), "--calib-text", str(lm_dir / "calib.txt"),
+            "--seq-len", "32", "--num-seqs", "8", "--params", "0.3", "-q"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29900 + os.getpid() % 500), "-m", "fair_pruner"]
+                       + args + ["--out", str(tmp_path / "two")], capture_output=True, text=True,
+                       env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = fp.ScoreBook.load(tmp_path / "one" / "score_book.safetensors")
+    two = fp.ScoreBook.load(tmp_path / "two" / "score_book.safetensors")
+    assert two.meta["world_size"] == 2
+    for a, b in zip(one.groups, two.groups):
+        torch.testing.assert_close(a.u, b.u, rtol=0, atol=0)
+    plan1 = fp.Plan.load(tmp_path / "one" / "fair_pruner_plan.json")
+    plan2 = fp.Plan.load(tmp_path / "two" / "fair_pruner_plan.json")
+    assert plan1.removed == plan2.removed

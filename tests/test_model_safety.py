@@ -1,0 +1,507 @@
+"""Nothing silently wrong on the model side: what fair_pruner accepts it prunes exactly (pruned ==
+masked on jittered weights, plan params == real params); what it cannot, it refuses before
+scoring with an UnsupportedModelError (or CalibrationDataError) naming the module and the fix."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fair_pruner as fp
+from helpers import randomize_bn
+
+KW = dict(samples_per_class=3, projections=4, progress=False)
+
+
+def _jitter(model, seed=0):
+    """Non-trivial weights everywhere (zero heads / zero GRN gammas would hide differences)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return randomize_bn(model, seed).eval()
+
+
+def _loader(shape, n=24, classes=4, bs=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.arange(n) % classes
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
+
+
+class _Spy(nn.Module):
+    """Counts forwards on calibration batches (the probe and the trace use one sample), so a
+    test can tell a refusal came before any calibration work."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += int(x.shape[0] > 1)
+        return self.model(x)
+
+
+def _refused(model, loader, match, **kw):
+    with pytest.raises(fp.UnsupportedModelError, match=match) as e:
+        fp.score(model, loader, **{**KW, **kw})
+    return str(e.value)
+
+
+def _exact(model, loader, x, target=0.3):
+    book = fp.score(model, loader, **KW)
+    plan = fp.allocate(book, params=target)
+    pruned, masked = fp.prune(model, plan), fp.mask(model, plan, book)
+    with torch.no_grad():
+        a, b = pruned(x), masked(x)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    assert a.shape == b.shape
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp(min=1e-3)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    return book, plan, pruned
+
+
+# --------------------------------------------------------------------------------------------
+# Item 1: the real classifier head is protected, wherever the logits come from
+# --------------------------------------------------------------------------------------------
+
+class LogSoftmaxWithAux(nn.Module):
+    """The real head goes through log_softmax; an auxiliary head with as many outputs runs
+    after it (the old fallback protected the aux head and pruned the real one)."""
+
+    def __init__(self, nc=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, nc)
+        self.aux = nn.Linear(6, nc)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).mean((2, 3))
+        return F.log_softmax(self.fc(h), -1), self.aux(h)
+
+
+class Temperature(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, nc)
+        self.proj = nn.Linear(6, nc)      # runs last, num_classes outputs, feeds the logits
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).mean((2, 3))
+        return self.fc(h) / 2.0 + 0.5 * self.proj(h)
+
+
+@pytest.mark.parametrize("cls", [LogSoftmaxWithAux, Temperature])
+def test_real_head_is_protected(cls):
+    torch.manual_seed(0)
+    model = _jitter(cls())
+    x = torch.randn(3, 3, 6, 6)
+    book, plan, pruned = _exact(model, _loader((3, 6, 6)), x)
+    names = {g.name for g in book.groups}
+    assert "fc" not in names and book.meta["output_layer"] == "fc"
+    assert pruned.fc.out_features == 4
+    protected = "aux" if cls is LogSoftmaxWithAux else "proj"
+    assert protected in book.meta["output_layers"] and getattr(pruned, protected).out_features == 4
+
+
+def test_frozen_model_head_found():
+    torch.manual_seed(0)
+    model = _jitter(Temperature()).requires_grad_(False)
+    book = fp.score(model, _loader((3, 6, 6)), **KW)
+    assert set(book.meta["output_layers"]) == {"fc", "proj"}
+
+
+class DictFeatures(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv = nn.Conv2d(5, 6, 3, padding=1)
+        self.fc = nn.Linear(6, nc)
+
+    def forward(self, x):
+        h = F.relu(self.conv(F.relu(self.conv0(x)))).mean((2, 3))
+        return {"features": h, "scores": self.fc(h)}
+
+
+def test_dict_output_without_logits_is_refused():
+    spy = _Spy(DictFeatures().eval())
+    msg = _refused(spy, _loader((3, 6, 6)), "no 'logits'")
+    assert "loss_fn" in msg and "features" in msg
+    assert spy.calls == 0
+
+
+def test_dict_output_with_loss_fn_and_num_classes():
+    torch.manual_seed(0)
+    model = _jitter(DictFeatures())
+    book = fp.score(model, _loader((3, 6, 6)), num_classes=4,
+                    loss_fn=lambda out, y: F.cross_entropy(out["scores"], y, reduction="sum"),
+                    **KW)
+    # every layer feeding a returned tensor (the features too) keeps its width
+    assert set(book.meta["output_layers"]) == {"fc", "conv"}
+    assert [g.name for g in book.groups] == ["conv0"]
+
+
+# --------------------------------------------------------------------------------------------
+# Item 2: U-Scores never come from uninitialised memory; a changing loader is detected
+# --------------------------------------------------------------------------------------------
+
+class _Shrinking:
+    """Yields all batches on the first pass, fewer afterwards."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes == 1 else self.batches[:1])
+
+
+class _Augmenting:
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        g = torch.Generator().manual_seed(self.passes)
+        return iter([(x + 0.01 * torch.randn(x.shape, generator=g), y) for x, y in self.batches])
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(),
+                         nn.Linear(7, 3)).eval()
+
+
+def _mlp_loader():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 5, generator=g), torch.arange(30) % 3
+    return [(x[i:i + 6], y[i:i + 6]) for i in range(0, 30, 6)]
+
+
+SMALL_BUDGET = 200        # bytes: each layer's U samples in a pass of its own
+
+
+def test_extra_passes_used_and_match():
+    a = fp.score(_mlp(), _mlp_loader(), memory_budget=SMALL_BUDGET, **KW)
+    b = fp.score(_mlp(), _mlp_loader(), **KW)
+    assert a.meta["u_passes"] > 1
+    for ga, gb in zip(a.groups, b.groups):
+        torch.testing.assert_close(ga.u, gb.u)
+        assert float(ga.u.abs().max()) < 1e3
+
+
+def test_fewer_batches_on_a_later_pass():
+    with pytest.raises(fp.CalibrationDataError, match="batches on a later pass") as e:
+        fp.score(_mlp(), _Shrinking(_mlp_loader()), memory_budget=SMALL_BUDGET, **KW)
+    assert "shuffle=False" in str(e.value) and "memory_budget" in str(e.value)
+
+
+def test_augmenting_loader_detected():
+    with pytest.raises(fp.CalibrationDataError, match="other inputs.*augmentation"):
+        fp.score(_mlp(), _Augmenting(_mlp_loader()), memory_budget=SMALL_BUDGET, **KW)
+
+
+def test_one_shot_generator_needing_passes():
+    gen = (b for b in _mlp_loader())
+    with pytest.raises(fp.CalibrationDataError, match="one-shot"):
+        fp.score(_mlp(), gen, memory_budget=SMALL_BUDGET, **KW)
+
+
+@pytest.mark.parametrize("budget", [-1, 0, float("nan"), float("inf"), True, "4GB"])
+def test_bad_memory_budget(budget):
+    with pytest.raises(fp.CalibrationDataError, match="memory_budget"):
+        fp.score(_mlp(), _mlp_loader(), memory_budget=budget, **KW)
+
+
+def test_unfilled_sample_places_raise():
+    """The engine refuses to compute U from sample places no pass stored."""
+    from fair_pruner.engine import Reservoir, Sampling, SketchTap, finish_u, store_samples
+
+    class T(SketchTap):
+        def to_units_last(self, z):
+            return z[:, :, None]
+
+    res = Reservoir([0, 1], 4, 0)
+    rows = res.offer([0, 0, 1, 1, 0, 1], 0)
+    t = T("t")
+    store_samples(t, torch.randn(6, 3), [r for r in rows if r[0] < 4],
+                  Sampling((0, 1), 4, 1, "sliced", 0))          # rows 4, 5 never stored
+    with pytest.raises(fp.CalibrationDataError, match="not all collected"):
+        finish_u(t, res, [0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Items 4 and 6, issue 12: attention, recurrent, transposed conv, GroupNorm: refused up front
+# --------------------------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.emb = nn.Linear(5, 8)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0,
+                                                                    batch_first=True), 1)
+        self.fc = nn.Linear(8, nc)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.emb(x)).mean(1))
+
+
+class WithMHA(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.emb = nn.Linear(5, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, nc)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.fc((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+
+@pytest.mark.parametrize("cls, name", [(Encoder, "enc.layers.0.self_attn"), (WithMHA, "attn")])
+def test_multihead_attention_refused_before_scoring(cls, name):
+    spy = _Spy(cls().eval())
+    msg = _refused(spy, _loader((3, 5)), "MultiheadAttention")
+    assert name in msg and "not supported yet" in msg and "ignore=" in msg
+    assert spy.calls == 0
+
+
+def test_torchvision_vit_refused_naming_the_module():
+    tv = pytest.importorskip("torchvision")
+    vit = tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                                      hidden_dim=8, mlp_dim=16, num_classes=4).eval()
+    msg = _refused(vit, _loader((3, 32, 32), n=16), "head pruning of vision transformers")
+    assert "encoder.layers.encoder_layer_0.self_attention" in msg
+
+
+def test_vit_mlp_neurons_with_the_suggested_ignore():
+    """The refusal's fix works: keeping the embedding width whole prunes the MLP exactly."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = _jitter(tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1,
+                                              num_heads=2, hidden_dim=8, mlp_dim=16,
+                                              num_classes=4))
+    loader = _loader((3, 32, 32), n=16)
+    msg = _refused(vit, loader, "MultiheadAttention")
+    ignore = eval(msg.split("ignore=")[-1].split("]")[0] + "]")
+    book = fp.score(vit, loader, ignore=ignore, **KW)
+    assert [g.name for g in book.groups] == ["encoder.layers.encoder_layer_0.mlp.0"]
+    plan = fp.allocate(book, params=0.02)
+    pruned, masked = fp.prune(vit, plan), fp.mask(vit, plan, book)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = pruned(x), masked(x)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp(min=1e-3)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind, nc=4):
+        super().__init__()
+        self.emb = nn.Linear(5, 8)
+        self.rnn = kind(8, 6, batch_first=True)
+        self.fc = nn.Linear(6, nc)
+
+    def forward(self, x):
+        return self.fc(self.rnn(F.relu(self.emb(x)))[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_refused(kind):
+    spy = _Spy(Recurrent(kind).eval())
+    msg = _refused(spy, _loader((3, 5)), "recurrent")
+    assert f"rnn ({kind.__name__})" in msg
+    assert spy.calls == 0
+
+
+class Transposed(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.up = nn.ConvTranspose2d(6, 5, 2, stride=2)
+        self.c2 = nn.Conv2d(5, 7, 3)
+        self.fc = nn.Linear(7, nc)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.up(F.relu(self.c1(x)))))).mean((2, 3)))
+
+
+def test_conv_transpose_refused_and_fix_works():
+    torch.manual_seed(0)
+    model = _jitter(Transposed())
+    loader = _loader((3, 6, 6))
+    msg = _refused(model, loader, "up \\(ConvTranspose2d\\)")
+    assert "ignore=['c1']" in msg
+    book = fp.score(model, loader, ignore=["c1"], **KW)
+    plan = fp.allocate(book, params=0.1)
+    assert sum(p.numel() for p in fp.prune(model, plan).parameters()) == plan.params_after
+
+
+class WithGroupNorm(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 6, 3)
+        self.fc = nn.Linear(6, nc)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.gn(self.c1(x))))).mean((2, 3)))
+
+
+def test_group_norm_refused():
+    msg = _refused(WithGroupNorm().eval(), _loader((3, 6, 6)), "gn \\(nn.GroupNorm\\)")
+    assert "ignore=['c1']" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# Item 7: shared weights and modules called twice
+# --------------------------------------------------------------------------------------------
+
+class Tied(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.fc0 = nn.Linear(5, 6)
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(6, nc)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(torch.relu(self.fc0(x)))))))
+
+
+class Twice(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.fc0 = nn.Linear(5, 6)
+        self.mid = nn.Linear(6, 6)
+        self.fc = nn.Linear(6, nc)
+
+    def forward(self, x):
+        h = torch.relu(self.fc0(x))
+        return self.fc(torch.relu(self.mid(h)) + torch.relu(self.mid(2 * h)))
+
+
+def test_tied_weights_refused():
+    spy = _Spy(Tied().eval())
+    msg = _refused(spy, _loader((5,)), "shares a parameter")
+    assert "model.b shares a parameter with ['model.a']" in msg
+    assert spy.calls == 0
+
+
+def test_module_called_twice_refused():
+    msg = _refused(Twice().eval(), _loader((5,)), "mid runs 2 times per forward")
+    assert "ignore=" in msg
+
+
+def test_dead_branch_refused():
+    class Dead(LogSoftmaxWithAux):
+        def forward(self, x):
+            h = F.relu(self.conv(x)).mean((2, 3))
+            self.aux(h)
+            return self.fc(h)
+    _refused(Dead().eval(), _loader((3, 6, 6)), "aux.*dead branch")
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 12: cheap operations that remove more than the group, cross-channel norms
+# --------------------------------------------------------------------------------------------
+
+class Ghost(nn.Module):
+    """GhostNet's module: primary conv, a depthwise 'cheap' conv on its output, concatenated and
+    sliced to ``oup`` channels (an odd oup makes the slice drop a cheap channel)."""
+
+    def __init__(self, inp, oup, ratio=2):
+        super().__init__()
+        self.oup = oup
+        init = math.ceil(oup / ratio)
+        self.primary = nn.Sequential(nn.Conv2d(inp, init, 1, bias=False), nn.BatchNorm2d(init),
+                                     nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(init, init * (ratio - 1), 3, 1, 1, groups=init,
+                                             bias=False), nn.BatchNorm2d(init), nn.ReLU())
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], 1)[:, :self.oup]
+
+
+class GhostNet(nn.Module):
+    def __init__(self, oup=11, nc=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.g = Ghost(8, oup)
+        self.c = nn.Conv2d(oup, 6, 3, padding=1)
+        self.fc = nn.Linear(6, nc)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c(self.g(F.relu(self.stem(x))))).mean((2, 3)))
+
+
+def test_ghost_module_slice_refused():
+    torch.manual_seed(0)
+    msg = _refused(_jitter(GhostNet(oup=11)), _loader((3, 6, 6)), "not exact")
+    assert "g.cheap.0" in msg and "ignore=" in msg
+
+
+def test_ghost_module_without_slice_is_exact():
+    torch.manual_seed(0)
+    _exact(_jitter(GhostNet(oup=12)), _loader((3, 6, 6)), torch.randn(3, 3, 6, 6))
+
+
+class GRN(nn.Module):
+    """timm's GlobalResponseNorm (channels last): normalises across channels."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))    # zero init, as timm
+        self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return x * (self.weight * nx + 1) + self.bias
+
+
+class ConvNeXtV2Block(nn.Module):
+    def __init__(self, nc=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw1 = nn.Linear(8, 12)
+        self.grn = GRN(12)
+        self.pw2 = nn.Linear(12, 8)
+        self.fc = nn.Linear(8, nc)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.pw2(self.grn(F.gelu(self.pw1(h.permute(0, 2, 3, 1)))))
+        return self.fc((h + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_global_response_norm_refused(trained):
+    """Refused even with timm's zero init (the self-check jitters the weights)."""
+    model = ConvNeXtV2Block().eval()
+    if trained:
+        model = _jitter(model)
+    msg = _refused(model, _loader((3, 6, 6)), "pw1.*not exact")
+    assert "through ['grn.weight', 'grn.bias']" in msg and "ignore=['pw1']" in msg
+
+
+def test_prune_checks_params_against_the_plan(monkeypatch):
+    """Surgery that removes other channels than the plan counts raises, never returns."""
+    from fair_pruner import graph, surgery
+    torch.manual_seed(0)
+    model = _jitter(GhostNet(oup=12))
+    book = fp.score(model, _loader((3, 6, 6)), **KW)
+    plan = fp.allocate(book, params=0.3)
+    real = graph.prune_units
+
+    def more(model, DG, roots, removed):       # an op that also removes one more channel
+        real(model, DG, roots, {k: (list(v) + [max(set(range(plan.sizes[k])) - set(v))]
+                                    if v else v) for k, v in removed.items()})
+    monkeypatch.setattr(surgery, "prune_units", more)
+    with pytest.raises(fp.UnsupportedModelError, match="plan counts"):
+        fp.prune(model, plan)
