@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from . import distributed as dist
 from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, finish_u,
                      first_tensor, gradient_pass, len_or_none, logits_of, map_tensors, preserved,
                      split_batch, store_samples, working_model)
@@ -352,6 +353,17 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         # the U passes after it are planned for the classes found.
         res = _DataClasses(max_classes, samples_per_class, seed)
         slots = min(max_classes, num_classes)
+        rank, size = dist.world()
+        if size > 1:
+            # Data parallel: every rank replays the class choice and reservoir over the labels
+            # of the union (one label-only pass over the data), then stores its own final
+            # samples in pass 1, exactly as one process would.
+            if hasattr(loader, "__next__"):
+                raise CalibrationDataError(
+                    "data-parallel scoring reads the calibration labels before pass 1, but the "
+                    f"loader is a one-shot iterator ({type(loader).__name__}): pass a list or a "
+                    "DataLoader")
+            res = dist.ReplayedReservoir(res, dist.gather_objects(_labels_of(loader, num_classes)))
         first_chunk = _plan_chunks(producers, probe, slots, samples_per_class, projections,
                                    u_mode, memory_budget, warn=False)[0]
         _warn_oversize(first_chunk, probe, slots, samples_per_class, projections, u_mode,
@@ -361,11 +373,15 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         grams = _ConsumerStats(work, specs, gram_memory) if reconstruction else None
         _set_modes(work, bn_mode)
         try:
-            stats = _pass_one(run, first_chunk, first, it)
+            stats = _pass_one(run, first_chunk, first, it,
+                              reduce=(lambda: _reduce(producers, grams, first_chunk))
+                              if size > 1 else None)
         finally:
             if grams is not None:
                 grams.remove()
         _set_modes(work, "eval")
+        if size > 1:
+            stats = dict(stats, samples=res.total_rows, batches=res.batches)
         run.sampling = replace(run.sampling, classes=tuple(res.classes))
         rest = [p for p in producers if p not in first_chunk]
         chunks = [first_chunk] + (_plan_chunks(rest, probe, len(res.classes), samples_per_class,
@@ -379,7 +395,8 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                 f"or raise memory_budget to at least {_need_bytes(producers, probe, run):,} "
                 "bytes for one pass")
         for chunk in chunks[1:]:
-            _u_pass(run, chunk, stats, _need_bytes(producers, probe, run))
+            _u_pass(run, chunk, stats, _need_bytes(producers, probe, run),
+                    reduce=_reduce_samples if size > 1 else None)
 
     order = sorted(range(len(res.classes)), key=lambda k: res.classes[k])
     classes = [res.classes[k] for k in order]
@@ -401,7 +418,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         "input_spec": map_tensors(example, lambda t: {"shape": list(t.shape), "dtype": str(t.dtype)}),
         "reconstruction_stats": grams is not None,
         "reconstruction_skipped": grams.skipped if grams is not None else [],
-        "kind": "cnn", "seconds": time.perf_counter() - t0,
+        "kind": "cnn", "world_size": dist.world()[1], "seconds": time.perf_counter() - t0,
         "torch": torch.__version__,
     }
     return ScoreBook(groups, cost, meta)
@@ -653,9 +670,11 @@ class _Run:
     sampling: Sampling
 
 
-def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it) -> Dict[str, Any]:
+def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it, reduce=None
+              ) -> Dict[str, Any]:
     """Forward + backward over every batch (``first``, then the rest of iterator ``it``): Taylor
-    terms and moments for all producers, and U samples for the producers in ``chunk``."""
+    terms and moments for all producers, and U samples for the producers in ``chunk``;
+    ``reduce()`` (data parallel) sums them over the ranks before the U-Scores."""
     label_hashes: List[int] = []
     prints: List[tuple] = []
 
@@ -673,13 +692,70 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it) -> Dict[str, An
             bi += 1
             batch = next(it, None)
 
-    n = gradient_pass(run.model, run.producers, batches(), run.res, run.sampling, sketch=chunk,
-                      progress=run.progress, total=len_or_none(run.loader))
+    failure = n = None
+    try:
+        n = gradient_pass(run.model, run.producers, batches(), run.res, run.sampling,
+                          sketch=chunk, progress=run.progress, total=len_or_none(run.loader))
+    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
+        if reduce is None:
+            raise
+        failure = exc
+    if reduce is not None:
+        dist.agree(failure)
+        reduce()
     run.res.check()
     for p in chunk:
         finish_u(p, run.res, list(run.res.classes))
     return {"samples": n, "batches": len(label_hashes), "label_hashes": label_hashes,
             "prints": prints}
+
+
+def _labels_of(loader: Iterable, num_classes: int) -> List[List[int]]:
+    """Every batch's labels, checked (data parallel: read before pass 1); a bad batch raises on
+    every rank."""
+    failure, out = None, []
+    try:
+        for bi, batch in enumerate(loader):
+            out.append(_check_labels(split_batch(batch)[1], bi, num_classes).tolist())
+    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
+        failure = exc
+    dist.agree(failure)
+    return out
+
+
+def _reduce(producers: List[_Producer], grams, chunk: List[_Producer]) -> None:
+    """Sum pass 1's statistics over the ranks: producers' sums, consumers' Gram matrices, and
+    the U samples of ``chunk`` (each slot stored by one rank)."""
+    for p in producers:
+        for name in ("taylor", "act_abs", "act_sum", "act_sq"):
+            dist.sum_(getattr(p, name))
+        p.positions = int(dist.sum_(torch.tensor([p.positions], dtype=torch.float64)).item())
+    if grams is not None:
+        for name in sorted(grams.stats):
+            st = grams.stats[name]
+            dist.sum_(st[0])
+            dist.sum_(st[1])
+            st[2] = int(dist.sum_(torch.tensor([st[2]], dtype=torch.float64)).item())
+    _reduce_samples(chunk)
+
+
+def _reduce_samples(chunk: List[_Producer]) -> None:
+    """Sum the chunk's U sample buffers over the ranks (each slot was stored by one rank; a
+    rank that stored none of a producer's samples contributes zeros)."""
+    shapes = dist.gather_objects([None if p.buf is None else
+                                  (tuple(p.buf.shape), str(p.buf.dtype), str(p.buf.device))
+                                  for p in chunk])
+    for i, p in enumerate(chunk):
+        known = next((sh[i] for sh in shapes if sh[i] is not None), None)
+        if known is None:
+            continue
+        if p.buf is None:
+            shape, dtype, device = known
+            p.buf = torch.zeros(shape, dtype=getattr(torch, dtype.replace("torch.", "")),
+                                device=device)
+            p.filled = torch.zeros(shape[:2], dtype=torch.bool)
+        dist.sum_(p.buf)
+        dist.sum_(p.filled)
 
 
 def _input_print(inputs: Any) -> tuple:
@@ -715,8 +791,25 @@ def _need_bytes(producers, probe, run: _Run) -> int:
                for p in producers)
 
 
-def _u_pass(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int) -> None:
-    """No-grad pass that forwards only the reservoir-selected samples, for one U chunk."""
+def _u_pass(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int,
+            reduce=None) -> None:
+    """No-grad pass that forwards only the reservoir-selected samples, for one U chunk; with
+    ``reduce`` (data parallel) the ranks' samples are summed before the U-Scores."""
+    failure = None
+    try:
+        _u_samples(run, chunk, first, need)
+    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
+        if reduce is None:
+            raise
+        failure = exc
+    if reduce is not None:
+        dist.agree(failure)
+        reduce(chunk)
+    for p in chunk:
+        finish_u(p, run.res, list(run.res.classes))
+
+
+def _u_samples(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int) -> None:
     from tqdm.auto import tqdm
     model, loader, res, device = run.model, run.loader, run.res, run.device
     rows_now: List[Tuple[int, int, int]] = []
@@ -768,8 +861,6 @@ def _u_pass(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int)
     if nb != len(label_hashes):
         raise CalibrationDataError(f"the loader yielded {nb} batches on a later pass but "
                                    f"{len(label_hashes)} on the first: {fix}")
-    for p in chunk:
-        finish_u(p, res, list(res.classes))
 
 
 def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],

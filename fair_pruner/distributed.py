@@ -109,6 +109,19 @@ class ReplayedReservoir:
         self._starts = [starts[(rank, i)] for i in range(len(labels_per_rank[rank]))]
         self._batch = 0
         self.total_rows = n
+        self.batches = sum(len(x) for x in labels_per_rank)
+        # This rank's final samples keyed by its own running sample index (later U passes).
+        self.final: Dict[int, Tuple[int, int]] = {}
+        off = 0
+        for i, labels in enumerate(labels_per_rank[rank]):
+            for row in range(len(labels)):
+                hit = self._final.get(self._starts[i] + row)
+                if hit is not None:
+                    self.final[off + row] = hit
+            off += len(labels)
+
+    def __getattr__(self, name):        # classes, index, check(), ... of the union's reservoir
+        return getattr(self._res, name)
 
     def offer(self, labels: List[int], first_index: int) -> List[Tuple[int, int, int]]:
         g0 = self._starts[self._batch]
@@ -123,6 +136,3 @@ class ReplayedReservoir:
     def counts(self) -> List[int]:
         return self._res.counts()
 
-    @property
-    def seen(self) -> List[int]:
-        return self._res.seen

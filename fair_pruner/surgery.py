@@ -157,4 +157,5 @@ def _score(model, loader, **kwargs):
     return score(model, loader, **kwargs)
 
 
-adapters.register(adapters.Adapter("cnn", _is_module, _score, prune, mask), fallback=True)
+adapters.register(adapters.Adapter("cnn", _is_module, _score, prune, mask, data_parallel=True),
+                  fallback=True)

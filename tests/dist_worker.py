@@ -18,17 +18,23 @@ def main():
     ap.add_argument("--model", default="llama")
     ap.add_argument("--out", required=True)
     ap.add_argument("--bad-rank", type=int, default=-1)
+    ap.add_argument("--budget", type=int, default=4 << 30, help="CNN memory_budget (bytes)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, size = dist.get_rank(), dist.get_world_size()
-    if a.model == "cnn":      # not data parallel yet: refused on every rank, before scoring
-        from helpers import TinyCNN, image_loader
+    if a.model == "cnn":
+        from helpers import cnn_case
+        model, loader, kw = cnn_case(a.budget)
         try:
-            fp.score(TinyCNN(), image_loader(), progress=False)
-        except fp.UnsupportedModelError as exc:
+            book = fp.score(model, loader[rank::size], **kw)
+        except fp.FairPrunerError as exc:
             with open(f"{a.out}.rank{rank}.err", "w") as fh:
                 fh.write(str(exc))
+            return 3
+        if rank == 0:
+            book.save(a.out)
+        dist.destroy_process_group()
         return 0
     m = tiny_lm(a.model)
     batches = token_batches(n=7)[rank::size]

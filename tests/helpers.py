@@ -42,6 +42,19 @@ def image_loader(n=24, classes=4, size=8, bs=8, seed=0):
     return batches(x, y, bs)
 
 
+def cnn_case(memory_budget=4 << 30):
+    """A small CNN with randomised BN, its 13 batches of 6 images (7 classes, uneven counts)
+    and score options with reconstruction statistics (the data-parallel tests)."""
+    torch.manual_seed(3)
+    m = TinyCNN(num_classes=7).eval()
+    randomize_bn(m)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(78, 3, 8, 8, generator=g)
+    y = torch.randint(0, 7, (78,), generator=g)
+    return m, batches(x, y, 6), dict(samples_per_class=4, projections=8, progress=False,
+                                     reconstruction=True, memory_budget=memory_budget)
+
+
 def randomize_bn(model, seed=0):
     """Non-trivial BatchNorm statistics so eval-mode BN is not the identity."""
     g = torch.Generator().manual_seed(seed)

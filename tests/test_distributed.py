@@ -15,11 +15,18 @@ pytest.importorskip("transformers")
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def torchrun(n, *args, timeout=240):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           str(n), "--master_port", str(29500 + 7 * n + os.getpid() % 500),
+                           str(n), "--master_port", str(free_port()),
                            WORKER, *args], capture_output=True, text=True, env=env,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -62,13 +69,29 @@ def test_a_failing_rank_makes_every_rank_raise(tmp_path):
 
 
 @pytest.mark.slow
-def test_cnn_scoring_under_a_process_group_is_refused(tmp_path):
+@pytest.mark.parametrize("n,budget", [(2, 4 << 30), (3, 4 << 30), (2, 4000)])
+def test_cnn_ranks_give_the_single_process_book(n, budget, tmp_path):
+    """Also with a memory_budget that forces extra U passes (each summed over the ranks)."""
+    from helpers import cnn_case
     out = tmp_path / "book.safetensors"
-    r = torchrun(2, "--model", "cnn", "--out", str(out), timeout=200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        msg = (tmp_path / f"book.safetensors.rank{rank}.err").read_text()
-        assert "2 ranks" in msg and "single process" in msg
+    r = torchrun(n, "--model", "cnn", "--out", str(out), "--budget", str(budget))
+    assert r.returncode == 0, r.stderr[-4000:]
+    model, loader, kw = cnn_case(budget)
+    got, want = fp.ScoreBook.load(out), fp.score(model, loader, **kw)
+    assert got.meta["world_size"] == n and got.meta["u_passes"] == want.meta["u_passes"]
+    if budget < 1 << 20:
+        assert want.meta["u_passes"] > 1
+    for k in ("classes", "class_counts", "calibration_samples", "batches", "labels_found"):
+        assert got.meta[k] == want.meta[k], k
+    for a, b in zip(got.groups, want.groups):
+        assert a.name == b.name
+        torch.testing.assert_close(a.u, b.u, rtol=0, atol=0)
+        for s in b.signals:
+            torch.testing.assert_close(a.signals[s], b.signals[s], rtol=1e-6, atol=1e-9)
+        assert a.tensors.keys() == b.tensors.keys()
+        for k in b.tensors:
+            torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-5, atol=1e-5)
+    assert fp.allocate(got, params=0.4).removed == fp.allocate(want, params=0.4).removed
 
 
 @pytest.mark.slow
@@ -80,7 +103,7 @@ def test_prune_lm_under_torchrun_writes_the_single_process_result(lm_dir, tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(29900 + os.getpid() % 500), "-m", "fair_pruner"]
+                        "--master_port", str(free_port()), "-m", "fair_pruner"]
                        + args + ["--out", str(tmp_path / "two")], capture_output=True, text=True,
                        env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-3000:]
