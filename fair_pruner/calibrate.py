@@ -692,17 +692,9 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it, reduce=None
             bi += 1
             batch = next(it, None)
 
-    failure = n = None
-    try:
-        n = gradient_pass(run.model, run.producers, batches(), run.res, run.sampling,
-                          sketch=chunk, progress=run.progress, total=len_or_none(run.loader))
-    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
-        if reduce is None:
-            raise
-        failure = exc
-    if reduce is not None:
-        dist.agree(failure)
-        reduce()
+    n = dist.guarded(lambda: gradient_pass(
+        run.model, run.producers, batches(), run.res, run.sampling, sketch=chunk,
+        progress=run.progress, total=len_or_none(run.loader)), reduce)
     run.res.check()
     for p in chunk:
         finish_u(p, run.res, list(run.res.classes))
@@ -795,16 +787,8 @@ def _u_pass(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int,
             reduce=None) -> None:
     """No-grad pass that forwards only the reservoir-selected samples, for one U chunk; with
     ``reduce`` (data parallel) the ranks' samples are summed before the U-Scores."""
-    failure = None
-    try:
-        _u_samples(run, chunk, first, need)
-    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
-        if reduce is None:
-            raise
-        failure = exc
-    if reduce is not None:
-        dist.agree(failure)
-        reduce(chunk)
+    dist.guarded(lambda: _u_samples(run, chunk, first, need),
+                 (lambda: reduce(chunk)) if reduce is not None else None)
     for p in chunk:
         finish_u(p, run.res, list(run.res.classes))
 

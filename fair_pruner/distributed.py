@@ -56,6 +56,22 @@ def agree(error: Optional[BaseException]) -> None:
         raise FairPrunerError(f"rank {r} of {size} failed during distributed calibration: {m}")
 
 
+def guarded(work, reduce=None):
+    """``work()``; with ``reduce`` (data parallel), a failure of any rank is raised on every
+    rank (:func:`agree`) before ``reduce()`` enters its collectives. Returns ``work()``'s value."""
+    failure = result = None
+    try:
+        result = work()
+    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by agree
+        if reduce is None:
+            raise
+        failure = exc
+    if reduce is not None:
+        agree(failure)
+        reduce()
+    return result
+
+
 def gather_objects(obj: Any) -> List[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     import torch.distributed as dist

@@ -26,29 +26,25 @@ def main():
     if a.model == "cnn":
         from helpers import cnn_case
         model, loader, kw = cnn_case(a.budget)
-        try:
-            book = fp.score(model, loader[rank::size], **kw)
-        except fp.FairPrunerError as exc:
-            with open(f"{a.out}.rank{rank}.err", "w") as fh:
-                fh.write(str(exc))
-            return 3
-        if rank == 0:
-            book.save(a.out)
-        dist.destroy_process_group()
-        return 0
-    m = tiny_lm(a.model)
+        return score_and_save(model, loader[rank::size], kw, a.out, rank)
     batches = token_batches(n=7)[rank::size]
     if rank == a.bad_rank:
         batches[0] = {"input_ids": batches[0]["input_ids"].float()}    # not token ids
+    return score_and_save(tiny_lm(a.model), batches, dict(classes=8, samples_per_class=8,
+                                                          projections=16, progress=False),
+                          a.out, rank)
+
+
+def score_and_save(model, batches, kw, out, rank):
+    """Score this rank's shard; rank 0 writes the book, a failing rank writes its error."""
     try:
-        book = fp.score(m, batches, classes=8, samples_per_class=8, projections=16,
-                        progress=False)
+        book = fp.score(model, batches, **kw)
     except fp.FairPrunerError as exc:
-        with open(f"{a.out}.rank{rank}.err", "w") as fh:
+        with open(f"{out}.rank{rank}.err", "w") as fh:
             fh.write(str(exc))
         return 3
     if rank == 0:
-        book.save(a.out)
+        book.save(out)
     dist.destroy_process_group()
     return 0
 

@@ -144,14 +144,7 @@ def _union_classes(loader: Iterable, k: int, vocab: Optional[int] = None):
         total.update(c)
     n = sum(p[2] for p in parts)
     nb = sum(len(p[1]) for p in parts)
-    if nb == 0:
-        raise CalibrationDataError("the calibration loaders of all ranks are empty")
-    if n == 0:
-        raise CalibrationDataError(
-            "no labels possible: every next-token position is masked out (attention_mask / "
-            "labels == -100). Give unpadded token sequences of length >= 2")
-    top = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    return sorted(t for t, _ in top), n, nb, [p[1] for p in parts]
+    return _most_frequent(total, n, nb, k), n, nb, [p[1] for p in parts]
 
 
 def _reduce_taps(taps: Sequence["_Tap"], sampling: Sampling) -> None:
@@ -196,6 +189,11 @@ def _top_classes(loader: Iterable, k: int, vocab: Optional[int] = None
         counts.update(dict(zip(vals.tolist(), c.tolist())))
         n += int(t.numel())
         nb += 1
+    return _most_frequent(counts, n, nb, k), n, nb
+
+
+def _most_frequent(counts: Counter, n: int, nb: int, k: int) -> List[int]:
+    """The k most frequent next tokens (ties by id), sorted; errors for no data / no labels."""
     if nb == 0:
         raise CalibrationDataError("the calibration loader is empty")
     if n == 0:
@@ -203,7 +201,7 @@ def _top_classes(loader: Iterable, k: int, vocab: Optional[int] = None
             "no labels possible: every next-token position is masked out (attention_mask / "
             "labels == -100). Give unpadded token sequences of length >= 2")
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    return sorted(t for t, _ in top), n, nb
+    return sorted(t for t, _ in top)
 
 
 # --------------------------------------------------------------------------------------------
