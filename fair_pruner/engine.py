@@ -258,6 +258,10 @@ class Reservoir:
                 old = self._slot_owner.get((k, slot))
                 if old is not None:
                     del self.final[old]
+                    if old >= first_index:
+                        # Replaced within this batch: store the slot once (an indexed write of
+                        # two rows to one slot keeps an unspecified one of them on a GPU).
+                        rows[:] = [r for r in rows if r[1:] != (k, slot)]
                 self._slot_owner[(k, slot)] = gidx
                 self.final[gidx] = (k, slot)
                 rows.append((row, k, slot))

@@ -221,3 +221,15 @@ def test_prune_in_rounds_reaches_target():
     p1 = sum(p.numel() for p in pruned.parameters())
     assert p1 == plans[-1].params_after and 1 - p1 / p0 >= 0.6
     assert plans[1].params_before == plans[0].params_after
+
+
+def test_reservoir_stores_a_slot_once_per_batch_and_keeps_the_last_sample():
+    from fair_pruner.engine import Reservoir
+    res = Reservoir([0], per_class=2, seed=3)
+    res.offer([0, 0], 0)                                   # fills both slots
+    rows = res.offer([0] * 400, 2)                         # many replacements in one batch
+    slots = [(k, s) for _, k, s in rows]
+    assert len(slots) == len(set(slots)) and rows
+    for row, k, s in rows:                                 # the row stored is the final owner
+        assert res.final[2 + row] == (k, s)
+    assert sorted(res.final.values()) == [(0, 0), (0, 1)]
