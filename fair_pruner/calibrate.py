@@ -363,7 +363,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                     "data-parallel scoring reads the calibration labels before pass 1, but the "
                     f"loader is a one-shot iterator ({type(loader).__name__}): pass a list or a "
                     "DataLoader")
-            res = dist.ReplayedReservoir(res, dist.gather_objects(_labels_of(loader, num_classes)))
+            res = dist.ReplayedReservoir(res, _labels_of(loader, num_classes))
         first_chunk = _plan_chunks(producers, probe, slots, samples_per_class, projections,
                                    u_mode, memory_budget, warn=False)[0]
         _warn_oversize(first_chunk, probe, slots, samples_per_class, projections, u_mode,
@@ -396,7 +396,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                 "bytes for one pass")
         for chunk in chunks[1:]:
             _u_pass(run, chunk, stats, _need_bytes(producers, probe, run),
-                    reduce=_reduce_samples if size > 1 else None)
+                    reduce=dist.sum_samples if size > 1 else None)
 
     order = sorted(range(len(res.classes)), key=lambda k: res.classes[k])
     classes = [res.classes[k] for k in order]
@@ -702,17 +702,11 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it, reduce=None
             "prints": prints}
 
 
-def _labels_of(loader: Iterable, num_classes: int) -> List[List[int]]:
-    """Every batch's labels, checked (data parallel: read before pass 1); a bad batch raises on
-    every rank."""
-    failure, out = None, []
-    try:
-        for bi, batch in enumerate(loader):
-            out.append(_check_labels(split_batch(batch)[1], bi, num_classes).tolist())
-    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
-        failure = exc
-    dist.agree(failure)
-    return out
+def _labels_of(loader: Iterable, num_classes: int) -> List[List[List[int]]]:
+    """Every rank's per-batch labels, checked (data parallel: read before pass 1); a bad batch
+    raises on every rank."""
+    return dist.gathered(lambda: [_check_labels(split_batch(b)[1], bi, num_classes).tolist()
+                                  for bi, b in enumerate(loader)])
 
 
 def _reduce(producers: List[_Producer], grams, chunk: List[_Producer]) -> None:
@@ -728,26 +722,7 @@ def _reduce(producers: List[_Producer], grams, chunk: List[_Producer]) -> None:
             dist.sum_(st[0])
             dist.sum_(st[1])
             st[2] = int(dist.sum_(torch.tensor([st[2]], dtype=torch.float64)).item())
-    _reduce_samples(chunk)
-
-
-def _reduce_samples(chunk: List[_Producer]) -> None:
-    """Sum the chunk's U sample buffers over the ranks (each slot was stored by one rank; a
-    rank that stored none of a producer's samples contributes zeros)."""
-    shapes = dist.gather_objects([None if p.buf is None else
-                                  (tuple(p.buf.shape), str(p.buf.dtype), str(p.buf.device))
-                                  for p in chunk])
-    for i, p in enumerate(chunk):
-        known = next((sh[i] for sh in shapes if sh[i] is not None), None)
-        if known is None:
-            continue
-        if p.buf is None:
-            shape, dtype, device = known
-            p.buf = torch.zeros(shape, dtype=getattr(torch, dtype.replace("torch.", "")),
-                                device=device)
-            p.filled = torch.zeros(shape[:2], dtype=torch.bool)
-        dist.sum_(p.buf)
-        dist.sum_(p.filled)
+    dist.sum_samples(chunk)
 
 
 def _input_print(inputs: Any) -> tuple:

@@ -72,6 +72,31 @@ def guarded(work, reduce=None):
     return result
 
 
+def gathered(work) -> List[Any]:
+    """``work()`` on every rank, the results gathered in rank order; a failure on any rank
+    raises on every rank (before the gather)."""
+    return gather_objects(guarded(work, (lambda: None) if active() else None))
+
+
+def sum_samples(taps) -> None:
+    """Sum the U sample buffers (``buf``, ``filled``) of sketch taps over the ranks. Each slot
+    was stored by one rank; a rank that stored none of a tap's samples contributes zeros."""
+    shapes = gather_objects([None if t.buf is None else
+                             (tuple(t.buf.shape), str(t.buf.dtype), str(t.buf.device))
+                             for t in taps])
+    for i, t in enumerate(taps):
+        known = next((sh[i] for sh in shapes if sh[i] is not None), None)
+        if known is None:
+            continue
+        if t.buf is None:
+            shape, dtype, device = known
+            t.buf = torch.zeros(shape, dtype=getattr(torch, dtype.replace("torch.", "")),
+                                device=device)
+            t.filled = torch.zeros(shape[:2], dtype=torch.bool)
+        sum_(t.buf)
+        sum_(t.filled)
+
+
 def gather_objects(obj: Any) -> List[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     import torch.distributed as dist

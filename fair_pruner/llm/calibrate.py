@@ -122,8 +122,7 @@ def _token_batch(batch: Any, bi: int, vocab: Optional[int] = None
 def _union_classes(loader: Iterable, k: int, vocab: Optional[int] = None):
     """Distributed :func:`_top_classes`: the k most frequent next tokens of the union of the
     ranks' shards, and every rank's per-batch row labels (for the replayed reservoir)."""
-    failure, local = None, None
-    try:
+    def local():
         counts: Counter = Counter()
         labels: List[List[int]] = []
         n = 0
@@ -134,11 +133,9 @@ def _union_classes(loader: Iterable, k: int, vocab: Optional[int] = None):
             counts.update(dict(zip(vals.tolist(), c.tolist())))
             labels.append(tgt.reshape(-1).tolist())
             n += int(t.numel())
-        local = (counts, labels, n)
-    except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
-        failure = exc
-    dist.agree(failure)
-    parts = dist.gather_objects(local)
+        return counts, labels, n
+
+    parts = dist.gathered(local)
     total: Counter = Counter()
     for c, _, _ in parts:
         total.update(c)
@@ -147,22 +144,10 @@ def _union_classes(loader: Iterable, k: int, vocab: Optional[int] = None):
     return _most_frequent(total, n, nb, k), n, nb, [p[1] for p in parts]
 
 
-def _reduce_taps(taps: Sequence["_Tap"], sampling: Sampling) -> None:
+def _reduce_taps(taps: Sequence["_Tap"]) -> None:
     """Sum every tap's statistics over the ranks; each U-sample slot was stored by one rank."""
-    shapes = dist.gather_objects([None if tp.buf is None else
-                                  (tuple(tp.buf.shape), str(tp.buf.dtype)) for tp in taps])
-    for i, tp in enumerate(taps):
-        if tp.buf is None:
-            known = next((s[i] for s in shapes if s[i] is not None), None)
-            if known is None:
-                continue
-            shape, dtype = known
-            dev = tp.taylor.device if tp.gram is None else tp.gram.device
-            tp.buf = torch.zeros(shape, dtype=getattr(torch, dtype.replace("torch.", "")),
-                                 device=dev)
-            tp.filled = torch.zeros(shape[:2], dtype=torch.bool)
-        tp.buf = dist.sum_(tp.buf)
-        tp.filled = dist.sum_(tp.filled)
+    dist.sum_samples(taps)
+    for tp in taps:
         for name in ("taylor", "act_abs", "ch_sum", "ch_sq", "wgrad"):   # Grams: after their passes
             dist.sum_(getattr(tp, name))
         tp.tokens = int(dist.sum_(torch.tensor([tp.tokens], dtype=torch.float64)).item())
@@ -348,27 +333,20 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
 
     sampling = Sampling(tuple(cls), samples_per_class, projections, "sliced", seed)
     flags = [p.requires_grad for p in params]
-    failure = None
     with preserved(work, restore_buffers=False):
         work.eval()
         try:
             for p in params:
                 p.requires_grad_(True)
-            gradient_pass(work, taps, _batches(loader, device, seq_lens), res, sampling,
-                          sketch=taps, progress=progress and rank == 0,
-                          total=n_batches if size == 1 else None,
-                          desc="fair_pruner: calibrating LM", params=params,
-                          on_param_grads=on_grads)
-        except Exception as exc:      # noqa: BLE001 - re-raised on every rank by dist.agree
-            if size == 1:
-                raise
-            failure = exc
+            dist.guarded(lambda: gradient_pass(
+                work, taps, _batches(loader, device, seq_lens), res, sampling, sketch=taps,
+                progress=progress and rank == 0, total=n_batches if size == 1 else None,
+                desc="fair_pruner: calibrating LM", params=params, on_param_grads=on_grads),
+                (lambda: _reduce_taps(taps)) if size > 1 else None)
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
     if size > 1:
-        dist.agree(failure)
-        _reduce_taps(taps, sampling)
         seq_lens = [t for part in dist.gather_objects(seq_lens) for t in part]
     for tp in taps:
         finish_u(tp, res, cls)

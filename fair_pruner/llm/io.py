@@ -50,15 +50,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
-def _atomic(path: str, write) -> None:
-    atomic_write(path, write)      # the usual file mode, replaced in one rename
-
-
 def _write_text(path: str, text: str) -> None:
     def w(tmp):
         with open(tmp, "w") as fh:
             fh.write(text)
-    _atomic(path, w)
+    atomic_write(path, w)
 
 
 def _base_class(model: nn.Module) -> type:
@@ -71,7 +67,7 @@ def _base_class(model: nn.Module) -> type:
 
 
 def _base_config(model: nn.Module):
-    """(base config as a dict, its transformers config class): ``config.fair_pruner`` dropped,
+    """(base config as a dict, the transformers model class): ``config.fair_pruner`` dropped,
     the original model type restored for a reloaded pruned model."""
     cfg = model.config.to_dict()
     entry = cfg.pop(CONFIG_KEY, None) or {}
@@ -129,10 +125,8 @@ def architecture_delta(model: nn.Module) -> dict:
                 raise FairPrunerError(f"{name} has more modules ({len(m)}) than the model's "
                                       f"config builds ({len(r)}); cannot save it")
             lists[name] = len(m)
-    for name, n in lists.items():       # compare against the truncated reference
-        owner, leaf = (ref.get_submodule(name.rpartition(".")[0]) if "." in name else ref,
-                       name.rpartition(".")[2])
-        setattr(owner, leaf, nn.ModuleList(list(getattr(owner, leaf))[:n]))
+    from .remote_modeling import apply_delta
+    apply_delta(ref, {"lists": lists})      # compare against the truncated reference
     ref_mods = dict(ref.named_modules())
     shared = model.config
     modules, params = {}, {}
@@ -144,8 +138,7 @@ def architecture_delta(model: nn.Module) -> dict:
         d = _attr_diff(m, r, lambda c: c is shared)
         if d:
             modules[name] = d
-        for kind, own, theirs in (("parameter", m._parameters, r._parameters),
-                                  ("buffer", m._buffers, r._buffers)):
+        for own, theirs in ((m._parameters, r._parameters), (m._buffers, r._buffers)):
             for leaf, t in own.items():
                 if t is None:
                     continue
@@ -239,7 +232,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtyp
         t = t.detach().to("cpu")
         tensors[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     header = {"format": "pt", "fair_pruner_aliases": json.dumps(aliases)}
-    _atomic(os.path.join(directory, WEIGHTS),
+    atomic_write(os.path.join(directory, WEIGHTS),
             lambda tmp: save_file(tensors, tmp, metadata=header))
     _write_text(os.path.join(directory, REMOTE_MODULE + ".py"), _remote_code(cfg[CONFIG_KEY]))
     _write_text(os.path.join(directory, "config.json"), json.dumps(cfg, indent=2, sort_keys=True))
@@ -261,7 +254,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtyp
             for f in TOKENIZER_FILES:
                 p = os.path.join(src, f)
                 if os.path.isfile(p):
-                    _atomic(os.path.join(directory, f),
+                    atomic_write(os.path.join(directory, f),
                                  lambda tmp, p=p: shutil.copyfile(p, tmp))
 
 
