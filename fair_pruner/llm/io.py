@@ -57,13 +57,21 @@ def _write_text(path: str, text: str) -> None:
     atomic_write(path, w)
 
 
+def _transformers_ancestor(cls: type, having: str = "__module__") -> Optional[type]:
+    """The first class in ``cls``'s MRO defined by transformers itself with attribute
+    ``having`` (a reloaded pruned model is an instance of the directory's own subclass)."""
+    return next((c for c in cls.__mro__
+                 if c.__module__.startswith("transformers.") and hasattr(c, having)), None)
+
+
 def _base_class(model: nn.Module) -> type:
     """The transformers class a (possibly reloaded) pruned model is an instance of."""
-    for c in type(model).__mro__:
-        if c.__module__.startswith("transformers.") and hasattr(c, "config_class"):
-            return c
-    raise FairPrunerError(f"save_pretrained saves transformers models; {type(model).__name__} "
-                          "does not derive from a transformers model class")
+    base = _transformers_ancestor(type(model), "config_class")
+    if base is None:
+        raise FairPrunerError(f"save_pretrained saves transformers models; "
+                              f"{type(model).__name__} does not derive from a transformers "
+                              "model class")
+    return base
 
 
 def _base_config(model: nn.Module):
@@ -81,10 +89,7 @@ def _base_config(model: nn.Module):
 
 
 def _base_config_class(model: nn.Module, base: type) -> str:
-    for c in type(model.config).__mro__:
-        if c.__module__.startswith("transformers."):
-            return c.__name__
-    return base.config_class.__name__
+    return (_transformers_ancestor(type(model.config)) or base.config_class).__name__
 
 
 def _simple(v) -> bool:
