@@ -65,6 +65,11 @@ def score(model, loader, **kwargs) -> "ScoreBook":
     """
     from . import adapters, distributed
     adapter = adapters.for_model(model)
+    if distributed.is_sharded(model) and adapter.name != "llm":
+        from .errors import UnsupportedModelError
+        raise UnsupportedModelError(
+            f"{distributed.plain_type(model).__name__} is sharded with FSDP2: fp.score scores "
+            "FSDP2-sharded Hugging Face causal LMs (fp.llm.shard) only; score this model unsharded")
     if distributed.active() and not adapter.data_parallel:
         from .errors import UnsupportedModelError
         raise UnsupportedModelError(
@@ -89,6 +94,8 @@ def prune(model, plan: "Plan", inplace: bool = False, **options):
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}; "
                               "make one with fp.allocate(book, ...)")
+    from .distributed import refuse_sharded
+    refuse_sharded(model, "prune")
     return adapters.named(plan.meta.get("kind")).prune(model, plan, inplace=inplace, **options)
 
 
@@ -101,6 +108,8 @@ def mask(model, plan: "Plan", book: "ScoreBook" = None, **options):
     from .plan import Plan
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
+    from .distributed import refuse_sharded
+    refuse_sharded(model, "mask")
     return adapters.named(plan.meta.get("kind")).mask(model, plan, book, **options)
 
 
@@ -108,6 +117,8 @@ def save_pretrained(model, directory, **kwargs) -> None:
     """Save a pruned Hugging Face model (per-layer widths) so :func:`from_pretrained` reloads it."""
     from . import adapters
     from .errors import FairPrunerError
+    from .distributed import refuse_sharded
+    refuse_sharded(model, "save_pretrained")
     adapter = adapters.for_model(model)
     if adapter.save is None:
         raise FairPrunerError(f"save_pretrained saves Hugging Face models; a {type(model).__name__} "

@@ -15,12 +15,19 @@ given that order computes the same book.
   same samples as in one process.
 * A rank that fails tells the others at the next agreement point (:func:`agree`), so every rank
   raises instead of waiting forever in a collective.
+
+Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``, see
+:mod:`fair_pruner.llm.shard`) are scored the same way: the taps sit on submodules, so their hooks
+see the unsharded forward; what reads weights outside the forward (weight-aware signals, surgery)
+gathers one FSDP unit at a time through :func:`full_params`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from .errors import FairPrunerError
@@ -177,3 +184,89 @@ class ReplayedReservoir:
     def counts(self) -> List[int]:
         return self._res.counts()
 
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2-sharded models
+# --------------------------------------------------------------------------------------------
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:         # torch built without distributed
+        return None
+    return FSDPModule
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any module of ``model`` was wrapped by FSDP2's ``fully_shard``."""
+    cls = _fsdp_module_class()
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def plain_type(module: nn.Module) -> type:
+    """The module's own class: ``fully_shard`` swaps it for a subclass named ``FSDP<name>``."""
+    cls = _fsdp_module_class()
+    t = type(module)
+    if cls is not None and isinstance(module, cls):
+        for base in t.__mro__[1:]:
+            if not issubclass(base, cls) and issubclass(base, nn.Module):
+                return base
+    return t
+
+
+def fsdp_units(model: nn.Module) -> List[Tuple[nn.Module, List[str]]]:
+    """Every FSDP2 unit of ``model`` (children before parents) with the names (relative to
+    ``model``) of the parameters it manages: those in its subtree outside nested units."""
+    cls = _fsdp_module_class()
+    if cls is None:
+        return []
+    units = [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+    owner: Dict[str, str] = {}
+    for pname, _ in model.named_parameters(remove_duplicate=False):
+        best = None      # the deepest unit whose subtree holds the parameter
+        for uname, _ in units:
+            if uname == "" or pname.startswith(uname + "."):
+                if best is None or len(uname) > len(best):
+                    best = uname
+        if best is not None:
+            owner[pname] = best
+    out = []
+    for uname, m in sorted(units, key=lambda nm: -nm[0].count(".") - (nm[0] != "")):
+        out.append((m, [p for p, o in owner.items() if o == uname]))
+    return out
+
+
+@contextlib.contextmanager
+def full_params(model: nn.Module, module: Optional[nn.Module] = None) -> Iterator[None]:
+    """Inside, every parameter of ``module`` (default: the whole model) is a plain, unsharded
+    tensor: the FSDP2 units managing them are all-gathered (collective: every rank must enter
+    with the same ``module``) and resharded on exit. A no-op for a model that is not sharded."""
+    units = fsdp_units(model)
+    if not units:
+        yield
+        return
+    module = model if module is None else module
+    mine = {id(p) for p in module.parameters()}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    need = [m for m, names in units if any(id(named[n]) in mine for n in names)]
+    done = []
+    try:
+        for m in need:
+            m.unshard()
+            done.append(m)
+        yield
+    finally:
+        for m in reversed(done):
+            m.reshard()
+
+
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """Surgery and saving copy and slice whole parameters: refuse an FSDP2-sharded model (a
+    clear error instead of FSDP's deepcopy assertion), with the way out."""
+    if is_sharded(model):
+        raise FairPrunerError(
+            f"fp.{what} of an FSDP2-sharded model ({plain_type(model).__name__}) is not "
+            "supported: it needs whole parameters. Save the book on rank 0, load the unsharded "
+            f"checkpoint in one process and call fp.{what} there (the book's fingerprint is the "
+            "unsharded model's)")

@@ -58,12 +58,14 @@ class GroupSpec:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer name with its shape, and every module's type."""
+    """Hash of every parameter and buffer name with its shape, and every module's type (an
+    FSDP2-sharded model has its unsharded model's fingerprint: global shapes, own classes)."""
+    from .distributed import plain_type
     h = hashlib.sha256()
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(p.shape)};".encode())
     for name, m in model.named_modules():
-        h.update(f"{name}:{type(m).__name__};".encode())
+        h.update(f"{name}:{plain_type(m).__name__};".encode())
     return h.hexdigest()[:16]
 
 

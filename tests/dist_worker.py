@@ -19,6 +19,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--bad-rank", type=int, default=-1)
     ap.add_argument("--budget", type=int, default=4 << 30, help="CNN memory_budget (bytes)")
+    ap.add_argument("--shard", choices=["none", "fsdp", "offload"], default="none",
+                    help="FSDP2-shard the LM (fp.llm.shard) before scoring")
+    ap.add_argument("--batches", type=int, default=0, help="token batches in all (0: default)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -27,12 +30,32 @@ def main():
         from helpers import cnn_case
         model, loader, kw = cnn_case(a.budget)
         return score_and_save(model, loader[rank::size], kw, a.out, rank)
-    batches = token_batches(n=7)[rank::size]
+    # a sharded model's forwards are collectives: the same number of batches on every rank
+    batches = token_batches(n=a.batches or (7 if a.shard == "none" else 6))[rank::size]
     if rank == a.bad_rank:
         batches[0] = {"input_ids": batches[0]["input_ids"].float()}    # not token ids
-    return score_and_save(tiny_lm(a.model), batches, dict(classes=8, samples_per_class=8,
-                                                          projections=16, progress=False),
+    model = tiny_lm(a.model)
+    if a.shard != "none":
+        shard_and_check(model, a.shard == "offload", a.out, rank)
+    return score_and_save(model, batches, dict(classes=8, samples_per_class=8,
+                                               projections=16, progress=False),
                           a.out, rank)
+
+
+def shard_and_check(model, offload, out, rank):
+    """Shard with FSDP2; record this rank's parameter bytes and whether prune is refused."""
+    import json
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    fp.llm.shard(model, cpu_offload=offload)
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    try:
+        fp.prune(model, fp.Plan(alpha=None, strategy="x", removed={}, sizes={}, params_before=0,
+                                params_after=0, flops_before=0, flops_after=0))
+        refused = ""
+    except fp.FairPrunerError as exc:
+        refused = str(exc)
+    with open(f"{out}.rank{rank}.json", "w") as fh:
+        json.dump({"full_bytes": full, "local_bytes": local, "prune_refused": refused}, fh)
 
 
 def score_and_save(model, batches, kw, out, rank):

@@ -31,19 +31,38 @@ def torchrun(n, *args, timeout=240):
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def single(model_type):
-    return fp.score(tiny_lm(model_type), token_batches(n=7), classes=8, samples_per_class=8,
-                    projections=16, progress=False)
+def single(model_type, n=7):
+    """The one-process book, on 1 thread like each rank: a GEMM's summation order may depend on
+    the thread count (1e-9 differences in MoE expert outputs seen on one machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fp.score(tiny_lm(model_type), token_batches(n=n), classes=8, samples_per_class=8,
+                        projections=16, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type,n", [("llama", 2), ("llama", 3), ("qwen2_moe", 2)])
-def test_ranks_give_the_single_process_book(model_type, n, tmp_path):
+@pytest.mark.parametrize("model_type,n,shard", [
+    ("llama", 2, "none"), ("llama", 3, "none"), ("qwen2_moe", 2, "none"),
+    ("llama", 2, "fsdp"), ("llama", 3, "fsdp"), ("qwen2_moe", 2, "fsdp"), ("llama", 2, "offload")])
+def test_ranks_give_the_single_process_book(model_type, n, shard, tmp_path):
+    """Data parallel, and FSDP2-sharded (each rank holds 1/n of the parameters): the book of the
+    unsharded model on the union of the shards, in one process."""
     out = tmp_path / "book.safetensors"
-    r = torchrun(n, "--model", model_type, "--out", str(out))
+    r = torchrun(n, "--model", model_type, "--out", str(out), "--shard", shard)
     assert r.returncode == 0, r.stderr[-4000:]
-    got, want = fp.ScoreBook.load(out), single(model_type)
+    got, want = fp.ScoreBook.load(out), single(model_type, 7 if shard == "none" else 6)
+    if shard != "none":
+        import json
+        for rank in range(n):
+            info = json.loads((tmp_path / f"book.safetensors.rank{rank}.json").read_text())
+            # FSDP2 pads dim 0 to a multiple of n: at most one row per parameter more than 1/n
+            assert info["local_bytes"] <= info["full_bytes"] / n * 1.1, info
+            assert "FSDP2-sharded" in info["prune_refused"], info
     assert got.meta["world_size"] == n and want.meta["world_size"] == 1
+    assert got.meta["fingerprint"] == want.meta["fingerprint"]    # the unsharded model's
     for k in ("classes", "class_counts", "calibration_tokens", "batches", "seq_len"):
         assert got.meta[k] == want.meta[k], k
     assert [g.name for g in got.groups] == [g.name for g in want.groups]
@@ -55,6 +74,28 @@ def test_ranks_give_the_single_process_book(model_type, n, tmp_path):
             torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-5, atol=1e-5)
     for kw in ({"params": 0.3}, {"tod": 0.2}):
         assert fp.allocate(got, **kw).removed == fp.allocate(want, **kw).removed
+
+
+@pytest.mark.slow
+def test_a_sharded_model_with_unequal_shards_is_refused_on_every_rank(tmp_path):
+    out = tmp_path / "book.safetensors"
+    r = torchrun(2, "--out", str(out), "--shard", "fsdp", "--batches", "7", timeout=200)
+    assert r.returncode != 0 and not out.exists()
+    for rank in range(2):
+        msg = (tmp_path / f"book.safetensors.rank{rank}.err").read_text()
+        assert "same number of batches on every rank, got [4, 3]" in msg, r.stderr[-3000:]
+
+
+def test_shard_needs_a_process_group_and_sharded_models_are_refused_by_surgery():
+    with pytest.raises(fp.FairPrunerError, match="process group"):
+        fp.llm.shard(tiny_lm("llama"))
+    from fair_pruner import distributed
+    model = tiny_lm("llama")
+    assert not distributed.is_sharded(model)
+    assert distributed.plain_type(model) is type(model)
+    assert distributed.fsdp_units(model) == []
+    with distributed.full_params(model):        # a no-op without FSDP2
+        pass
 
 
 @pytest.mark.slow

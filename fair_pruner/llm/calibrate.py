@@ -310,6 +310,8 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     if roles is None:      # every role this model can prune (a frozen block is kept whole)
         roles = sorted({f.role for f in layout.prunable})
     _check_roles(layout, roles)
+    if dist.is_sharded(model):
+        _check_sharded(model, device, weight_taylor)
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
 
@@ -319,6 +321,13 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     rank, size = dist.world()
     if size > 1:        # data parallel: classes and reservoir of the union of the ranks' shards
         cls, n_labelled, n_batches, labels = _union_classes(loader, classes, vocab)
+        per_rank = [len(x) for x in labels]
+        if dist.is_sharded(model) and len(set(per_rank)) > 1:
+            # every forward of a sharded model is a collective (all-gathers per layer)
+            raise CalibrationDataError(
+                f"an FSDP2-sharded model needs the same number of batches on every rank, got "
+                f"{per_rank} (ranks 0..{size - 1}): give each rank an equal share (e.g. "
+                "DistributedSampler(drop_last=True) or a batch count divisible by the world size)")
         res = dist.ReplayedReservoir(Reservoir(cls, samples_per_class, seed), labels)
     else:
         cls, n_labelled, n_batches = _top_classes(loader, classes, vocab)
@@ -359,7 +368,14 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     all_signals: Dict[str, Signal] = dict(BUILTIN)
     for s in signals:
         all_signals[s.name] = s
-    groups = [_group(work, tp, all_signals, seed, obs_signal) for tp in taps]
+    groups = []
+    for block in layout.layers:        # FSDP2: one decoder layer gathered at a time
+        mine = [tp for tp in taps if tp.fam.layer == block.index]
+        if mine:
+            with dist.full_params(work, work.get_submodule(block.name)):
+                groups += [_group(work, tp, all_signals, seed, obs_signal) for tp in mine]
+    if len(groups) != len(taps):
+        raise UnsupportedModelError("internal: a scored family is not in any decoder layer")
     cost = _cost_model(work, layout, context, [tp.fam for tp in taps])
     counts = res.counts()
     meta = {
@@ -383,6 +399,20 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "torch": torch.__version__,
     }
     return ScoreBook(groups, cost, meta)
+
+
+def _check_sharded(model: nn.Module, device, weight_taylor: bool) -> None:
+    """What an FSDP2-sharded model cannot do, refused before any work."""
+    if weight_taylor:
+        raise UnsupportedModelError(
+            "weight_taylor=True needs the consumer weights' gradients, which FSDP2 reduce-scatters "
+            "into the sharded parameters' .grad (the caller's state): score the sharded model "
+            "without it, or the unsharded model with it")
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device is not None and torch.device(device) != here:
+        raise UnsupportedModelError(
+            f"device={device!r}: an FSDP2-sharded model is scored where its shards live ({here}); "
+            "a sharded model cannot be copied to another device. Drop device= (or shard it there)")
 
 
 def _gram_wanted(reconstruction) -> bool:

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..distributed import plain_type
 from ..errors import UnsupportedModelError
 from ..plan import Plan
 from . import surgery
@@ -46,7 +47,7 @@ def _tiny(model: nn.Module) -> nn.Module:
         if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) >= cfg.vocab_size:
             setattr(cfg, k, 0)
     torch.manual_seed(0)
-    tiny = type(model)._from_config(cfg, dtype=torch.float32).eval()
+    tiny = plain_type(model)._from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for n, p in tiny.named_parameters():      # make units differ (and norms non-trivial)
             p.add_(torch.randn_like(p) * 0.2)
@@ -96,7 +97,7 @@ def _check(model: nn.Module) -> Optional[str]:
 
 def verify_fallback(model: nn.Module) -> None:
     """Refuse ``model`` unless its structure-matched layout prunes exactly (see module doc)."""
-    cls = type(model)
+    cls = plain_type(model)
     if cls not in _VERDICT:
         _VERDICT[cls] = _check(model)
     why = _VERDICT[cls]
