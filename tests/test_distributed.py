@@ -31,16 +31,21 @@ def torchrun(n, *args, timeout=240):
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def single(model_type, n=7):
-    """The one-process book, on 1 thread like each rank: a GEMM's summation order may depend on
-    the thread count (1e-9 differences in MoE expert outputs seen on one machine)."""
+def one_thread(work):
+    """``work()`` on 1 thread like each rank: a kernel's summation order may depend on the thread
+    count (1e-9 differences in MoE expert outputs and CNN U-Scores seen on one machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return fp.score(tiny_lm(model_type), token_batches(n=n), classes=8, samples_per_class=8,
-                        projections=16, progress=False)
+        return work()
     finally:
         torch.set_num_threads(threads)
+
+
+def single(model_type, n=7):
+    """The one-process book (1 thread)."""
+    return one_thread(lambda: fp.score(tiny_lm(model_type), token_batches(n=n), classes=8,
+                                       samples_per_class=8, projections=16, progress=False))
 
 
 @pytest.mark.slow
@@ -118,7 +123,7 @@ def test_cnn_ranks_give_the_single_process_book(n, budget, tmp_path):
     r = torchrun(n, "--model", "cnn", "--out", str(out), "--budget", str(budget))
     assert r.returncode == 0, r.stderr[-4000:]
     model, loader, kw = cnn_case(budget)
-    got, want = fp.ScoreBook.load(out), fp.score(model, loader, **kw)
+    got, want = fp.ScoreBook.load(out), one_thread(lambda: fp.score(model, loader, **kw))
     assert got.meta["world_size"] == n and got.meta["u_passes"] == want.meta["u_passes"]
     if budget < 1 << 20:
         assert want.meta["u_passes"] > 1
