@@ -68,6 +68,9 @@ def score_and_save(model, batches, kw, out, rank):
         return 3
     if rank == 0:
         book.save(out)
+    # every rank past its work before any tears down: gloo aborted a rank ("terminate called
+    # without an active exception") when others destroyed the group while rank 0 was saving
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 
