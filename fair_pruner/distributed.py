@@ -24,7 +24,7 @@ gathers one FSDP unit at a time through :func:`full_params`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -185,7 +185,6 @@ class ReplayedReservoir:
         return self._res.counts()
 
 
-
 # --------------------------------------------------------------------------------------------
 # FSDP2-sharded models
 # --------------------------------------------------------------------------------------------
@@ -215,25 +214,18 @@ def plain_type(module: nn.Module) -> type:
     return t
 
 
-def fsdp_units(model: nn.Module) -> List[Tuple[nn.Module, List[str]]]:
-    """Every FSDP2 unit of ``model`` (children before parents) with the names (relative to
-    ``model``) of the parameters it manages: those in its subtree outside nested units."""
+def fsdp_units(model: nn.Module) -> List[Tuple[nn.Module, Set[int]]]:
+    """Every FSDP2 unit of ``model`` with the ids of the parameters it manages: those of its
+    subtree outside nested units."""
     cls = _fsdp_module_class()
     if cls is None:
         return []
-    units = [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
-    owner: Dict[str, str] = {}
-    for pname, _ in model.named_parameters(remove_duplicate=False):
-        best = None      # the deepest unit whose subtree holds the parameter
-        for uname, _ in units:
-            if uname == "" or pname.startswith(uname + "."):
-                if best is None or len(uname) > len(best):
-                    best = uname
-        if best is not None:
-            owner[pname] = best
     out = []
-    for uname, m in sorted(units, key=lambda nm: -nm[0].count(".") - (nm[0] != "")):
-        out.append((m, [p for p, o in owner.items() if o == uname]))
+    for u in model.modules():
+        if isinstance(u, cls):
+            nested = {id(p) for v in u.modules() if v is not u and isinstance(v, cls)
+                      for p in v.parameters()}
+            out.append((u, {id(p) for p in u.parameters()} - nested))
     return out
 
 
@@ -246,10 +238,8 @@ def full_params(model: nn.Module, module: Optional[nn.Module] = None) -> Iterato
     if not units:
         yield
         return
-    module = model if module is None else module
-    mine = {id(p) for p in module.parameters()}
-    named = dict(model.named_parameters(remove_duplicate=False))
-    need = [m for m, names in units if any(id(named[n]) in mine for n in names)]
+    mine = {id(p) for p in (model if module is None else module).parameters()}
+    need = [m for m, managed in units if managed & mine]
     done = []
     try:
         for m in need:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .distributed import is_sharded
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 
 
@@ -304,6 +305,11 @@ def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
     copy when it lives elsewhere, so the caller's model is never moved."""
     model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device) if device is not None else model_device
+    if device != model_device and is_sharded(model):
+        raise UnsupportedModelError(
+            f"device={str(device)!r}: an FSDP2-sharded model is scored where its shards live "
+            f"({model_device}); a sharded model cannot be copied to another device. Drop device= "
+            "(or shard it there)")
     return (model if device == model_device else copy.deepcopy(model).to(device)), device
 
 

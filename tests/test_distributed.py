@@ -91,7 +91,7 @@ def test_a_sharded_model_with_unequal_shards_is_refused_on_every_rank(tmp_path):
         assert "same number of batches on every rank, got [4, 3]" in msg, r.stderr[-3000:]
 
 
-def test_shard_needs_a_process_group_and_sharded_models_are_refused_by_surgery():
+def test_shard_needs_a_process_group_and_the_fsdp_helpers_are_no_ops_on_a_plain_model():
     with pytest.raises(fp.FairPrunerError, match="process group"):
         fp.llm.shard(tiny_lm("llama"))
     from fair_pruner import distributed

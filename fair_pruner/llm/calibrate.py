@@ -310,8 +310,12 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     if roles is None:      # every role this model can prune (a frozen block is kept whole)
         roles = sorted({f.role for f in layout.prunable})
     _check_roles(layout, roles)
-    if dist.is_sharded(model):
-        _check_sharded(model, device, weight_taylor)
+    sharded = dist.is_sharded(model)
+    if sharded and weight_taylor:
+        raise UnsupportedModelError(
+            "weight_taylor=True needs the consumer weights' gradients, which FSDP2 reduce-scatters "
+            "into the sharded parameters' .grad (the caller's state): score the sharded model "
+            "without it, or the unsharded model with it")
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
 
@@ -322,7 +326,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     if size > 1:        # data parallel: classes and reservoir of the union of the ranks' shards
         cls, n_labelled, n_batches, labels = _union_classes(loader, classes, vocab)
         per_rank = [len(x) for x in labels]
-        if dist.is_sharded(model) and len(set(per_rank)) > 1:
+        if sharded and len(set(per_rank)) > 1:
             # every forward of a sharded model is a collective (all-gathers per layer)
             raise CalibrationDataError(
                 f"an FSDP2-sharded model needs the same number of batches on every rank, got "
@@ -399,20 +403,6 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         "torch": torch.__version__,
     }
     return ScoreBook(groups, cost, meta)
-
-
-def _check_sharded(model: nn.Module, device, weight_taylor: bool) -> None:
-    """What an FSDP2-sharded model cannot do, refused before any work."""
-    if weight_taylor:
-        raise UnsupportedModelError(
-            "weight_taylor=True needs the consumer weights' gradients, which FSDP2 reduce-scatters "
-            "into the sharded parameters' .grad (the caller's state): score the sharded model "
-            "without it, or the unsharded model with it")
-    here = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device is not None and torch.device(device) != here:
-        raise UnsupportedModelError(
-            f"device={device!r}: an FSDP2-sharded model is scored where its shards live ({here}); "
-            "a sharded model cannot be copied to another device. Drop device= (or shard it there)")
 
 
 def _gram_wanted(reconstruction) -> bool:
