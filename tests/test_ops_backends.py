@@ -149,6 +149,38 @@ def test_tod_overlap_and_select_match_reference(backend):
     check()
 
 
+@pytest.mark.parametrize("pattern", ["clustered", "outlier", "equal", "wide", "float32"])
+def test_tod_overlap_large_groups_match_reference(pattern):
+    """Groups past the radix passes' bucket counts (2^11), with scores that share the leading
+    bits the C++ kernel buckets on: its full-key fix-up, not only the radix passes, decides."""
+    _need("cpp", "tod_overlap")
+    g = torch.Generator().manual_seed(7)
+    n = 5003
+    base = torch.rand(n, generator=g, dtype=torch.float64)
+    if pattern == "clustered":    # 17 clusters, members 1 ulp-scale apart
+        u = (base * 17).floor() + torch.randint(0, 3, (n,), generator=g) * 1e-15
+    elif pattern == "outlier":    # one huge score: every other prefix collides
+        u = 1.0 + base * 1e-9
+        u[123] = 1e300
+    elif pattern == "equal":
+        u = torch.full((n,), 0.25, dtype=torch.float64)
+    elif pattern == "wide":       # signs and magnitudes across the whole double range
+        u = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
+            -300, 300, (n,), generator=g)
+    else:
+        u = torch.rand(n, generator=g).half().float()   # float32 input, many exact ties
+    r = u.flip(0).clone() if pattern != "equal" else base
+    if pattern == "float32":
+        r = torch.rand(n, generator=g)
+    u2 = torch.cat([u, u[:17]])                        # a second, odd-sized group
+    r2 = torch.cat([r, r[:17]])
+    off = torch.tensor([0, n, n + 17])
+    ref = ops.tod_overlap_ref(u2, r2, off)
+    assert torch.equal(ops.implementations("tod_overlap")["cpp"](u2, r2, off), ref)
+    strided = torch.stack([u2, torch.zeros_like(u2)], 1)[:, 0]       # non-contiguous view
+    assert torch.equal(ops.implementations("tod_overlap")["cpp"](strided, r2, off), ref)
+
+
 def test_tod_matches_brute_force_rule():
     from fair_pruner.tod import brute_force_m_hat
     gen = torch.Generator().manual_seed(1)

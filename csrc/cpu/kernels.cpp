@@ -373,27 +373,38 @@ inline uint64_t sort_key(double v) {
   return (bits >> 63) ? ~bits : (bits | (1ull << 63));
 }
 
-// rank[i] = position of element i when sorted by (key, i). LSD radix sort of (top 32 key bits,
-// index) pairs packed in one uint64 (3 stable passes of 11 bits on the top half, passes with
-// one occupied bucket skipped), then runs with equal top bits are ordered by the full key
-// (rare for real-valued scores).
+// rank[i] = position of element i when sorted by (key, i). LSD radix sort of (prefix, index)
+// pairs packed in one uint64, where the prefix is the top 22 bits of key - min(key) (2 stable
+// passes of 11 bits, a pass with one occupied bucket skipped): normalising by the keys' own range
+// spends the prefix bits where the scores actually differ, so 2 passes order all but a few
+// pairs. Runs with an equal prefix are then ordered by the full key (none when the range fits in
+// 22 bits: the prefix is the key itself and the stable passes keep ties in index order).
 void stable_ranks(const uint64_t* key, int64_t n, std::vector<uint64_t>& a,
                   std::vector<uint64_t>& b, int64_t* rank) {
-  constexpr int kBits = 11, kPasses = 3, kBuckets = 1 << kBits;
+  constexpr int kBits = 11, kPasses = 2, kBuckets = 1 << kBits;
+  if (n == 0) return;
   a.resize(n);
   b.resize(n);
+  uint64_t lo = key[0], hi = key[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, key[i]);
+    hi = std::max(hi, key[i]);
+  }
+  const uint64_t range = hi - lo;
+  int width = 0;
+  while (width < 64 && (range >> width) != 0) ++width;
+  const int shift = std::max(0, width - kBits * kPasses);
   uint32_t hist[kPasses * kBuckets] = {};
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t t = static_cast<uint32_t>(key[i] >> 32);
+    const uint32_t t = static_cast<uint32_t>((key[i] - lo) >> shift);
     a[i] = (static_cast<uint64_t>(t) << 32) | static_cast<uint64_t>(i);
     ++hist[t & (kBuckets - 1)];
-    ++hist[kBuckets + ((t >> kBits) & (kBuckets - 1))];
-    ++hist[2 * kBuckets + (t >> (2 * kBits))];
+    ++hist[kBuckets + (t >> kBits)];
   }
-  for (int p = 0; p < kPasses && n > 0; ++p) {
+  for (int p = 0; p < kPasses; ++p) {
     uint32_t* h = hist + p * kBuckets;
-    const int shift = 32 + p * kBits;
-    if (h[(a[0] >> shift) & (kBuckets - 1)] == n) continue;
+    const int sh = 32 + p * kBits;
+    if (h[(a[0] >> sh) & (kBuckets - 1)] == n) continue;
     uint32_t sum = 0;
     for (int q = 0; q < kBuckets; ++q) {
       const uint32_t c = h[q];
@@ -402,21 +413,24 @@ void stable_ranks(const uint64_t* key, int64_t n, std::vector<uint64_t>& a,
     }
     for (int64_t i = 0; i < n; ++i) {
       const uint64_t v = a[i];
-      b[h[(v >> shift) & (kBuckets - 1)]++] = v;
+      b[h[(v >> sh) & (kBuckets - 1)]++] = v;
     }
     a.swap(b);
+  }
+  if (shift == 0) {
+    for (int64_t pos = 0; pos < n; ++pos) rank[static_cast<uint32_t>(a[pos])] = pos;
+    return;
   }
   auto less = [&](uint64_t x, uint64_t y) {
     const uint32_t ix = static_cast<uint32_t>(x), iy = static_cast<uint32_t>(y);
     return key[ix] < key[iy] || (key[ix] == key[iy] && ix < iy);
   };
-  for (int64_t s = 0; s < n;) {
-    int64_t e = s + 1;
-    while (e < n && (a[e] >> 32) == (a[s] >> 32)) ++e;
-    if (e - s > 1) std::sort(a.begin() + s, a.begin() + e, less);
-    s = e;
+  int64_t s = 0;
+  for (int64_t pos = 1; pos <= n; ++pos) {
+    if (pos < n && (a[pos] >> 32) == (a[pos - 1] >> 32)) continue;
+    if (pos - s > 1) std::sort(a.begin() + s, a.begin() + pos, less);
+    for (; s < pos; ++s) rank[static_cast<uint32_t>(a[s])] = s;
   }
-  for (int64_t pos = 0; pos < n; ++pos) rank[static_cast<uint32_t>(a[pos])] = pos;
 }
 
 template <typename T>
@@ -424,8 +438,9 @@ void tod_overlap_impl(const T* u, const T* r, const int64_t* offsets, int64_t G,
   // Threads only pay off for large inputs (waking them costs more than sorting a few groups).
   const int64_t grain = offsets[G] < (1 << 15) ? std::max<int64_t>(G, 1) : 1;
   at::parallel_for(0, G, grain, [&](int64_t b, int64_t e) {
-    std::vector<uint64_t> key, i0, i1;
-    std::vector<int64_t> ra, rb;
+    // Per-thread scratch kept across calls: fresh pages cost more than the sorts at n ~ 10^4.
+    thread_local std::vector<uint64_t> key, i0, i1;
+    thread_local std::vector<int64_t> ra, rb;
     for (int64_t g = b; g < e; ++g) {
       const int64_t s = offsets[g], n = offsets[g + 1] - s;
       int64_t* curve = out + s + g;  // n + 1 entries, m = 0..n
@@ -479,7 +494,7 @@ void tod_overlap(const T* u, const T* r, const int64_t* offsets, int64_t G, int6
 void tod_select(const int64_t* overlap, const int64_t* offsets, int64_t G, const double* alphas,
                 int64_t A, double cap, int64_t* out) {
   const int64_t work = offsets[G] * std::max<int64_t>(A, 1);
-  const int64_t grain = work < (1 << 20) ? std::max<int64_t>(G, 1) : 1;
+  const int64_t grain = work < (1 << 17) ? std::max<int64_t>(G, 1) : 1;
   at::parallel_for(0, G, grain, [&](int64_t b, int64_t e) {
     std::vector<double> sufmin;
     for (int64_t g = b; g < e; ++g) {
@@ -499,13 +514,12 @@ void tod_select(const int64_t* overlap, const int64_t* offsets, int64_t G, const
       // sufmin[m-1] = min over m' in [m, mmax] of overlap(m') / m' (non-decreasing in m), so
       // m̂(alpha) = #{m : sufmin(m) <= alpha}; the ratios are the reference's exact doubles.
       const int64_t* curve = overlap + offsets[g] + g;
+      // Ratios first (independent, so the divisions vectorise), then the running minimum.
       sufmin.resize(mmax);
-      double run = std::numeric_limits<double>::infinity();
-      for (int64_t m = mmax; m >= 1; --m) {
-        const double ratio = static_cast<double>(curve[m]) / static_cast<double>(m);
-        run = ratio < run ? ratio : run;
-        sufmin[m - 1] = run;
-      }
+      for (int64_t m = 1; m <= mmax; ++m)
+        sufmin[m - 1] = static_cast<double>(curve[m]) / static_cast<double>(m);
+      for (int64_t m = mmax - 1; m >= 1; --m)
+        sufmin[m - 1] = std::min(sufmin[m - 1], sufmin[m]);
       for (int64_t a = 0; a < A; ++a) {
         const double al = alphas[a];
         o[a] = std::upper_bound(sufmin.begin(), sufmin.end(), al,
