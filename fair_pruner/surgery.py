@@ -128,6 +128,8 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
         if n in modes:
             m.training = modes[n]
     target.training = was_training
+    target._fair_pruner_added_params = sum(p.numel() for n, p in target.named_parameters()
+                                           if n in added)
     return target
 
 

@@ -55,7 +55,11 @@ def test_reconstructed_pruned_equals_its_masked_reference(model_type, method, tm
     torch.testing.assert_close(logits(again), logits(pruned), atol=1e-5, rtol=1e-5)
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(again.generate(X[:1], **gen), pruned.generate(X[:1], **gen))
+    real = sum(p.numel() for p in pruned.parameters())
+    base = sum(p.numel() for p in plain.parameters())
+    assert real - base == pruned._fair_pruner_added_params    # what the plan does not count
     if method != "lstsq" and model_type == "llama":   # Llama's o_proj/down_proj had no bias
+        assert pruned._fair_pruner_added_params > 0
         assert pruned.config.fair_pruner["biases"]
         assert pruned.config.fair_pruner["format"] == 2
         assert m.model.layers[0].mlp.down_proj.bias is None       # the caller's model

@@ -448,7 +448,9 @@ def _prune_lm(args, gguf) -> int:
              source_gguf=args.model if args.model.endswith(".gguf") else None,
              progress=not args.quiet)
 
-    say(f"reconstruction: {pruned._fair_pruner_reconstruct or 'none'}")
+    added = pruned._fair_pruner_added_params
+    say(f"reconstruction: {pruned._fair_pruner_reconstruct or 'none'}"
+        + (f" (+{added:,} parameters in the biases it added)" if added else ""))
     say("")
     say(layer_table(book, plan))
     if plan.target and "experts" in plan.target:
@@ -462,7 +464,7 @@ def _prune_lm(args, gguf) -> int:
             f"{os.path.basename(args.eval_text)}, {eval_ids.numel():,} tokens, windows of "
             f"{args.seq_len}")
         say(f"{'dense':8}{plan.params_before:>22,}{ppl0:>12.3f}")
-        say(f"{'pruned':8}{plan.params_after:>22,}{ppl1:>12.3f}   "
+        say(f"{'pruned':8}{plan.params_after + added:>22,}{ppl1:>12.3f}   "
             f"({(ppl1 / ppl0 - 1):+.1%}; {mem} in memory, before --dtype)")
     say(f"calibration {book.meta['seconds']:.1f} s, process peak RSS "
         f"{book.meta['process_peak_rss_mb']:.0f} MB; total {time.perf_counter() - t0:.1f} s")

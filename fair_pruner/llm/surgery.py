@@ -80,7 +80,9 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
     matrices, ``"bias"`` when it has only channel means, and None without a ``book``. The result
     records its per-layer widths (and any bias reconstruction added) in ``config.fair_pruner``
     (what :func:`fair_pruner.save_pretrained` writes) and keeps the plan as ``_fair_pruner_plan``
-    (and the method as ``_fair_pruner_reconstruct``).
+    (and the method as ``_fair_pruner_reconstruct``). ``plan.params_after`` counts the kept units'
+    weights only; the parameters of biases the reconstruction added (one per consumer that had
+    none, e.g. 30 x 576 = 17,280 on SmolLM2-135M) are in ``_fair_pruner_added_params``.
     """
     fams = _resolve(model, plan)          # validates everything before any change
     reconstruct = resolve_method(reconstruct, book, plan)
@@ -99,6 +101,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
         setattr(cfg, CONFIG_KEY, config_entry(target, added))
     target._fair_pruner_plan = plan
     target._fair_pruner_reconstruct = reconstruct
+    target._fair_pruner_added_params = sum(target.get_submodule(n).bias.numel() for n in added)
     return target
 
 
