@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--book", default=None, help="reuse (or write) the score book here")
+    ap.add_argument("--no-merge", action="store_true", help="skip the expert-merging rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     print(f"{'reused book: ' if reused else ''}calibration {calib_s:.1f}s, peak RSS {peak.peak:.0f} MiB (+{peak.peak - base:.0f} "
           f"over the loaded model); {len(experts)} MoE layers, {total} routed experts", flush=True)
     freq = {g.name: [round(float(x), 4) for x in g.signals["freq"]] for g in experts}
+    # expert merging (fp.prune(..., expert_merge=True)) needs the routing co-choice statistics
+    merging = not args.no_merge and all("cochoice" in g.tensors for g in experts)
 
     results = []
     for frac in [float(f) for f in args.fractions.split(",")]:
@@ -113,18 +116,24 @@ def main(argv=None) -> int:
             if args.methods and not any(w in label for w in args.methods.split(",")):
                 continue
             plan = fp.allocate(book, experts=frac, strategy=strategy, signal=sig)
-            pruned = fp.prune(model, plan)
-            ppl = perplexity(pruned, held, args.window)
-            kept = plan.meta["experts"]["kept_per_layer"]
-            row = {"fraction": frac, "method": label, "strategy": strategy, "signal": sig,
-                   "ppl": ppl, "alpha": plan.alpha, "kept_per_layer": list(kept.values()),
-                   "removed_experts": plan.meta["experts"]["budget"],
-                   "budget_adjust": plan.meta["experts"]["budget_adjust"],
-                   "params_removed": plan.params_reduction}
-            results.append(row)
-            print(f"  {frac:.0%} {label:<28} ppl {ppl:9.2f}  kept/layer {list(kept.values())}  "
-                  f"params -{plan.params_reduction:.1%}  adjust {row['budget_adjust']}", flush=True)
-            del pruned
+            for merge in ((False, True) if merging else (False,)):
+                t1 = time.perf_counter()
+                pruned = fp.prune(model, plan, book=book, expert_merge=merge)
+                prune_s = time.perf_counter() - t1
+                ppl = perplexity(pruned, held, args.window)
+                kept = plan.meta["experts"]["kept_per_layer"]
+                name = label + (" + merge" if merge else "")
+                row = {"fraction": frac, "method": name, "strategy": strategy, "signal": sig,
+                       "expert_merge": merge, "ppl": ppl, "alpha": plan.alpha,
+                       "kept_per_layer": list(kept.values()), "prune_seconds": prune_s,
+                       "removed_experts": plan.meta["experts"]["budget"],
+                       "budget_adjust": plan.meta["experts"]["budget_adjust"],
+                       "params_removed": plan.params_reduction}
+                results.append(row)
+                print(f"  {frac:.0%} {name:<36} ppl {ppl:9.2f}  kept/layer "
+                      f"{list(kept.values())}  params -{plan.params_reduction:.1%}  adjust "
+                      f"{row['budget_adjust']}  prune {prune_s:.2f}s", flush=True)
+                del pruned
 
     lines = ["| experts removed | method | per-layer experts kept | held-out ppl |",
              "|---|---|---|---|", f"| 0 | dense | {[g.size for g in experts]} | {dense_ppl:.2f} |"]

@@ -506,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="update each down_proj / o_proj after removal from the calibration "
                          "statistics: affine (least squares with a bias), lstsq (without), bias "
                          "(FLAP's mean compensation), none; auto: affine")
+    lm.add_argument("--expert-merge", action="store_true", dest="expert_merge",
+                    help="with --experts: merge each removed routed expert into the kept expert "
+                         "that takes its tokens over (routing-frequency-weighted average of their "
+                         "weights) instead of dropping it")
     lm.add_argument("--gram-memory", type=float, default=4.0, dest="gram_memory", metavar="GIB",
                     help="device memory in GiB for the reconstruction Gram matrices; over it they "
                          "are collected in chunks of layers, one extra forward pass per chunk")

@@ -68,7 +68,7 @@ def test_prune_lm_has_the_options_a_user_needs():
     for o in ("--params", "--flops", "--tod", "--experts", "--units", "--heads", "--signal",
               "--strategy", "--reconstruct", "--gram-memory", "--seq-len", "--num-seqs",
               "--round-to", "--seed", "--eval-text", "--eval-tokens", "--dtype", "--gguf",
-              "--gguf-dtype", "-q"):
+              "--gguf-dtype", "--expert-merge", "-q"):
         assert o in opts, o
     with pytest.raises(SystemExit):      # mutually exclusive targets
         main(["prune-lm", "m", "--calib-text", "c", "--out", "o", "--params", "0.2",
@@ -343,13 +343,47 @@ def test_overshoot_warning_explains_granularity(lm_dir, tmp_path, capsys):
     assert ("points more" in capsys.readouterr().err) == (plan.params_reduction - 0.2 > 0.01)
 
 
+def test_prune_lm_experts_with_merge(lm_dir, tmp_path, capsys):
+    """A tiny saved Qwen2-MoE (same tokenizer and texts): --experts with --expert-merge prunes,
+    saves and reloads, and the merged model differs from the dropped one."""
+    from fair_pruner.llm import transformers_module
+    tf = transformers_module()
+    d = tmp_path / "moe"
+    cfg = tf.Qwen2MoeConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=48, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=24, num_experts=8,
+                            num_experts_per_tok=2, max_position_embeddings=128,
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() >= 2 and "embed" not in n:
+                p.mul_(6.0 if ".gate." in n else 3.0)
+    m.save_pretrained(d)
+    tf.AutoTokenizer.from_pretrained(lm_dir / "model").save_pretrained(d)
+    outs = {}
+    for extra in ((), ("--expert-merge",)):
+        out = tmp_path / ("merged" if extra else "dropped")
+        args = ["prune-lm", str(d), "--calib-text", str(lm_dir / "calib.txt"), "--out", str(out),
+                "--seq-len", "32", "--num-seqs", "8", "--experts", "0.25", "-q", *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        outs[bool(extra)] = fp.from_pretrained(out)
+    x = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = (outs[k](input_ids=x).logits for k in (False, True))
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-4
+
+
 def test_prune_lm_bad_combinations_fail_fast(lm_dir, tmp_path, capsys):
     d = lm_dir
     cases = [(["--experts", "0.3", "--params", "0.2"], "--experts cannot be combined"),
              (["--heads", "query", "--units", "mlp"], "--units mlp prunes MLP neurons only"),
              (["--signal", "obs", "--reconstruct", "bias"], "--signal obs needs the Gram"),
              (["--eval-text", str(tmp_path / "none.txt")], "--eval-text"),
-             (["--experts", "0.3"], "needs a model with routed MoE experts")]
+             (["--experts", "0.3"], "needs a model with routed MoE experts"),
+             (["--expert-merge"], "give --experts F")]
     for extra, msg in cases:
         assert main(_lm_args(d, tmp_path / "x", *extra, "-q")) == 2
         err = capsys.readouterr().err

@@ -373,3 +373,99 @@ def test_generic_targets_keep_top_k_experts_per_layer():
     assert all(g.size - len(plan.removed[g.name]) >= 2 for g in book.groups)
     with pytest.raises(TargetError, match="cannot be reached"):
         fp.allocate(book, units=0.8, strategy="uniform")   # 18 of 22 > 16 removable
+
+
+# --------------------------------------------------------------------------------------------
+# Expert merging (reconstruction of the mixture)
+# --------------------------------------------------------------------------------------------
+
+def _cochoice_brute_force(model, layer, xs):
+    """cochoice[e, j] per token from the router's own softmax over the calibration tokens."""
+    router = model.get_submodule(layer.router)
+    E, k = layer.num_experts, layer.top_k
+    seen = []
+    h = model.get_submodule(layer.block).register_forward_pre_hook(
+        lambda mod, args, kwargs=None: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for b in xs:
+            model(**b, use_cache=False)
+    h.remove()
+    x = torch.cat(seen).double()
+    p = F.softmax(x @ router.weight.detach().double().T, dim=-1)
+    top = torch.topk(p, k, dim=-1).indices
+    want = torch.zeros(E, E, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for e in top[t].tolist():
+            for j in range(E):
+                if j not in top[t].tolist():
+                    want[e, j] += float(p[t, j])
+    return want / x.shape[0]
+
+
+@pytest.mark.parametrize("arch,storage", VARIANTS)
+def test_cochoice_statistics_equal_brute_force(arch, storage, tmp_path):
+    m = tiny(arch, storage)
+    book = score(m)
+    book.save(tmp_path / "b.safetensors")
+    book = fp.ScoreBook.load(tmp_path / "b.safetensors")      # stored with the book
+    for layer in moe.find_moe_layers(m):
+        got = book.group(layer.group_name).tensors["cochoice"].double()
+        torch.testing.assert_close(got, _cochoice_brute_force(m, layer, batches()),
+                                   rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,storage", VARIANTS)
+def test_merged_pruned_equals_its_masked_reference(arch, storage, tmp_path):
+    m = tiny(arch, storage)
+    before = state(m)
+    book = score(m)
+    plan = fp.allocate(book, experts=0.3)
+    pruned = fp.prune(m, plan, book=book, expert_merge=True)
+    ref = fp.mask(m, plan, book=book, expert_merge=True)
+    torch.testing.assert_close(logits(pruned), logits(ref), rtol=1e-5, atol=1e-5)
+    plain = fp.prune(m, plan, book=book)
+    assert (logits(pruned) - logits(plain)).abs().max() > 1e-4, "merging changed nothing"
+    merged = pruned._fair_pruner_expert_merge
+    assert merged and all(set(t) <= set(plan.removed[g]) for g, t in merged.items())
+    for g, targets in merged.items():           # each target is a kept expert
+        assert all(j not in plan.removed[g] for j in targets.values())
+    for k, v in state(m).items():
+        assert torch.equal(v, before[k])
+    if storage == "fused":                      # merged weights survive save / reload
+        fp.save_pretrained(pruned, tmp_path / "out")
+        torch.testing.assert_close(logits(fp.from_pretrained(tmp_path / "out")), logits(pruned))
+
+
+def test_merge_is_the_frequency_weighted_average():
+    m = tiny("mixtral")
+    layer = moe.find_moe_layers(m)[0]
+    E = layer.num_experts
+    freq = torch.tensor([0.5, 0.1, 0.2, 0.3, 0.4, 0.0], dtype=torch.float64)
+    co = torch.zeros(E, E, dtype=torch.float64)
+    co[1, 3], co[1, 0], co[2, 3], co[5, 0] = 0.2, 0.1, 0.5, 0.3   # 1 -> 3, 2 -> 3, 5 -> 0
+    experts = m.get_submodule(layer.experts)
+    w0 = {n: p.detach().clone() for n, p in experts.named_parameters()}
+    targets = moe.merge_experts(m, layer, [1, 2, 5], freq, co)
+    assert targets == {1: 3, 2: 3, 5: 0}
+    for n, p in experts.named_parameters():
+        want3 = (0.3 * w0[n][3] + 0.1 * w0[n][1] + 0.2 * w0[n][2]) / 0.6
+        torch.testing.assert_close(p[3], want3.to(p.dtype))
+        torch.testing.assert_close(p[0], w0[n][0])          # expert 5 never routed: weight 0
+        torch.testing.assert_close(p[4], w0[n][4])          # not a target: unchanged
+
+
+def test_expert_merge_needs_the_statistics():
+    m = tiny("qwen2_moe")
+    book = score(m)
+    plan = fp.allocate(book, experts=0.3)
+    with pytest.raises(FairPrunerError, match="needs the score book"):
+        fp.prune(m, plan, expert_merge=True)
+    for g in book.groups:
+        g.tensors.pop("cochoice", None)
+    before = state(m)
+    with pytest.raises(FairPrunerError, match="co-choice"):
+        fp.prune(m, plan, book=book, expert_merge=True, inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in state(m).items())   # refused before changes
+    layer = moe.find_moe_layers(m)[0]
+    with pytest.raises(FairPrunerError, match="routing statistics"):
+        moe.merge_experts(m, layer, [0], torch.ones(3), torch.zeros(8, 8))

@@ -595,6 +595,8 @@ def _group(model, tp: _Tap, all_signals: Dict[str, Signal], seed: int,
     meta["tokens"] = int(tp.tokens)
     if tp.gram is not None:
         extra["gram"] = tp.gram.float().cpu()
+    if hasattr(tp.handle, "extra_tensors"):       # e.g. MoE experts: routing co-choice
+        extra.update({k: v.float().cpu() for k, v in tp.handle.extra_tensors().items()})
     return Group(fam.group_name, fam.size, sigs, spec, fam.kind, meta,
                  min_keep=min(fam.min_keep(), fam.size), roundable=fam.round_to_applies,
                  tier=fam.tier,

@@ -316,6 +316,9 @@ def _check_args(args) -> None:
     if args.experts is not None and (args.params is not None or args.flops is not None):
         raise TargetError("--experts cannot be combined with --params/--flops; give --tod for "
                           "the dense groups (MLP neurons, heads) instead, or leave them whole")
+    if args.expert_merge and args.experts is None:
+        raise FairPrunerError("--expert-merge merges removed routed experts; give --experts F "
+                              "(the fraction of experts to remove) with it")
     if args.experts is not None and args.units == "attention":
         raise FairPrunerError("--experts removes routed experts, but --units attention scores "
                               "attention heads only; use --units mlp or all")
@@ -437,7 +440,7 @@ def _prune_lm(args, gguf) -> int:
     if eval_ids is not None:
         say(f"perplexity of the dense model on {eval_ids.numel():,} tokens ...")
         ppl0 = perplexity(model, eval_ids, window=args.seq_len, progress=not args.quiet)
-    pruned = fp.prune(model, plan, reconstruct=recon, book=book)
+    pruned = fp.prune(model, plan, reconstruct=recon, book=book, expert_merge=args.expert_merge)
     if eval_ids is not None:
         ppl1 = perplexity(pruned, eval_ids, window=args.seq_len, progress=not args.quiet)
     dtype = save_dtype(args.dtype, args.model)

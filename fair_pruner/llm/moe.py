@@ -320,6 +320,70 @@ def prune_experts(model: nn.Module, removed: Dict[str, Sequence[int]], inplace: 
 
 
 # --------------------------------------------------------------------------------------------
+# Expert merging (reconstruction of the mixture)
+# --------------------------------------------------------------------------------------------
+
+def merge_targets(cochoice: Tensor, removed: Sequence[int], E: int) -> Dict[int, int]:
+    """Removed expert -> the kept expert that takes most of its tokens over: the one with the
+    largest router probability on the tokens routed to it but not to the kept one
+    (``cochoice[e, j]``). Experts that served no tokens are not merged."""
+    rem = sorted(set(int(i) for i in removed))
+    keep = [j for j in range(E) if j not in set(rem)]
+    out: Dict[int, int] = {}
+    for e in rem:
+        row = cochoice[e, keep]
+        if keep and float(row.max()) > 0:
+            out[e] = keep[int(torch.argmax(row))]          # ties: the lowest index
+    return out
+
+
+def _expert_stacks(experts: nn.Module, layer: MoELayer) -> List[List[Tensor]]:
+    """Every expert tensor as a list of E per-expert views (writable)."""
+    E = layer.num_experts
+    if layer.storage == "modulelist":
+        return [list(ps) for ps in zip(*[[p.data for p in ex.parameters()] for ex in experts])]
+    stacks = []
+    for mod in experts.modules():
+        for _, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 1 and p.shape[0] % E == 0:
+                v = p.data.view(E, p.shape[0] // E, *p.shape[1:])
+                stacks.append([v[i] for i in range(E)])
+    return stacks
+
+
+def merge_experts(model: nn.Module, layer: MoELayer, removed: Sequence[int], freq: Tensor,
+                  cochoice: Tensor) -> Dict[int, int]:
+    """In place, before the removed experts go: each kept expert that takes a removed expert's
+    tokens over (:func:`merge_targets`) becomes the routing-frequency-weighted average of itself
+    and the experts merged into it (every weight and bias; HC-SMoE's frequency-weighted merge,
+    Chen et al. 2024, without neuron alignment). Router rows are unchanged. Returns the targets."""
+    E = layer.num_experts
+    freq = torch.as_tensor(freq, dtype=torch.float64).reshape(-1)
+    cochoice = torch.as_tensor(cochoice, dtype=torch.float64)
+    if freq.numel() != E or tuple(cochoice.shape) != (E, E) or \
+            not (torch.isfinite(freq).all() and torch.isfinite(cochoice).all()) or \
+            bool((freq < 0).any()) or bool((cochoice < 0).any()):
+        raise FairPrunerError(f"{layer.group_name}: the book's routing statistics do not fit "
+                              f"{E} experts (freq {tuple(freq.shape)}, cochoice "
+                              f"{tuple(cochoice.shape)}) or are negative / not finite; wrong book")
+    targets = merge_targets(cochoice, removed, E)
+    clusters: Dict[int, List[int]] = {}
+    for e, j in targets.items():
+        clusters.setdefault(j, [j]).append(e)
+    stacks = _expert_stacks(model.get_submodule(layer.experts), layer)
+    with torch.no_grad():
+        for j, members in clusters.items():
+            w = freq[members]
+            if float(w.sum()) <= 0:
+                continue
+            w = w / w.sum()
+            for per in stacks:
+                acc = sum(float(wi) * per[m].double() for wi, m in zip(w, members))
+                per[j].copy_(acc.to(per[j].dtype))
+    return targets
+
+
+# --------------------------------------------------------------------------------------------
 # The masked reference
 # --------------------------------------------------------------------------------------------
 
@@ -381,8 +445,22 @@ class _Calibration:
         self.hs: List[Any] = []
         self.freq = torch.zeros(E, dtype=torch.float64)     # tokens routed to each expert
         self.reap = torch.zeros(E, dtype=torch.float64)     # sum of routed ||y_e||
+        # cochoice[e, j]: router probability of j, summed over the tokens routed to e but not
+        # to j (who takes e's tokens over when e is gone; expert merging reads it)
+        self.cochoice = torch.zeros(E, E, dtype=torch.float64)
+        self.has_cochoice = False
         self.tokens = 0
         self.checked = False
+
+    def add_cochoice(self, probs: Tensor, idx: Tensor) -> None:
+        """probs [N, E] router probabilities, idx [N, k] the experts each token was routed to."""
+        with torch.no_grad():
+            E = self.cochoice.shape[0]
+            routed = torch.zeros(probs.shape[0], E, dtype=torch.float64)
+            routed.scatter_(1, idx.detach().reshape(probs.shape[0], -1).cpu(), 1.0)
+            p = probs.detach().double().cpu()
+            self.cochoice += routed.T @ (p * (1.0 - routed))
+            self.has_cochoice = True
 
     def remove(self):
         for h in self.hs:
@@ -392,12 +470,18 @@ class _Calibration:
         """Sum the routing statistics over data-parallel ranks (``sum_``: in-place all-reduce)."""
         sum_(self.freq)
         sum_(self.reap)
+        sum_(self.cochoice)
         self.tokens = int(sum_(torch.tensor([self.tokens], dtype=torch.float64)).item())
 
     def extra_signals(self) -> Dict[str, Tensor]:
         """Alternative removal signals: routing frequency and REAP (mean routed ||y_e||)."""
         return {"freq": self.freq / max(1, self.tokens),
                 "reap": self.reap / self.freq.clamp_min(1.0)}
+
+    def extra_tensors(self) -> Dict[str, Tensor]:
+        """Book tensors: the co-choice matrix [E, E] per token, where the layout exposes the
+        router's logits."""
+        return {"cochoice": self.cochoice / max(1, self.tokens)} if self.has_cochoice else {}
 
 
 class RoutedExperts(UnitFamily):
@@ -501,13 +585,23 @@ class RoutedExperts(UnitFamily):
                 return z.reshape(N, E, H).transpose(0, 1).reshape(E * N, H).to(out.dtype)
             hs.append(experts.register_forward_hook(dense_post))
         elif self.moe.storage in ("fused", "flat"):
+            def fused_router_post(mod, args, out):
+                logits = out[0] if isinstance(out, (tuple, list)) else out
+                if isinstance(logits, Tensor) and logits.shape[-1] == E:
+                    state["logits"] = logits
+
             def experts_post(mod, args, kwargs, out):
                 a = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index",
                                                           "top_k_weights")][len(args):]
                 h, idx, w = a[0].reshape(-1, a[0].shape[-1]), a[1], a[2]   # DBRX: [B, T, H]
+                logits = state.pop("logits", None)
+                if logits is not None and logits.numel() == h.shape[0] * E:
+                    run.add_cochoice(F.softmax(logits.detach().float().reshape(-1, E), -1),
+                                     idx.reshape(h.shape[0], -1))
                 y = self._pair_outputs(model, h, idx, w, run)
                 self._check(y, out.reshape(-1, y.shape[-1]), "experts module's output", run)
                 return rebuild(out, y)
+            hs.append(router.register_forward_hook(fused_router_post))
             hs.append(experts.register_forward_hook(experts_post, with_kwargs=True))
         else:
             def router_post(mod, args, out):
@@ -526,6 +620,7 @@ class RoutedExperts(UnitFamily):
                 main = out[0] if isinstance(out, tuple) else out
                 probs = F.softmax(state.pop("logits").float().reshape(-1, E), dim=-1)
                 w, idx = torch.topk(probs, self.top_k, dim=-1)
+                run.add_cochoice(probs, idx)
                 if norm:
                     w = w / w.sum(dim=-1, keepdim=True)
                 y = self._pair_outputs(model, x.reshape(-1, x.shape[-1]), idx,
@@ -610,6 +705,17 @@ class RoutedExperts(UnitFamily):
         keep_set = set(keep.tolist())
         removed = [i for i in range(self.size) if i not in keep_set]
         prune_experts(model, {self.group_name: removed}, inplace=True, layers=[self.moe])
+
+    def merge_removed(self, model: nn.Module, removed: Sequence[int], group) -> Dict[int, int]:
+        """:func:`merge_experts` from the book ``group``'s routing statistics."""
+        if "cochoice" not in group.tensors or "freq" not in group.signals:
+            raise FairPrunerError(
+                f"{self.group_name}: expert merging needs the co-choice statistics that "
+                "fp.score records for routers whose logits it sees; this book has none (an "
+                "older book, or this MoE layout): rescore, or prune without expert_merge")
+        check_removal(self.moe, removed)
+        return merge_experts(model, self.moe, removed, group.signals["freq"],
+                             group.tensors["cochoice"])
 
     def mask_units(self, masked: nn.Module, removed: Sequence[int]) -> None:
         """The masked reference: removed experts' router logits are -inf."""

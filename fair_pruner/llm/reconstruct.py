@@ -22,7 +22,7 @@ from ..reconstruct import METHODS, NEEDS_GRAM, lstsq_update, resolve, set_bias, 
 from .layout import UnitFamily, is_conv1d, weight_oi
 
 __all__ = ["METHODS", "default_method", "resolve_method", "reconstruct", "update",
-           "lstsq_update"]
+           "lstsq_update", "check_expert_merge", "merge_removed_experts"]
 
 
 def default_method(book) -> Optional[str]:
@@ -92,3 +92,34 @@ def reconstruct(model: nn.Module, fams: Dict[str, UnitFamily], removed: Dict[str
         if newb is not None and set_bias(cons, newb) and fam.tap not in added:
             added.append(fam.tap)
     return added
+
+
+def check_expert_merge(fams: Dict[str, UnitFamily], plan, book) -> List[str]:
+    """The expert groups ``expert_merge=True`` merges, checked before anything changes: a book
+    (the plan's) with routing co-choice statistics for each of them."""
+    names = [n for n, f in fams.items() if plan.removed.get(n) and f.kind == "expert"]
+    if not names:
+        return []
+    if book is None:
+        raise FairPrunerError("expert_merge=True needs the score book the plan came from: "
+                              "fp.prune(model, plan, book=book, expert_merge=True)")
+    if book.fingerprint and plan.fingerprint and book.fingerprint != plan.fingerprint:
+        from ..errors import BookMismatchError
+        raise BookMismatchError("expert_merge needs the score book this plan was made from; "
+                                "this book belongs to another model")
+    for n in names:
+        g = book.group(n)
+        if "cochoice" not in g.tensors or "freq" not in g.signals:
+            raise FairPrunerError(
+                f"{n}: expert merging needs the routing co-choice statistics fp.score records "
+                "where it sees the router's logits; this book has none (an older book, or an "
+                "MoE layout whose router output it does not see): rescore, or prune without "
+                "expert_merge")
+    return names
+
+
+def merge_removed_experts(model: nn.Module, fams: Dict[str, UnitFamily], names: List[str],
+                          removed: Dict[str, list], book) -> Dict[str, Dict[int, int]]:
+    """Merge every removed expert of ``names`` into the kept expert that takes its tokens over
+    (:func:`fair_pruner.llm.moe.merge_experts`), in place. Returns {group: {removed: target}}."""
+    return {n: fams[n].merge_removed(model, removed[n], book.group(n)) for n in names}

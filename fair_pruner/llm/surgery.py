@@ -16,7 +16,8 @@ import torch.nn as nn
 from ..errors import BookMismatchError, FairPrunerError
 from ..plan import Plan
 from .layout import Layout, UnitFamily, find_layout
-from .reconstruct import reconstruct as apply_reconstruction, resolve_method
+from .reconstruct import (check_expert_merge, merge_removed_experts,
+                          reconstruct as apply_reconstruction, resolve_method)
 
 CONFIG_KEY = "fair_pruner"
 FORMAT = 3   # saved directories: 2 may list "biases"; 3 adds the exact architecture delta
@@ -70,7 +71,7 @@ def config_entry(model: nn.Module, added=()) -> dict:
 
 
 def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: str = "auto",
-          book=None, damp: float = 1e-2) -> nn.Module:
+          book=None, damp: float = 1e-2, expert_merge: bool = False) -> nn.Module:
     """Return ``model`` with the plan's units removed (a deep copy unless ``inplace``).
 
     ``reconstruct`` first updates each consumer of removed units from the book's calibration
@@ -83,12 +84,19 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
     (and the method as ``_fair_pruner_reconstruct``). ``plan.params_after`` counts the kept units'
     weights only; the parameters of biases the reconstruction added (one per consumer that had
     none, e.g. 30 x 576 = 17,280 on SmolLM2-135M) are in ``_fair_pruner_added_params``.
+
+    ``expert_merge=True`` (MoE plans, needs ``book``) first merges each removed routed expert
+    into the kept expert that takes its tokens over, weighted by routing frequency
+    (:func:`fair_pruner.llm.moe.merge_experts`); the targets are kept as
+    ``_fair_pruner_expert_merge``.
     """
     fams = _resolve(model, plan)          # validates everything before any change
     reconstruct = resolve_method(reconstruct, book, plan)
+    merging = check_expert_merge(fams, plan, book) if expert_merge else []
     target = model if inplace else copy.deepcopy(model)
     if not inplace:
         fams = _resolve(target, plan)
+    merged = merge_removed_experts(target, fams, merging, plan.removed, book)
     added = apply_reconstruction(target, fams, plan.removed, book, reconstruct, damp)
     for name, fam in fams.items():
         removed = set(plan.removed[name])
@@ -101,19 +109,22 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
         setattr(cfg, CONFIG_KEY, config_entry(target, added))
     target._fair_pruner_plan = plan
     target._fair_pruner_reconstruct = reconstruct
+    target._fair_pruner_expert_merge = merged
     target._fair_pruner_added_params = sum(target.get_submodule(n).bias.numel() for n in added)
     return target
 
 
 def mask(model: nn.Module, plan: Plan, *, reconstruct: str = "auto", book=None,
-         damp: float = 1e-2) -> nn.Module:
+         damp: float = 1e-2, expert_merge: bool = False) -> nn.Module:
     """A copy of ``model`` whose removed units are zeroed at their consumer's input (after the
-    same reconstruction as :func:`prune`, resolved the same way)."""
+    same reconstruction and expert merging as :func:`prune`, resolved the same way)."""
     if not isinstance(plan, Plan):
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
     reconstruct = resolve_method(reconstruct, book, plan)
     masked = copy.deepcopy(model)
     fams = _resolve(masked, plan)
+    merge_removed_experts(masked, fams, check_expert_merge(fams, plan, book)
+                          if expert_merge else [], plan.removed, book)
     apply_reconstruction(masked, fams, plan.removed, book, reconstruct, damp)
     for name, fam in fams.items():
         if plan.removed[name]:
