@@ -22,6 +22,8 @@ def main():
     ap.add_argument("--shard", choices=["none", "fsdp", "offload"], default="none",
                     help="FSDP2-shard the LM (fp.llm.shard) before scoring")
     ap.add_argument("--batches", type=int, default=0, help="token batches in all (0: default)")
+    ap.add_argument("--load-sharded", default=None, metavar="DIR",
+                    help="build the LM already sharded from this checkpoint (fp.llm.load_sharded)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -34,6 +36,15 @@ def main():
     batches = token_batches(n=a.batches or (7 if a.shard == "none" else 6))[rank::size]
     if rank == a.bad_rank:
         batches[0] = {"input_ids": batches[0]["input_ids"].float()}    # not token ids
+    if a.load_sharded:
+        import json
+        model = fp.llm.load_sharded(a.load_sharded, cpu_offload=a.shard == "offload")
+        local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        full = sum(p.numel() * p.element_size() for p in model.parameters())
+        with open(f"{a.out}.rank{rank}.json", "w") as fh:
+            json.dump({"full_bytes": full, "local_bytes": local, "prune_refused": "n/a"}, fh)
+        return score_and_save(model, batches, dict(classes=8, samples_per_class=8,
+                                                   projections=16, progress=False), a.out, rank)
     model = tiny_lm(a.model)
     if a.shard != "none":
         shard_and_check(model, a.shard == "offload", a.out, rank)

@@ -82,6 +82,37 @@ def test_ranks_give_the_single_process_book(model_type, n, shard, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_type,n,shard", [("llama", 2, "fsdp"), ("llama", 3, "offload"),
+                                                 ("qwen2_moe", 2, "fsdp")])
+def test_load_sharded_reads_only_each_ranks_rows_and_gives_the_same_book(model_type, n, shard,
+                                                                         tmp_path):
+    """fp.llm.load_sharded builds the model on meta, shards it, reads each rank's rows from the
+    safetensors file: the book equals the one-process book of the model loaded whole."""
+    m = tiny_lm(model_type)
+    m.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "book.safetensors"
+    r = torchrun(n, "--model", model_type, "--out", str(out), "--shard", shard,
+                 "--load-sharded", str(tmp_path / "ckpt"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    import json
+    for rank in range(n):
+        info = json.loads((tmp_path / f"book.safetensors.rank{rank}.json").read_text())
+        assert info["local_bytes"] <= info["full_bytes"] / n * 1.1, info
+    got, want = fp.ScoreBook.load(out), single(model_type, 6)
+    assert got.meta["fingerprint"] == want.meta["fingerprint"]
+    for a, b in zip(got.groups, want.groups):
+        torch.testing.assert_close(a.u, b.u, rtol=0, atol=0)
+        for s in b.signals:
+            torch.testing.assert_close(a.signals[s], b.signals[s], rtol=1e-6, atol=1e-9)
+    assert fp.allocate(got, params=0.3).removed == fp.allocate(want, params=0.3).removed
+
+
+def test_load_sharded_needs_a_process_group(tmp_path):
+    with pytest.raises(fp.FairPrunerError, match="process group"):
+        fp.llm.load_sharded(tmp_path)
+
+
+@pytest.mark.slow
 def test_a_sharded_model_with_unequal_shards_is_refused_on_every_rank(tmp_path):
     out = tmp_path / "book.safetensors"
     r = torchrun(2, "--out", str(out), "--shard", "fsdp", "--batches", "7", timeout=200)

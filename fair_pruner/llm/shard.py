@@ -10,6 +10,11 @@ their hooks see the unsharded forward, and the weight-aware signals gather one l
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from typing import Dict, List
+
 import torch
 import torch.nn as nn
 
@@ -46,3 +51,139 @@ def shard(model: nn.Module, *, cpu_offload: bool = False, reshard_after_forward:
     fully_shard(model, offload_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
 
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """While active, every parameter a module registers is moved to the meta device at once
+    (buffers stay real: rotary tables etc. are computed in ``__init__`` and are not in the
+    checkpoint). The ``torch.empty`` a layer allocates before registering is never written, so
+    no weight memory is touched; the initialisers then run on meta tensors (no-ops)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(mod, name, param):
+        register(mod, name, param)
+        if param is not None and param.device.type != "meta":
+            mod._parameters[name] = nn.Parameter(param.to("meta"),
+                                                 requires_grad=param.requires_grad)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _checkpoint_files(directory: str) -> List[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            names = sorted(set(json.load(fh)["weight_map"].values()))
+        return [os.path.join(directory, n) for n in names]
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{directory} has no model.safetensors(.index.json); load_sharded "
+                            "reads Hugging Face safetensors checkpoints")
+
+
+def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
+                 device=None) -> nn.Module:
+    """Build the causal LM in ``directory`` already FSDP2-sharded, reading from its safetensors
+    files only this rank's rows of each parameter: no rank ever holds the whole model.
+
+    The model is constructed with its parameters on the meta device, sharded with
+    :func:`shard` (one unit per decoder layer plus the root), materialised as empty local
+    shards on ``device`` (default: the current CUDA device, else CPU) and filled from the
+    checkpoint slice by slice (``safe_open(...).get_slice``). ``dtype`` defaults to the
+    checkpoint's. The result scores with :func:`fair_pruner.score` exactly like
+    ``shard(from_pretrained(directory))`` (tests/test_distributed.py). Needs a checkpoint whose
+    tensor names are the model's parameter names (transformers' on-load renames, e.g. per-expert
+    MoE tensors fused into 3-D ones, are refused with the name that is missing).
+    """
+    import torch.distributed as tdist
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from ._hf import transformers_module
+    if not (tdist.is_available() and tdist.is_initialized()):
+        raise UnsupportedModelError("fair_pruner.llm.load_sharded needs an initialised "
+                                    "torch.distributed process group (run under torchrun)")
+    tf = transformers_module()
+    directory = os.fspath(directory)
+    files = _checkpoint_files(directory)
+    config = tf.AutoConfig.from_pretrained(directory)
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
+            or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with _parameters_on_meta():
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    shard(model, cpu_offload=cpu_offload)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+    model.to_empty(device="cpu" if cpu_offload else device)
+    with torch.no_grad():
+        for n, b in model.named_buffers():          # to_empty left them uninitialised
+            if n in buffers:
+                b.copy_(buffers[n])
+    where: Dict[str, str] = {}
+    handles = {}
+    for f in files:
+        handles[f] = safe_open(f, framework="pt")
+        for k in handles[f].keys():
+            where[k] = f
+    def read(name: str, idx: tuple) -> torch.Tensor:
+        sl = handles[where[name]].get_slice(name)
+        return sl[idx]
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if isinstance(p, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(
+                    p.shape, p.device_mesh, p.placements)
+                idx = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+            else:
+                idx = tuple(slice(0, s) for s in p.shape)
+            if name in where:
+                got = tuple(handles[where[name]].get_slice(name).get_shape())
+                if got != tuple(p.shape):
+                    raise UnsupportedModelError(
+                        f"load_sharded: {name} is {got} in {directory} but {tuple(p.shape)} in "
+                        "the model its config builds")
+                if local.numel():
+                    local.copy_(read(name, idx).to(local.dtype))
+                continue
+            fused = _fused_expert_sources(name, p.shape, where)
+            if fused is None:
+                raise UnsupportedModelError(
+                    f"load_sharded: {directory} has no tensor {name!r} (the checkpoint's names "
+                    "differ from the model's: transformers converts them on load, and "
+                    "load_sharded knows only per-expert gate/up/down (w1/w3/w2) tensors fused "
+                    "into gate_up_proj / down_proj); load the model whole and call "
+                    "fair_pruner.llm.shard(model) instead")
+            for row, e in enumerate(range(idx[0].start, idx[0].stop)):
+                parts = [read(k, tuple(slice(None) for _ in range(p.dim() - 1)))
+                         for k in fused(e)]
+                local[row].copy_(torch.cat(parts, dim=0)[idx[1:]].to(local.dtype))
+    return model
+
+
+def _fused_expert_sources(name: str, shape, where: Dict[str, str]):
+    """For a fused expert tensor (``...experts.gate_up_proj`` [E, 2I, H] / ``...experts.down_proj``
+    [E, H, I]) missing from the checkpoint: a function expert -> the checkpoint tensors whose
+    dim-0 concatenation is that expert's slice, if the checkpoint stores them per expert."""
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith("experts") or len(shape) != 3:
+        return None
+    options = {"gate_up_proj": [("gate_proj", "up_proj"), ("w1", "w3")],
+               "down_proj": [("down_proj",), ("w2",)]}.get(leaf, [])
+    for parts in options:
+        keys = [f"{prefix}.{{e}}.{part}.weight" for part in parts]
+        if all(k.format(e=e) in where for k in keys for e in range(shape[0])):
+            return lambda e, keys=keys: [k.format(e=e) for k in keys]
+    return None
