@@ -345,19 +345,24 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     params, on_grads = _weight_grads(work, taps) if weight_taylor else ((), None)
 
     sampling = Sampling(tuple(cls), samples_per_class, projections, "sliced", seed)
-    flags = [p.requires_grad for p in params]
+    # Only the Taylor signal needs weight gradients; every other parameter is frozen for the
+    # pass: autograd then keeps no weight-gradient state, and FSDP2 (which reduce-scatters the
+    # gradient of every parameter that requires one) none either.
+    wanted = {id(p) for p in params}
+    everything = list(work.parameters())
+    flags = [p.requires_grad for p in everything]
     with preserved(work, restore_buffers=False):
         work.eval()
         try:
-            for p in params:
-                p.requires_grad_(True)
+            for p in everything:
+                p.requires_grad_(id(p) in wanted)
             dist.guarded(lambda: gradient_pass(
                 work, taps, _batches(loader, device, seq_lens), res, sampling, sketch=taps,
                 progress=progress and rank == 0, total=n_batches if size == 1 else None,
                 desc="fair_pruner: calibrating LM", params=params, on_param_grads=on_grads),
                 (lambda: _reduce_taps(taps)) if size > 1 else None)
         finally:
-            for p, f in zip(params, flags):
+            for p, f in zip(everything, flags):
                 p.requires_grad_(f)
     if size > 1:
         seq_lens = [t for part in dist.gather_objects(seq_lens) for t in part]

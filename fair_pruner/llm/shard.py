@@ -28,7 +28,8 @@ def shard(model: nn.Module, *, cpu_offload: bool = False, reshard_after_forward:
     """Shard ``model`` in place with FSDP2 over the default process group and return it.
 
     Each decoder layer becomes one FSDP unit (all-gathered for its forward and its backward,
-    freed after), the rest (embeddings, final norm, head) the root unit. ``cpu_offload`` keeps
+    freed after), so do an untied input embedding and LM head; the rest (final norm, a tied
+    embedding) is the root unit. ``cpu_offload`` keeps
     the shards in CPU memory between uses (``CPUOffloadPolicy``). The caller's model object is
     changed (its classes become ``FSDP<name>``, its parameters DTensors): that is what sharding
     means; score it, keep the book, and prune the unsharded checkpoint with the book.
@@ -45,9 +46,16 @@ def shard(model: nn.Module, *, cpu_offload: bool = False, reshard_after_forward:
     # pinned host memory needs a CUDA driver; on a CPU-only machine the shards are host memory anyway
     policy = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
               else OffloadPolicy())
-    for block in layout.layers:
-        fully_shard(model.get_submodule(block.name), offload_policy=policy,
-                    reshard_after_forward=reshard_after_forward)
+    units = [model.get_submodule(block.name) for block in layout.layers]
+    # Untied input embedding and LM head as units of their own: in the root they would stay
+    # gathered for the whole forward + backward (2 x vocab x hidden unsharded on every rank).
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and head is not None and \
+            getattr(emb, "weight", None) is not getattr(head, "weight", None):
+        units += [emb, head]
+    for unit in units:
+        fully_shard(unit, offload_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, offload_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
 
@@ -131,14 +139,18 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
             if n in buffers:
                 b.copy_(buffers[n])
     where: Dict[str, str] = {}
-    handles = {}
+    shapes: Dict[str, tuple] = {}
     for f in files:
-        handles[f] = safe_open(f, framework="pt")
-        for k in handles[f].keys():
-            where[k] = f
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                where[k] = f
+                shapes[k] = tuple(h.get_slice(k).get_shape())
+
     def read(name: str, idx: tuple) -> torch.Tensor:
-        sl = handles[where[name]].get_slice(name)
-        return sl[idx]
+        # one mapping per read, closed at once: the file pages it touched leave this process's
+        # resident set, so a rank's memory is its shards, not the part of the file it has read
+        with safe_open(where[name], framework="pt") as h:
+            return h.get_slice(name)[idx].clone()
 
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -150,7 +162,7 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
             else:
                 idx = tuple(slice(0, s) for s in p.shape)
             if name in where:
-                got = tuple(handles[where[name]].get_slice(name).get_shape())
+                got = shapes[name]
                 if got != tuple(p.shape):
                     raise UnsupportedModelError(
                         f"load_sharded: {name} is {got} in {directory} but {tuple(p.shape)} in "
