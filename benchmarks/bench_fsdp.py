@@ -6,13 +6,13 @@
         --sharded                                                             # 2 ranks, FSDP2
 
 The model (hidden 2048, 20 layers, 16 heads / 4 KV heads, MLP 5632, vocab 32000, untied head:
-~1.0B parameters, fp32) has random weights: scoring cost and memory do not depend on what the
-weights have learned. Every run scores the same ``--batches`` random token batches (ids < 16, so the 8 next-token classes fill; the sharded
-run splits them across ranks; a sharded forward is a collective, so each rank gets the same
-number) with ``reconstruction=False`` (the Gram matrices are replicated on every rank whatever
-the sharding: 20 x (5632^2 + 2048^2) x 4 B = 2.9 GB here; see docs/scale.md). Each rank reports
-its load time, scoring time, parameter bytes it holds and peak RSS (``ru_maxrss``); rank 0
-writes a JSON summary and the book to ``--out``.
+1.03B parameters, fp32) has random weights: scoring cost and memory do not depend on what the
+weights have learned. Every run scores the same ``--batches`` random token batches (ids < 16,
+so the 8 next-token classes fill; the sharded run splits them across ranks, and since a sharded
+forward is a collective each rank gets the same number) with ``reconstruction=False`` (the Gram
+matrices are replicated on every rank whatever the sharding: 20 x (5632^2 + 2048^2) x 4 B =
+2.9 GB here; see docs/scale.md). Each rank reports its load time, scoring time, parameter bytes
+it holds and peak RSS (``ru_maxrss``); rank 0 writes a JSON summary and the book to ``--out``.
 """
 from __future__ import annotations
 
