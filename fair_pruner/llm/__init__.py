@@ -24,6 +24,7 @@ from .gguf_export import save_gguf
 from .layout import (AttentionHeads, CostTerm, FrozenBlock, Layout, MLPNeurons, UnitFamily,
                      find_layout, register_family)
 from .surgery import layer_widths
+from .checkpoint import prune_checkpoint
 from .shard import load_sharded, shard
 from .verify import checked_layout, mask, prune
 from . import moe  # noqa: E402,F401  (registers the routed-expert unit family)
@@ -41,4 +42,5 @@ __all__ = ["score", "restrict", "prune", "mask", "find_layout", "register_family
            "MLPNeurons", "AttentionHeads", "FrozenBlock", "CostTerm", "Layout", "layer_widths",
            "load_model", "cli_prune_lm", "text_batches", "perplexity", "transformers_module",
            "is_hf_model", "KIND", "ARCHITECTURES", "Arch", "AttnSpec", "MLPSpec",
-           "register_architecture", "checked_layout", "save_gguf", "shard", "load_sharded"]
+           "register_architecture", "checked_layout", "save_gguf", "shard", "load_sharded",
+           "prune_checkpoint"]

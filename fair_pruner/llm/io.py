@@ -154,7 +154,7 @@ def architecture_delta(model: nn.Module) -> dict:
     return {"params": params, "modules": modules, "lists": lists}
 
 
-def _config_dict(model: nn.Module, dtype: torch.dtype) -> Dict[str, Any]:
+def config_dict(model: nn.Module, dtype: torch.dtype) -> Dict[str, Any]:
     cfg, base = _base_config(model)
     entry = dict(config_entry(model))
     entry.update(architecture_delta(model))
@@ -184,7 +184,7 @@ def _remote_code(entry: dict) -> str:
     return src
 
 
-def _dtype(dtype, model: nn.Module) -> torch.dtype:
+def weights_dtype(dtype, model: nn.Module) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return next((p.dtype for p in model.parameters()), torch.float32)
     if isinstance(dtype, str):
@@ -219,10 +219,10 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtyp
 
     if not hasattr(model, "config"):
         raise FairPrunerError("save_pretrained needs a transformers model (it has no .config)")
-    dtype = _dtype(dtype, model)
+    dtype = weights_dtype(dtype, model)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    cfg = _config_dict(model, dtype)
+    cfg = config_dict(model, dtype)
     # Weights: contiguous CPU copies, tied tensors stored once (aliases recorded in the header).
     tensors: Dict[str, torch.Tensor] = {}
     seen: Dict[tuple, str] = {}
@@ -239,6 +239,15 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtyp
     header = {"format": "pt", "fair_pruner_aliases": json.dumps(aliases)}
     atomic_write(os.path.join(directory, WEIGHTS),
             lambda tmp: save_file(tensors, tmp, metadata=header))
+    write_metadata(model, directory, cfg, plan=plan, tokenizer=tokenizer)
+
+
+def write_metadata(model: nn.Module, directory: str, cfg: Dict[str, Any], *, plan=None,
+                   tokenizer=None) -> None:
+    """Everything of a saved directory but the weights: ``config.json`` (``cfg``, from
+    :func:`config_dict`), the remote modeling file, the generation config, the plan and the
+    tokenizer (given, or copied from ``model.name_or_path``). Shared by :func:`save_pretrained`
+    and :func:`fair_pruner.llm.prune_checkpoint`."""
     _write_text(os.path.join(directory, REMOTE_MODULE + ".py"), _remote_code(cfg[CONFIG_KEY]))
     _write_text(os.path.join(directory, "config.json"), json.dumps(cfg, indent=2, sort_keys=True))
     gen = getattr(model, "generation_config", None)
@@ -294,7 +303,7 @@ def from_pretrained(directory, device=None, dtype=None) -> nn.Module:
     cls = getattr(tf, arch, None) if arch else None
     saved_dtype = getattr(torch, str(cfg.get("dtype", "float32")), torch.float32)
     if dtype is not None and dtype != "auto":
-        dtype = _dtype(dtype, None)
+        dtype = weights_dtype(dtype, None)
     else:
         dtype = None
     dtype = dtype or (saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32)
@@ -348,9 +357,19 @@ def _resize_layers(model: nn.Module, entry: dict, directory: str) -> None:
 def _load_weights(model: nn.Module, directory: str) -> None:
     from safetensors import safe_open
 
-    with safe_open(os.path.join(directory, WEIGHTS), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("fair_pruner_aliases", "{}"))
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):           # written layer by layer (fair_pruner.llm.prune_checkpoint)
+        with open(index) as fh:
+            idx = json.load(fh)
+        aliases = dict(idx.get("metadata", {}).get("fair_pruner_aliases", {}))
+        state = {}
+        for name in sorted(set(idx["weight_map"].values())):
+            with safe_open(os.path.join(directory, name), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+    else:
+        with safe_open(os.path.join(directory, WEIGHTS), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("fair_pruner_aliases", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
     for alias, orig in aliases.items():
         state[alias] = state[orig]
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -10,16 +10,15 @@ their hooks see the unsharded forward, and the weight-aware signals gather one l
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn
 
 from .. import distributed as dist
 from ..errors import UnsupportedModelError
+from .checkpoint import checkpoint_files, fused_expert_sources, parameters_on_meta
 from .layout import find_layout
 
 
@@ -61,39 +60,6 @@ def shard(model: nn.Module, *, cpu_offload: bool = False, reshard_after_forward:
 
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """While active, every parameter a module registers is moved to the meta device at once
-    (buffers stay real: rotary tables etc. are computed in ``__init__`` and are not in the
-    checkpoint). The ``torch.empty`` a layer allocates before registering is never written, so
-    no weight memory is touched; the initialisers then run on meta tensors (no-ops)."""
-    register = nn.Module.register_parameter
-
-    def on_meta(mod, name, param):
-        register(mod, name, param)
-        if param is not None and param.device.type != "meta":
-            mod._parameters[name] = nn.Parameter(param.to("meta"),
-                                                 requires_grad=param.requires_grad)
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def _checkpoint_files(directory: str) -> List[str]:
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as fh:
-            names = sorted(set(json.load(fh)["weight_map"].values()))
-        return [os.path.join(directory, n) for n in names]
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise FileNotFoundError(f"{directory} has no model.safetensors(.index.json); load_sharded "
-                            "reads Hugging Face safetensors checkpoints")
-
-
 def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
                  device=None) -> nn.Module:
     """Build the causal LM in ``directory`` already FSDP2-sharded, reading from its safetensors
@@ -119,13 +85,13 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
                                     "torch.distributed process group (run under torchrun)")
     tf = transformers_module()
     directory = os.fspath(directory)
-    files = _checkpoint_files(directory)
+    files = checkpoint_files(directory)
     config = tf.AutoConfig.from_pretrained(directory)
     if dtype is None or dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
             or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -170,7 +136,7 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
                 if local.numel():
                     local.copy_(read(name, idx).to(local.dtype))
                 continue
-            fused = _fused_expert_sources(name, p.shape, where)
+            fused = fused_expert_sources(name, p.shape, where)
             if fused is None:
                 raise UnsupportedModelError(
                     f"load_sharded: {directory} has no tensor {name!r} (the checkpoint's names "
@@ -183,19 +149,3 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
                          for k in fused(e)]
                 local[row].copy_(torch.cat(parts, dim=0)[idx[1:]].to(local.dtype))
     return model
-
-
-def _fused_expert_sources(name: str, shape, where: Dict[str, str]):
-    """For a fused expert tensor (``...experts.gate_up_proj`` [E, 2I, H] / ``...experts.down_proj``
-    [E, H, I]) missing from the checkpoint: a function expert -> the checkpoint tensors whose
-    dim-0 concatenation is that expert's slice, if the checkpoint stores them per expert."""
-    prefix, _, leaf = name.rpartition(".")
-    if not prefix.endswith("experts") or len(shape) != 3:
-        return None
-    options = {"gate_up_proj": [("gate_proj", "up_proj"), ("w1", "w3")],
-               "down_proj": [("down_proj",), ("w2",)]}.get(leaf, [])
-    for parts in options:
-        keys = [f"{prefix}.{{e}}.{part}.weight" for part in parts]
-        if all(k.format(e=e) in where for k in keys for e in range(shape[0])):
-            return lambda e, keys=keys: [k.format(e=e) for k in keys]
-    return None

@@ -28,7 +28,7 @@ def _heads_mode(plan: Plan) -> str:
     return "query" if any(g.endswith(".query_heads") for g in plan.sizes) else "kv"
 
 
-def _resolve(model: nn.Module, plan: Plan) -> Dict[str, UnitFamily]:
+def resolve_families(model: nn.Module, plan: Plan) -> Dict[str, UnitFamily]:
     """Plan group -> family of ``model``, after checking sizes and removals (nothing changed)."""
     Plan.check(plan, model)
     fams = find_layout(model, heads=_heads_mode(plan)).by_group()
@@ -90,12 +90,12 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
     (:func:`fair_pruner.llm.moe.merge_experts`); the targets are kept as
     ``_fair_pruner_expert_merge``.
     """
-    fams = _resolve(model, plan)          # validates everything before any change
+    fams = resolve_families(model, plan)          # validates everything before any change
     reconstruct = resolve_method(reconstruct, book, plan)
     merging = check_expert_merge(fams, plan, book) if expert_merge else []
     target = model if inplace else copy.deepcopy(model)
     if not inplace:
-        fams = _resolve(target, plan)
+        fams = resolve_families(target, plan)
     merged = merge_removed_experts(target, fams, merging, plan.removed, book)
     added = apply_reconstruction(target, fams, plan.removed, book, reconstruct, damp)
     for name, fam in fams.items():
@@ -122,7 +122,7 @@ def mask(model: nn.Module, plan: Plan, *, reconstruct: str = "auto", book=None,
         raise FairPrunerError(f"expected a fair_pruner.Plan, got {type(plan).__name__}")
     reconstruct = resolve_method(reconstruct, book, plan)
     masked = copy.deepcopy(model)
-    fams = _resolve(masked, plan)
+    fams = resolve_families(masked, plan)
     merge_removed_experts(masked, fams, check_expert_merge(fams, plan, book)
                           if expert_merge else [], plan.removed, book)
     apply_reconstruction(masked, fams, plan.removed, book, reconstruct, damp)
