@@ -4,6 +4,8 @@
     python benchmarks/bench_fsdp.py --model /tmp/llama1b --out /tmp/fsdp1     # 1 process, whole
     torchrun --nproc_per_node 2 benchmarks/bench_fsdp.py --model /tmp/llama1b --out /tmp/fsdp2 \\
         --sharded                                                             # 2 ranks, FSDP2
+    python benchmarks/bench_fsdp.py --model /tmp/llama1b --out /tmp/fsdp1 --prune whole
+    python benchmarks/bench_fsdp.py --model /tmp/llama1b --out /tmp/fsdp1 --prune layered
 
 The model (hidden 2048, 20 layers, 16 heads / 4 KV heads, MLP 5632, vocab 32000, untied head:
 1.03B parameters, fp32) has random weights: scoring cost and memory do not depend on what the
@@ -46,6 +48,23 @@ def make(path: str) -> int:
     return 0
 
 
+def prune(args) -> int:
+    import fair_pruner as fp
+    torch.set_num_threads(2)
+    book = fp.ScoreBook.load(os.path.join(args.out, "book.safetensors"))
+    plan = fp.allocate(book, params=0.3)
+    dest = os.path.join(args.out, args.prune)
+    t0 = time.perf_counter()
+    if args.prune == "layered":
+        fp.llm.prune_checkpoint(args.model, plan, dest, book=book, progress=False)
+    else:
+        fp.save_pretrained(fp.prune(fp.from_pretrained(args.model), plan, book=book), dest)
+    print(json.dumps({"prune": args.prune, "seconds": round(time.perf_counter() - t0, 1),
+                      "peak_rss_mb": round(peak_rss_mb()),
+                      "params_removed": round(plan.params_reduction, 4)}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--make", metavar="DIR", help="write the synthetic model here and exit")
@@ -53,11 +72,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--sharded", action="store_true", help="fp.llm.load_sharded (FSDP2)")
     ap.add_argument("--offload", action="store_true", help="with --sharded: CPU offload policy")
+    ap.add_argument("--prune", choices=("whole", "layered"), default=None,
+                    help="instead of scoring: prune --model with the book in --out at params=0.3 "
+                         "and write it to --out/<mode>; whole = from_pretrained + prune + "
+                         "save_pretrained, layered = fp.llm.prune_checkpoint")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     args = ap.parse_args(argv)
     if args.make:
         return make(args.make)
+    if args.prune:
+        return prune(args)
     torch.set_num_threads(1)
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
