@@ -510,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --experts: merge each removed routed expert into the kept expert "
                          "that takes its tokens over (routing-frequency-weighted average of their "
                          "weights) instead of dropping it")
+    lm.add_argument("--checkpointing", action="store_true",
+                    help="activation checkpointing while scoring: each decoder layer recomputes "
+                         "its forward in the backward (less memory, about one more forward of "
+                         "compute; the same book)")
     lm.add_argument("--gram-memory", type=float, default=4.0, dest="gram_memory", metavar="GIB",
                     help="device memory in GiB for the reconstruction Gram matrices; over it they "
                          "are collected in chunks of layers, one extra forward pass per chunk")

@@ -99,6 +99,12 @@ class SketchTap:
         raise NotImplementedError  # pragma: no cover - interface
 
 
+def recomputing() -> bool:
+    """True while autograd runs a backward (e.g. activation checkpointing recomputing a layer's
+    forward): forward hooks must then repeat their tensor ops but record nothing again."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable[Batch],
                   res: Reservoir, sampling: Sampling, sketch: Sequence[SketchTap] = (),
                   progress: bool = True, total: Optional[int] = None,
@@ -119,6 +125,8 @@ def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable
     def make(i: int, tap: SketchTap):
         def on_tensor(x: Tensor) -> Tensor:
             z = x if x.requires_grad else x.detach().requires_grad_(True)
+            if recomputing():       # the gradient flows to the z of the first forward
+                return tap.downstream(z)
             live[i] = z
             if rows_now and id(tap) in sketched:
                 with torch.no_grad():

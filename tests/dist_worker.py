@@ -19,8 +19,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--bad-rank", type=int, default=-1)
     ap.add_argument("--budget", type=int, default=4 << 30, help="CNN memory_budget (bytes)")
-    ap.add_argument("--shard", choices=["none", "fsdp", "offload"], default="none",
-                    help="FSDP2-shard the LM (fp.llm.shard) before scoring")
+    ap.add_argument("--shard", choices=["none", "fsdp", "offload", "fsdp-ckpt"], default="none",
+                    help="FSDP2-shard the LM (fp.llm.shard) before scoring; fsdp-ckpt: and "
+                         "score with activation checkpointing")
     ap.add_argument("--batches", type=int, default=0, help="token batches in all (0: default)")
     ap.add_argument("--load-sharded", default=None, metavar="DIR",
                     help="build the LM already sharded from this checkpoint (fp.llm.load_sharded)")
@@ -48,9 +49,10 @@ def main():
     model = tiny_lm(a.model)
     if a.shard != "none":
         shard_and_check(model, a.shard == "offload", a.out, rank)
-    return score_and_save(model, batches, dict(classes=8, samples_per_class=8,
-                                               projections=16, progress=False),
-                          a.out, rank)
+    kw = dict(classes=8, samples_per_class=8, projections=16, progress=False)
+    if a.shard == "fsdp-ckpt":
+        kw["checkpointing"] = True
+    return score_and_save(model, batches, kw, a.out, rank)
 
 
 def shard_and_check(model, offload, out, rank):

@@ -68,7 +68,7 @@ def test_prune_lm_has_the_options_a_user_needs():
     for o in ("--params", "--flops", "--tod", "--experts", "--units", "--heads", "--signal",
               "--strategy", "--reconstruct", "--gram-memory", "--seq-len", "--num-seqs",
               "--round-to", "--seed", "--eval-text", "--eval-tokens", "--dtype", "--gguf",
-              "--gguf-dtype", "--expert-merge", "-q"):
+              "--gguf-dtype", "--expert-merge", "--checkpointing", "-q"):
         assert o in opts, o
     with pytest.raises(SystemExit):      # mutually exclusive targets
         main(["prune-lm", "m", "--calib-text", "c", "--out", "o", "--params", "0.2",

@@ -51,7 +51,8 @@ def single(model_type, n=7):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type,n,shard", [
     ("llama", 2, "none"), ("llama", 3, "none"), ("qwen2_moe", 2, "none"),
-    ("llama", 2, "fsdp"), ("llama", 3, "fsdp"), ("qwen2_moe", 2, "fsdp"), ("llama", 2, "offload")])
+    ("llama", 2, "fsdp"), ("llama", 3, "fsdp"), ("qwen2_moe", 2, "fsdp"), ("llama", 2, "offload"),
+    ("llama", 2, "fsdp-ckpt"), ("qwen2_moe", 2, "fsdp-ckpt")])
 def test_ranks_give_the_single_process_book(model_type, n, shard, tmp_path):
     """Data parallel, and FSDP2-sharded (each rank holds 1/n of the parameters): the book of the
     unsharded model on the union of the shards, in one process."""

@@ -483,3 +483,46 @@ def test_book_written_before_tiers_loads_with_heads_as_tier_one(tmp_path):
     save_file(tensors, path, metadata=header)
     again = fp.ScoreBook.load(path)
     assert [g.tier for g in again.groups] == [1 if g.kind == "head" else 0 for g in book.groups]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe"])
+def test_activation_checkpointing_gives_the_same_book(model_type):
+    """checkpointing=True recomputes each decoder layer in the backward; the taps record in the
+    first forward only, so the book is the one without it (and the model is restored)."""
+    from helpers import tiny_lm, token_batches
+    m = tiny_lm(model_type)
+    kw = dict(classes=8, samples_per_class=8, projections=16, progress=False,
+              reconstruction=True)
+    import fair_pruner.engine as engine
+    stores = []
+    real_store = engine.store_samples
+
+    def store(*a, **k):                    # U samples are stored in the first forward only
+        stores.append(1)
+        return real_store(*a, **k)
+    engine.store_samples = store
+    calls = []
+    from torch.utils import checkpoint as ckpt
+    real = ckpt.checkpoint
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    try:
+        want = fp.score(m, token_batches(), **kw)
+        n_plain = len(stores)
+        ckpt.checkpoint = counting
+        got = fp.score(m, token_batches(), checkpointing=True, **kw)
+    finally:
+        ckpt.checkpoint = real
+        engine.store_samples = real_store
+    assert len(calls) == len(m.model.layers) * len(token_batches())   # every layer, every batch
+    assert len(stores) == 2 * n_plain > 0
+    assert all("forward" not in layer.__dict__ for layer in m.model.layers)
+    for a, b in zip(got.groups, want.groups):
+        torch.testing.assert_close(a.u, b.u, rtol=0, atol=0)
+        for s in b.signals:
+            torch.testing.assert_close(a.signals[s], b.signals[s], rtol=1e-5, atol=1e-8)
+        for k in b.tensors:
+            torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-5, atol=1e-6)
+    assert fp.allocate(got, params=0.3).removed == fp.allocate(want, params=0.3).removed

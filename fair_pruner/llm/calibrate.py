@@ -17,6 +17,8 @@ unit's heads, R sums their signed Taylor terms before the absolute value (docs/m
 """
 from __future__ import annotations
 
+import contextlib
+
 import resource
 import time
 import warnings
@@ -144,6 +146,30 @@ def _union_classes(loader: Iterable, k: int, vocab: Optional[int] = None):
     return _most_frequent(total, n, nb, k), n, nb, [p[1] for p in parts]
 
 
+@contextlib.contextmanager
+def _checkpointed(model: nn.Module, layers: Sequence[str]):
+    """While active, each module in ``layers`` runs its forward under non-reentrant activation
+    checkpointing (an instance ``forward`` wrapping the class's; restored after)."""
+    from torch.utils.checkpoint import checkpoint
+    saved = []
+    for name in layers:
+        mod = model.get_submodule(name)
+        saved.append((mod, mod.__dict__.get("forward")))
+        inner = mod.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        mod.forward = forward
+    try:
+        yield
+    finally:
+        for mod, old in saved:
+            if old is None:
+                del mod.forward
+            else:
+                mod.forward = old
+
+
 def _reduce_taps(taps: Sequence["_Tap"]) -> None:
     """Sum every tap's statistics over the ranks; each U-sample slot was stored by one rank."""
     dist.sum_samples(taps)
@@ -252,7 +278,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
           progress: bool = True, signals: Sequence[Signal] = (),
           roles: Optional[Sequence[str]] = None, reconstruction="auto",
           gram_memory: float = 4.0, weight_taylor: bool = False,
-          obs_signal: bool = False) -> ScoreBook:
+          obs_signal: bool = False, checkpointing: bool = False) -> ScoreBook:
     """Calibrate a Hugging Face causal LM on token batches and return its :class:`ScoreBook`.
 
     Args:
@@ -295,6 +321,12 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         obs_signal: with the Gram matrices, also compute the ``"obs"`` signal (the output error
             the affine update leaves when a unit alone is removed; a C x C inverse per group:
             O(C³), minutes per layer at 7B widths on a CPU).
+        checkpointing: activation checkpointing in the gradient pass: each decoder layer keeps
+            only its input and recomputes its forward in the backward
+            (``torch.utils.checkpoint``, non-reentrant), so activation memory is one layer's
+            instead of every layer's, for about one more forward of compute. The taps record in
+            the first forward only; the book is the same (tests/test_llm.py). Composes with an
+            FSDP2-sharded model (the checkpoint is inside each layer's FSDP unit).
 
     The book stores, per group, ``u``, ``r``, ``l1``, ``l2``, ``activation``, ``random`` and
     ``fluctuation`` (FLAP: variance of each tap channel times the squared norm of the weight
@@ -356,11 +388,14 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
         try:
             for p in everything:
                 p.requires_grad_(id(p) in wanted)
-            dist.guarded(lambda: gradient_pass(
-                work, taps, _batches(loader, device, seq_lens), res, sampling, sketch=taps,
-                progress=progress and rank == 0, total=n_batches if size == 1 else None,
-                desc="fair_pruner: calibrating LM", params=params, on_param_grads=on_grads),
-                (lambda: _reduce_taps(taps)) if size > 1 else None)
+            with _checkpointed(work, [b.name for b in layout.layers] if checkpointing
+                               else []):
+                dist.guarded(lambda: gradient_pass(
+                    work, taps, _batches(loader, device, seq_lens), res, sampling, sketch=taps,
+                    progress=progress and rank == 0, total=n_batches if size == 1 else None,
+                    desc="fair_pruner: calibrating LM", params=params,
+                    on_param_grads=on_grads),
+                    (lambda: _reduce_taps(taps)) if size > 1 else None)
         finally:
             for p, f in zip(everything, flags):
                 p.requires_grad_(f)

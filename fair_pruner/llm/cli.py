@@ -415,7 +415,8 @@ def _prune_lm(args, gguf) -> int:
     book = fp.score(model, batches, seed=args.seed, progress=not quiet,
                     reconstruction={"auto": "auto", None: False, "bias": False}.get(recon, True),
                     gram_memory=args.gram_memory, heads=args.heads or "kv", roles=roles,
-                    weight_taylor=args.signal == "taylor", obs_signal=args.signal == "obs")
+                    weight_taylor=args.signal == "taylor", obs_signal=args.signal == "obs",
+                    checkpointing=args.checkpointing)
     if args.signal == "obs" and not book.meta.get("obs_signal"):
         raise FairPrunerError("--signal obs needs the Gram matrices; pass --reconstruct auto "
                               "or affine")

@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..engine import recomputing
 from ..errors import FairPrunerError, TargetError, UnsupportedModelError
 from .layout import CostTerm, UnitFamily, register_family
 
@@ -454,6 +455,8 @@ class _Calibration:
 
     def add_cochoice(self, probs: Tensor, idx: Tensor) -> None:
         """probs [N, E] router probabilities, idx [N, k] the experts each token was routed to."""
+        if recomputing():
+            return
         with torch.no_grad():
             E = self.cochoice.shape[0]
             routed = torch.zeros(probs.shape[0], E, dtype=torch.float64)
@@ -534,6 +537,8 @@ class RoutedExperts(UnitFamily):
                     o[sel] = experts[j](hs[sel]).to(o.dtype)
             y = torch.zeros(N, E, H, dtype=h.dtype, device=h.device)
             y[tok, e] = (o.float() * w.detach().reshape(-1, 1).float()).to(y.dtype)
+            if recomputing():     # activation checkpointing: counted in the first forward
+                return y
             run.freq += torch.bincount(e, minlength=E).double().cpu()
             run.reap.index_add_(0, e.cpu(), y[tok, e].float().norm(dim=-1).double().cpu())
             run.tokens += N
@@ -578,9 +583,10 @@ class RoutedExperts(UnitFamily):
                 with torch.no_grad():
                     norms = y.detach().float().norm(dim=-1)        # [N, E]
                     routed = norms > 0
-                    run.freq += routed.sum(0).double().cpu()
-                    run.reap += norms.sum(0).double().cpu()
-                    run.tokens += N
+                    if not recomputing():
+                        run.freq += routed.sum(0).double().cpu()
+                        run.reap += norms.sum(0).double().cpu()
+                        run.tokens += N
                 z = on_input(y.reshape(*state["shape"][:-1], E * H))
                 return z.reshape(N, E, H).transpose(0, 1).reshape(E * N, H).to(out.dtype)
             hs.append(experts.register_forward_hook(dense_post))
