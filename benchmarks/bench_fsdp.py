@@ -6,6 +6,8 @@
         --sharded                                                             # 2 ranks, FSDP2
     python benchmarks/bench_fsdp.py --model /tmp/llama1b --out /tmp/fsdp1 --prune whole
     python benchmarks/bench_fsdp.py --model /tmp/llama1b --out /tmp/fsdp1 --prune layered
+    python benchmarks/bench_fsdp.py --model /tmp/llama1b --out /tmp/ck0 --seq 512 --batches 2 \\
+        --threads 2 [--checkpointing]                                  # activation checkpointing
 
 The model (hidden 2048, 20 layers, 16 heads / 4 KV heads, MLP 5632, vocab 32000, untied head:
 1.03B parameters, fp32) has random weights: scoring cost and memory do not depend on what the
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
                     help="instead of scoring: prune --model with the book in --out at params=0.3 "
                          "and write it to --out/<mode>; whole = from_pretrained + prune + "
                          "save_pretrained, layered = fp.llm.prune_checkpoint")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="score with activation checkpointing (fp.score(..., checkpointing=True))")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     args = ap.parse_args(argv)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
         return make(args.make)
     if args.prune:
         return prune(args)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
                for _ in range(args.batches)][rank::size]
     t0 = time.perf_counter()
     book = fp.score(model, batches, classes=8, samples_per_class=8, projections=16,
-                    reconstruction=False, progress=False)
+                    reconstruction=False, progress=False, checkpointing=args.checkpointing)
     score_s = time.perf_counter() - t0
     mine = {"rank": rank, "load_s": round(load_s, 1), "score_s": round(score_s, 1),
             "param_bytes_held_mb": round(held / 2 ** 20), "peak_rss_after_load_mb":
@@ -115,6 +120,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         book.save(os.path.join(args.out, "book.safetensors"))
         summary = {"world_size": size, "sharded": args.sharded, "offload": args.offload,
+                   "checkpointing": args.checkpointing, "threads": args.threads,
                    "batches": args.batches, "seq": args.seq, "torch": torch.__version__,
                    "ranks": ranks}
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
