@@ -510,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --experts: merge each removed routed expert into the kept expert "
                          "that takes its tokens over (routing-frequency-weighted average of their "
                          "weights) instead of dropping it")
+    lm.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: build the model already FSDP2-sharded from MODEL (a "
+                         "safetensors directory; each rank reads only its rows), score it "
+                         "sharded, then rank 0 prunes MODEL on disk one decoder layer at a time "
+                         "(fp.llm.prune_checkpoint): no process ever holds the whole model")
     lm.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing while scoring: each decoder layer recomputes "
                          "its forward in the backward (less memory, about one more forward of "

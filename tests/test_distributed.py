@@ -193,3 +193,37 @@ def test_prune_lm_under_torchrun_writes_the_single_process_result(lm_dir, tmp_pa
     plan1 = fp.Plan.load(tmp_path / "one" / "fair_pruner_plan.json")
     plan2 = fp.Plan.load(tmp_path / "two" / "fair_pruner_plan.json")
     assert plan1.removed == plan2.removed
+
+
+@pytest.mark.slow
+def test_prune_lm_fsdp_never_holds_the_whole_model_and_writes_the_same_model(lm_dir, tmp_path):
+    """torchrun ... prune-lm --fsdp: sharded loading and scoring, then rank 0 prunes the checkpoint
+    layer by layer; the result equals the one-process prune-lm's."""
+    from fair_pruner.cli import main
+    args = ["prune-lm", str(lm_dir / "model"), "--calib-text", str(lm_dir / "calib.txt"),
+            "--seq-len", "32", "--num-seqs", "8", "--params", "0.3", "-q"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), "-m", "fair_pruner"]
+                       + args + ["--out", str(tmp_path / "two"), "--fsdp"], capture_output=True,
+                       text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan1 = fp.Plan.load(tmp_path / "one" / "fair_pruner_plan.json")
+    plan2 = fp.Plan.load(tmp_path / "two" / "fair_pruner_plan.json")
+    assert plan1.removed == plan2.removed
+    assert (tmp_path / "two" / "model.safetensors.index.json").exists()    # written by layers
+    x = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = fp.from_pretrained(tmp_path / "one")(input_ids=x).logits.float()
+        b = fp.from_pretrained(tmp_path / "two")(input_ids=x).logits.float()
+    torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_prune_lm_fsdp_needs_torchrun(lm_dir, tmp_path, capsys):
+    from fair_pruner.cli import main
+    assert main(["prune-lm", str(lm_dir / "model"), "--calib-text", str(lm_dir / "calib.txt"),
+                 "--out", str(tmp_path / "o"), "--fsdp", "-q"]) == 2
+    assert "torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

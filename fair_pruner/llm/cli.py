@@ -331,6 +331,19 @@ def _check_args(args) -> None:
                               "--reconstruct auto, affine or lstsq")
     if args.eval_tokens < 2:
         raise FairPrunerError("--eval-tokens must be >= 2")
+    if getattr(args, "fsdp", False):
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise FairPrunerError("--fsdp shards the model across the ranks of torchrun: run "
+                                  "torchrun --nproc_per_node N -m fair_pruner prune-lm ... --fsdp")
+        if not os.path.isdir(args.model):
+            raise FairPrunerError(f"--fsdp reads a Hugging Face safetensors directory; "
+                                  f"{args.model} is not one")
+        for bad, why in ((args.gguf, "--gguf"), (args.eval_text, "--eval-text"),
+                         (args.expert_merge, "--expert-merge"),
+                         (args.signal == "taylor", "--signal taylor")):
+            if bad:
+                raise FairPrunerError(f"{why} needs the whole model in one process; drop it or "
+                                      "drop --fsdp")
 
 
 def cli_prune_lm(args) -> int:
@@ -381,8 +394,14 @@ def _prune_lm(args, gguf) -> int:
             print(f"fair-pruner: warning: {msg}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    say(f"loading {args.model} ...")
-    model, tok = load_model(args.model)
+    say(f"loading {args.model} ..." + (" (FSDP2-sharded)" if args.fsdp else ""))
+    if args.fsdp:
+        from ._hf import transformers_module
+        from .shard import load_sharded
+        model = load_sharded(args.model)
+        tok = transformers_module().AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tok = load_model(args.model)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer found with {args.model}; prune-lm needs one to "
                                 "tokenize --calib-text")
@@ -434,6 +453,8 @@ def _prune_lm(args, gguf) -> int:
                        **kw)
     for w in plan_warnings(book, plan, signal=args.signal):
         warn(w)
+    if args.fsdp:       # the sharded model cannot be pruned in memory: prune the checkpoint
+        return _prune_checkpoint_on_rank0(args, book, plan, recon, tok, rank, say, t0)
     if rank != 0:       # every rank holds the same book and plan; rank 0 prunes and writes
         return 0
 
@@ -481,4 +502,24 @@ def _prune_lm(args, gguf) -> int:
         from .plot import plot_layers
         plot_layers(book, plan, args.plot)
         say(f"wrote {args.plot}")
+    return 0
+
+
+def _prune_checkpoint_on_rank0(args, book, plan, recon, tok, rank, say, t0) -> int:
+    """``--fsdp``: rank 0 prunes the checkpoint layer by layer and writes ``--out``; the other
+    ranks wait at a barrier (tearing the group down under a writing rank 0 aborted gloo)."""
+    import torch.distributed as tdist
+
+    from .checkpoint import prune_checkpoint
+    if rank == 0:
+        prune_checkpoint(args.model, plan, args.out, book=book, reconstruct=recon or None,
+                         dtype=save_dtype(args.dtype, args.model), tokenizer=tok,
+                         progress=not args.quiet)
+        book.save(os.path.join(args.out, "score_book.safetensors"))
+        say("")
+        say(layer_table(book, plan))
+        say(f"calibration {book.meta['seconds']:.1f} s (sharded), process peak RSS "
+            f"{book.meta['process_peak_rss_mb']:.0f} MB; total {time.perf_counter() - t0:.1f} s")
+        say(f"wrote {args.out} (pruned from {args.model} one decoder layer at a time)")
+    tdist.barrier()
     return 0
