@@ -50,7 +50,8 @@ def parameters_on_meta():
 
 
 def checkpoint_files(directory: str) -> List[str]:
-    index = os.path.join(directory, "model.safetensors.index.json")
+    """The safetensors files of a Hugging Face checkpoint directory (sharded or not)."""
+    index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
         with open(index) as fh:
             names = sorted(set(json.load(fh)["weight_map"].values()))
@@ -58,10 +59,8 @@ def checkpoint_files(directory: str) -> List[str]:
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise FileNotFoundError(f"{directory} has no model.safetensors(.index.json); load_sharded "
-                            "reads Hugging Face safetensors checkpoints")
-
-
+    raise FileNotFoundError(f"{directory} has no model.safetensors or {INDEX}: a Hugging Face "
+                            "safetensors checkpoint directory is needed")
 
 
 def fused_expert_sources(name: str, shape, where: Dict[str, str]):
@@ -81,7 +80,7 @@ def fused_expert_sources(name: str, shape, where: Dict[str, str]):
 
 
 def _reader(directory: str):
-    """name -> function(index tuple or None) reading that tensor (or a slice) from the files."""
+    """(tensor name -> file, read(name) -> that tensor in memory) for a checkpoint directory."""
     from safetensors import safe_open
 
     where: Dict[str, str] = {}
@@ -91,6 +90,8 @@ def _reader(directory: str):
                 where[k] = f
 
     def read(name: str) -> torch.Tensor:
+        # a copy owned by the process: the mapping closes with the block, so the file pages
+        # read stay out of the resident set
         with safe_open(where[name], framework="pt") as h:
             return h.get_tensor(name).clone()
     return where, read
