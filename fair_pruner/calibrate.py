@@ -287,10 +287,14 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         all_signals[s.name] = s
 
     it = iter(loader)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise CalibrationDataError("the calibration loader is empty") from None
+    empty = object()
+    # Data parallel: a rank whose loader fails or is empty must fail every rank here, before the
+    # first collective, not leave the others waiting for the process group's timeout.
+    first = dist.guarded(lambda: next(it, empty), (lambda: None) if dist.active() else None)
+    if dist.active():
+        dist.check_every_rank_has_data(dist.gather_objects(int(first is not empty)))
+    if first is empty:
+        raise CalibrationDataError("the calibration loader is empty")
     inputs0, labels0 = split_batch(first)
     _check_labels(labels0, 0)
     x0 = first_tensor(inputs0)
@@ -363,7 +367,9 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                     "data-parallel scoring reads the calibration labels before pass 1, but the "
                     f"loader is a one-shot iterator ({type(loader).__name__}): pass a list or a "
                     "DataLoader")
-            res = dist.ReplayedReservoir(res, _labels_of(loader, num_classes))
+            labels = _labels_of(loader, num_classes)
+            dist.check_every_rank_has_data([len(x) for x in labels])
+            res = dist.ReplayedReservoir(res, labels)
         first_chunk = _plan_chunks(producers, probe, slots, samples_per_class, projections,
                                    u_mode, memory_budget, warn=False)[0]
         _warn_oversize(first_chunk, probe, slots, samples_per_class, projections, u_mode,

@@ -79,6 +79,18 @@ def guarded(work, reduce=None):
     return result
 
 
+def check_every_rank_has_data(batches_per_rank: Sequence[int]) -> None:
+    """Raise (identically on every rank: the counts were gathered) when a rank has no batches;
+    otherwise its empty pass surfaces later as a misleading "never ran" error."""
+    empty = [r for r, n in enumerate(batches_per_rank) if n == 0]
+    if empty:
+        from .errors import CalibrationDataError
+        raise CalibrationDataError(
+            f"rank {empty[0]} of {len(batches_per_rank)} has no calibration batches (ranks "
+            f"without any: {empty}): give every rank at least one, e.g. "
+            "batches[rank::world_size] over at least world_size batches")
+
+
 def gathered(work) -> List[Any]:
     """``work()`` on every rank, the results gathered in rank order; a failure on any rank
     raises on every rank (before the gather)."""

@@ -32,6 +32,7 @@ def main():
     if a.model == "cnn":
         from helpers import cnn_case
         model, loader, kw = cnn_case(a.budget)
+        loader = loader[:a.batches] if a.batches else loader
         return score_and_save(model, loader[rank::size], kw, a.out, rank)
     # a sharded model's forwards are collectives: the same number of batches on every rank
     batches = token_batches(n=a.batches or (7 if a.shard == "none" else 6))[rank::size]

@@ -123,6 +123,17 @@ def test_a_sharded_model_with_unequal_shards_is_refused_on_every_rank(tmp_path):
         assert "same number of batches on every rank, got [4, 3]" in msg, r.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "cnn"])
+def test_a_rank_without_batches_is_a_clear_error_on_every_rank(model, tmp_path):
+    out = tmp_path / "book.safetensors"
+    r = torchrun(2, "--model", model, "--out", str(out), "--batches", "1", timeout=200)
+    assert r.returncode != 0 and not out.exists()
+    for rank in range(2):
+        msg = (tmp_path / f"book.safetensors.rank{rank}.err").read_text()
+        assert "rank 1 of 2 has no calibration batches" in msg, r.stderr[-3000:]
+
+
 def test_shard_needs_a_process_group_and_the_fsdp_helpers_are_no_ops_on_a_plain_model():
     with pytest.raises(fp.FairPrunerError, match="process group"):
         fp.llm.shard(tiny_lm("llama"))

@@ -358,6 +358,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     if size > 1:        # data parallel: classes and reservoir of the union of the ranks' shards
         cls, n_labelled, n_batches, labels = _union_classes(loader, classes, vocab)
         per_rank = [len(x) for x in labels]
+        dist.check_every_rank_has_data(per_rank)
         if sharded and len(set(per_rank)) > 1:
             # every forward of a sharded model is a collective (all-gathers per layer)
             raise CalibrationDataError(
