@@ -183,8 +183,9 @@ def test_cnn_ranks_give_the_single_process_book(n, budget, tmp_path):
     assert fp.allocate(got, params=0.4).removed == fp.allocate(want, params=0.4).removed
 
 
-@pytest.mark.slow
-def test_prune_lm_under_torchrun_writes_the_single_process_result(lm_dir, tmp_path):
+def prune_lm_one_and_two_ranks(lm_dir, tmp_path, *two_only):
+    """prune-lm of the tiny Llama in this process into tmp_path/one and under torchrun on 2
+    ranks (with ``two_only`` options) into tmp_path/two."""
     from fair_pruner.cli import main
     args = ["prune-lm", str(lm_dir / "model"), "--calib-text", str(lm_dir / "calib.txt"),
             "--seq-len", "32", "--num-seqs", "8", "--params", "0.3", "-q"]
@@ -193,9 +194,15 @@ def test_prune_lm_under_torchrun_writes_the_single_process_result(lm_dir, tmp_pa
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()), "-m", "fair_pruner"]
-                       + args + ["--out", str(tmp_path / "two")], capture_output=True, text=True,
-                       env=env, timeout=300, stdin=subprocess.DEVNULL)
+                       + args + ["--out", str(tmp_path / "two"), *two_only],
+                       capture_output=True, text=True, env=env, timeout=300,
+                       stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_prune_lm_under_torchrun_writes_the_single_process_result(lm_dir, tmp_path):
+    prune_lm_one_and_two_ranks(lm_dir, tmp_path)
     one = fp.ScoreBook.load(tmp_path / "one" / "score_book.safetensors")
     two = fp.ScoreBook.load(tmp_path / "two" / "score_book.safetensors")
     assert two.meta["world_size"] == 2
@@ -210,17 +217,7 @@ def test_prune_lm_under_torchrun_writes_the_single_process_result(lm_dir, tmp_pa
 def test_prune_lm_fsdp_never_holds_the_whole_model_and_writes_the_same_model(lm_dir, tmp_path):
     """torchrun ... prune-lm --fsdp: sharded loading and scoring, then rank 0 prunes the checkpoint
     layer by layer; the result equals the one-process prune-lm's."""
-    from fair_pruner.cli import main
-    args = ["prune-lm", str(lm_dir / "model"), "--calib-text", str(lm_dir / "calib.txt"),
-            "--seq-len", "32", "--num-seqs", "8", "--params", "0.3", "-q"]
-    assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), "-m", "fair_pruner"]
-                       + args + ["--out", str(tmp_path / "two"), "--fsdp"], capture_output=True,
-                       text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr[-3000:]
+    prune_lm_one_and_two_ranks(lm_dir, tmp_path, "--fsdp")
     plan1 = fp.Plan.load(tmp_path / "one" / "fair_pruner_plan.json")
     plan2 = fp.Plan.load(tmp_path / "two" / "fair_pruner_plan.json")
     assert plan1.removed == plan2.removed
