@@ -42,6 +42,16 @@ from .signals import BUILTIN, Signal, UnitStats
 # Batches
 # --------------------------------------------------------------------------------------------
 
+def _default_loss(out: Any, y: Tensor) -> Tensor:
+    """Summed cross-entropy of the model's logits against the class labels."""
+    logits = logits_of(out)
+    if logits.dim() < 1 or logits.shape[0] != y.shape[0]:
+        raise CalibrationDataError(
+            f"the model gives {tuple(logits.shape)} logits for a batch with {y.shape[0]} labels: "
+            "give one label per sample (or pass loss_fn= for another layout)")
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
 def _check_labels(labels: Optional[Tensor], batch_idx: int,
                   num_classes: Optional[int] = None) -> Tensor:
     if labels is None:
@@ -60,7 +70,7 @@ def _check_labels(labels: Optional[Tensor], batch_idx: int,
         raise CalibrationDataError(
             f"batch {batch_idx}: labels must lie in [0, {num_classes}) for a model with "
             f"{num_classes} outputs, got values in [{int(labels.min())}, {int(labels.max())}]")
-    return labels
+    return labels.long()        # int32 / uint8 class indices are fine; the loss wants int64
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +291,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
     loss_fn_given = loss_fn
-    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(logits_of(out).float(), y, reduction="sum"))
+    loss_fn = loss_fn or _default_loss
     all_signals: Dict[str, Signal] = dict(BUILTIN)
     for s in signals:
         all_signals[s.name] = s

@@ -155,3 +155,20 @@ def test_save_pretrained_of_a_cnn_is_a_clear_error(tmp_path):
     with pytest.raises(fp.FairPrunerError, match="torch.save"):
         fp.save_pretrained(TinyCNN(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_integer_labels_of_any_width_and_a_label_count_mismatch():
+    """int32 / uint8 class labels are class indices like int64 ones (the same book); a batch
+    whose label count differs from the model's outputs is a clear error, not torch's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 4))
+    data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))) for _ in range(3)]
+    kw = dict(progress=False, samples_per_class=4, projections=8)
+    want = fp.score(m, data, **kw)
+    for dt in (torch.int32, torch.uint8):
+        got = fp.score(m, [(x, y.to(dt)) for x, y in data], **kw)
+        assert all(torch.equal(a.u, b.u) and torch.equal(a.r, b.r)
+                   for a, b in zip(got.groups, want.groups))
+    with pytest.raises(fp.FairPrunerError, match="one label per sample"):
+        fp.score(m, [(x, y[:5]) for x, y in data], **kw)
