@@ -269,6 +269,7 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
     if is_sharded(model):
         raise FairPrunerError(
             f"fp.{what} of an FSDP2-sharded model ({plain_type(model).__name__}) is not "
-            "supported: it needs whole parameters. Save the book on rank 0, load the unsharded "
-            f"checkpoint in one process and call fp.{what} there (the book's fingerprint is the "
-            "unsharded model's)")
+            "supported: it needs whole parameters. Save the book on rank 0 and prune the "
+            "checkpoint the model came from with fair_pruner.llm.prune_checkpoint(src, plan, "
+            f"out, book=book) (one decoder layer at a time), or load it in one process and call "
+            f"fp.{what} there (the book's fingerprint is the unsharded model's)")

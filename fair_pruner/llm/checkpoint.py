@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -24,9 +24,8 @@ import torch.nn as nn
 from ..errors import FairPrunerError, UnsupportedModelError
 from ..scorebook import atomic_write
 from ._hf import transformers_module
+from .io import INDEX, WEIGHTS
 from .layout import find_layout
-
-INDEX = "model.safetensors.index.json"
 
 
 @contextlib.contextmanager
@@ -56,10 +55,10 @@ def checkpoint_files(directory: str) -> List[str]:
         with open(index) as fh:
             names = sorted(set(json.load(fh)["weight_map"].values()))
         return [os.path.join(directory, n) for n in names]
-    single = os.path.join(directory, "model.safetensors")
+    single = os.path.join(directory, WEIGHTS)
     if os.path.isfile(single):
         return [single]
-    raise FileNotFoundError(f"{directory} has no model.safetensors or {INDEX}: a Hugging Face "
+    raise FileNotFoundError(f"{directory} has no {WEIGHTS} or {INDEX}: a Hugging Face "
                             "safetensors checkpoint directory is needed")
 
 
@@ -79,22 +78,40 @@ def fused_expert_sources(name: str, shape, where: Dict[str, str]):
     return None
 
 
-def _reader(directory: str):
-    """(tensor name -> file, read(name) -> that tensor in memory) for a checkpoint directory."""
+def checkpoint_reader(directory: str):
+    """(name -> file, name -> shape, read(name, index=None)) for a checkpoint directory.
+    ``read`` returns the tensor, or the slice ``index`` (a tuple of slices) of it, as a copy the
+    process owns: each read opens and closes its own mapping, so the file pages it touched leave
+    the resident set (a rank's memory is its tensors, not the part of the file it has read)."""
     from safetensors import safe_open
 
     where: Dict[str, str] = {}
+    shapes: Dict[str, tuple] = {}
     for f in checkpoint_files(directory):
         with safe_open(f, framework="pt") as h:
             for k in h.keys():
                 where[k] = f
+                shapes[k] = tuple(h.get_slice(k).get_shape())
 
-    def read(name: str) -> torch.Tensor:
-        # a copy owned by the process: the mapping closes with the block, so the file pages
-        # read stay out of the resident set
+    def read(name: str, index: Optional[tuple] = None) -> torch.Tensor:
         with safe_open(where[name], framework="pt") as h:
-            return h.get_tensor(name).clone()
-    return where, read
+            t = h.get_tensor(name) if index is None else h.get_slice(name)[index]
+            return t.clone()
+    return where, shapes, read
+
+
+def meta_model(directory: str, dtype=None):
+    """(model, config): the causal LM of ``directory``'s config built with its parameters on the
+    meta device (:func:`parameters_on_meta`), in eval mode; ``dtype`` defaults to the config's."""
+    tf = transformers_module()
+    config = tf.AutoConfig.from_pretrained(directory)
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
+            or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with parameters_on_meta():
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), config
 
 
 def _materialise(model: nn.Module, prefix: str, where, read, directory: str,
@@ -153,25 +170,20 @@ def prune_checkpoint(source, plan, out, *, book=None, reconstruct: str = "auto",
     """
     from safetensors.torch import save_file
 
-    from .io import config_dict, weights_dtype, write_metadata
-    from .reconstruct import reconstruct as apply_reconstruction
-    from .surgery import CONFIG_KEY, config_entry, resolve_families, resolve_method
+    from .io import config_dict, tensors_for_disk, weights_dtype, write_metadata
+    from .surgery import (CONFIG_KEY, apply_removals, config_entry, resolve_families,
+                          resolve_method)
 
     tf = transformers_module()
     source, out = os.fspath(source), os.fspath(out)
     if os.path.abspath(source) == os.path.abspath(out):
         raise FairPrunerError("prune_checkpoint: out must differ from source (the source is read "
                               "while the output is written)")
-    where, read = _reader(source)
-    config = tf.AutoConfig.from_pretrained(source)
+    where, _, read = checkpoint_reader(source)
+    model, config = meta_model(source)
     if getattr(config, CONFIG_KEY, None):
         raise FairPrunerError(f"{source} is already a fair_pruner-pruned directory; prune the "
                               "original checkpoint")
-    src_dtype = getattr(config, "dtype", None) or torch.float32
-    src_dtype = getattr(torch, src_dtype) if isinstance(src_dtype, str) else src_dtype
-    with parameters_on_meta():
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=src_dtype)
-    model.eval()
     model.name_or_path = source                  # write_metadata copies the tokenizer from here
     if os.path.isfile(os.path.join(source, "generation_config.json")):
         model.generation_config = tf.GenerationConfig.from_pretrained(source)
@@ -195,51 +207,34 @@ def prune_checkpoint(source, plan, out, *, book=None, reconstruct: str = "auto",
     added: List[str] = []
     aliases: Dict[str, str] = {}
 
-    def write(i: int, tensors: Dict[str, torch.Tensor]) -> None:
+    def write(i: int, items) -> None:
+        """File ``i`` of the output: the (name, tensor) ``items``, tied tensors once."""
+        tensors, tied = tensors_for_disk(items, dtype)
+        aliases.update(tied)
         name = fname.format(i + 1, n_files)
         for k in tensors:
             weight_map[k] = name
         atomic_write(os.path.join(out, name),
                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
-    def layer_tensors(prefix: str) -> Dict[str, torch.Tensor]:
-        mod = model.get_submodule(prefix)
-        return {f"{prefix}.{k}": (t.detach().to(dtype) if t.is_floating_point() else t.detach())
-                .contiguous() for k, t in mod.state_dict().items()}
-
     from tqdm.auto import tqdm
     for i, (prefix, lf) in enumerate(tqdm(list(zip(layer_names, by_layer)), disable=not progress,
                                           desc="fair_pruner: pruning layers")):
         _materialise(model, prefix, where, read, source)
-        added += apply_reconstruction(model, lf, plan.removed, book, method, damp)
-        for name, fam in lf.items():
-            removed = set(plan.removed[name])
-            if removed:
-                keep = torch.tensor([u for u in range(fam.size) if u not in removed],
-                                    dtype=torch.int64)
-                fam.prune(model, keep)
-        write(i, layer_tensors(prefix))
+        added += apply_removals(model, lf, plan.removed, book, method, damp)
+        write(i, model.get_submodule(prefix).state_dict(prefix=prefix + ".").items())
         _to_meta(model.get_submodule(prefix))
     # everything outside the decoder layers: embeddings, final norm, head (tied tensors once)
     inside = tuple(p + "." for p in layer_names)
     _materialise(model, "", where, read, source, skip=inside)
-    rest: Dict[str, torch.Tensor] = {}
-    seen: Dict[int, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name.startswith(inside) or t.device.type == "meta":
-            continue
-        if t.data_ptr() in seen:
-            aliases[name] = seen[t.data_ptr()]
-            continue
-        seen[t.data_ptr()] = name
-        t = t.detach()
-        rest[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    write(n_files - 1, rest)
+    write(n_files - 1, [(n, t) for n, t in model.state_dict().items()
+                        if not n.startswith(inside) and t.device.type != "meta"])
     setattr(model.config, CONFIG_KEY, config_entry(model, added))
     cfg = config_dict(model, dtype)
     total = sum(os.path.getsize(os.path.join(out, f)) for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total, "fair_pruner_aliases": aliases},
              "weight_map": dict(sorted(weight_map.items()))}
+
     def write_index(tmp: str) -> None:
         with open(tmp, "w") as fh:
             json.dump(index, fh, indent=2)

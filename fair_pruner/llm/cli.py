@@ -512,7 +512,7 @@ def _prune_checkpoint_on_rank0(args, book, plan, recon, tok, rank, say, t0) -> i
 
     from .checkpoint import prune_checkpoint
     if rank == 0:
-        prune_checkpoint(args.model, plan, args.out, book=book, reconstruct=recon or None,
+        prune_checkpoint(args.model, plan, args.out, book=book, reconstruct=recon,
                          dtype=save_dtype(args.dtype, args.model), tokenizer=tok,
                          progress=not args.quiet)
         book.save(os.path.join(args.out, "score_book.safetensors"))

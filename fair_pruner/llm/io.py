@@ -41,6 +41,7 @@ from .layout import find_layout
 from .surgery import CONFIG_KEY, FORMAT, config_entry
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"   # weights in several files (prune_checkpoint)
 REMOTE_MODULE = "modeling_fair_pruner"      # the modeling file a saved directory carries
 REMOTE_CLASS = "FairPrunedForCausalLM"
 REMOTE_TYPE_PREFIX = "fair_pruned_"
@@ -197,6 +198,24 @@ def weights_dtype(dtype, model: nn.Module) -> torch.dtype:
     return dtype
 
 
+def tensors_for_disk(items, dtype: torch.dtype) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(name -> contiguous CPU copy, floating point in ``dtype``; alias name -> stored name) for
+    ``(name, tensor)`` items: tied tensors are stored once, their other names are aliases."""
+    tensors: Dict[str, torch.Tensor] = {}
+    seen: Dict[tuple, str] = {}
+    aliases: Dict[str, str] = {}
+    for name, t in items:
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        t = t.detach().to("cpu")
+        tensors[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return tensors, aliases
+
+
 def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtype=None) -> None:
     """Write ``model`` (pruned or not) to ``directory``.
 
@@ -223,19 +242,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, plan=None, dtyp
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     cfg = config_dict(model, dtype)
-    # Weights: contiguous CPU copies, tied tensors stored once (aliases recorded in the header).
-    tensors: Dict[str, torch.Tensor] = {}
-    seen: Dict[tuple, str] = {}
-    aliases: Dict[str, str] = {}
-    for name, t in model.state_dict(keep_vars=False).items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        t = t.detach().to("cpu")
-        tensors[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    tensors, aliases = tensors_for_disk(model.state_dict(keep_vars=False).items(), dtype)
     header = {"format": "pt", "fair_pruner_aliases": json.dumps(aliases)}
     atomic_write(os.path.join(directory, WEIGHTS),
             lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -357,7 +364,7 @@ def _resize_layers(model: nn.Module, entry: dict, directory: str) -> None:
 def _load_weights(model: nn.Module, directory: str) -> None:
     from safetensors import safe_open
 
-    index = os.path.join(directory, "model.safetensors.index.json")
+    index = os.path.join(directory, INDEX)
     if os.path.isfile(index):           # written layer by layer (fair_pruner.llm.prune_checkpoint)
         with open(index) as fh:
             idx = json.load(fh)

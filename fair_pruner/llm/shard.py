@@ -11,14 +11,13 @@ their hooks see the unsharded forward, and the weight-aware signals gather one l
 from __future__ import annotations
 
 import os
-from typing import Dict
 
 import torch
 import torch.nn as nn
 
 from .. import distributed as dist
 from ..errors import UnsupportedModelError
-from .checkpoint import checkpoint_files, fused_expert_sources, parameters_on_meta
+from .checkpoint import checkpoint_reader, fused_expert_sources, meta_model
 from .layout import find_layout
 
 
@@ -28,10 +27,10 @@ def shard(model: nn.Module, *, cpu_offload: bool = False, reshard_after_forward:
 
     Each decoder layer becomes one FSDP unit (all-gathered for its forward and its backward,
     freed after), so do an untied input embedding and LM head; the rest (final norm, a tied
-    embedding) is the root unit. ``cpu_offload`` keeps
-    the shards in CPU memory between uses (``CPUOffloadPolicy``). The caller's model object is
+    embedding) is the root unit. ``cpu_offload`` keeps the shards in CPU memory between uses (``CPUOffloadPolicy``). The caller's model object is
     changed (its classes become ``FSDP<name>``, its parameters DTensors): that is what sharding
-    means; score it, keep the book, and prune the unsharded checkpoint with the book.
+    means; score it, keep the book, and prune the checkpoint with the book
+    (:func:`fair_pruner.llm.prune_checkpoint`).
     """
     import torch.distributed as tdist
     if not (tdist.is_available() and tdist.is_initialized()):
@@ -59,7 +58,6 @@ def shard(model: nn.Module, *, cpu_offload: bool = False, reshard_after_forward:
     return model
 
 
-
 def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
                  device=None) -> nn.Module:
     """Build the causal LM in ``directory`` already FSDP2-sharded, reading from its safetensors
@@ -71,29 +69,20 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
     checkpoint slice by slice (``safe_open(...).get_slice``). ``dtype`` defaults to the
     checkpoint's. The result scores with :func:`fair_pruner.score` exactly like
     ``shard(from_pretrained(directory))`` (tests/test_distributed.py). Needs a checkpoint whose
-    tensor names are the model's parameter names (transformers' on-load renames, e.g. per-expert
-    MoE tensors fused into 3-D ones, are refused with the name that is missing).
+    tensor names are the model's parameter names, or per-expert MoE tensors that transformers
+    fuses on load (fused here too, reading only this rank's experts); other on-load renames are
+    refused with the name that is missing.
     """
     import torch.distributed as tdist
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from ._hf import transformers_module
     if not (tdist.is_available() and tdist.is_initialized()):
         raise UnsupportedModelError("fair_pruner.llm.load_sharded needs an initialised "
                                     "torch.distributed process group (run under torchrun)")
-    tf = transformers_module()
     directory = os.fspath(directory)
-    files = checkpoint_files(directory)
-    config = tf.AutoConfig.from_pretrained(directory)
-    if dtype is None or dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
-            or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with parameters_on_meta():
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
+    where, shapes, read = checkpoint_reader(directory)
+    model, _ = meta_model(directory, dtype)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     shard(model, cpu_offload=cpu_offload)
     if device is None:
@@ -104,21 +93,6 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
         for n, b in model.named_buffers():          # to_empty left them uninitialised
             if n in buffers:
                 b.copy_(buffers[n])
-    where: Dict[str, str] = {}
-    shapes: Dict[str, tuple] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            for k in h.keys():
-                where[k] = f
-                shapes[k] = tuple(h.get_slice(k).get_shape())
-
-    def read(name: str, idx: tuple) -> torch.Tensor:
-        # one mapping per read, closed at once: the file pages it touched leave this process's
-        # resident set, so a rank's memory is its shards, not the part of the file it has read
-        with safe_open(where[name], framework="pt") as h:
-            return h.get_slice(name)[idx].clone()
-
-    with torch.no_grad():
         for name, p in model.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
             if isinstance(p, DTensor):
@@ -145,7 +119,6 @@ def load_sharded(directory, *, dtype=None, cpu_offload: bool = False,
                     "into gate_up_proj / down_proj); load the model whole and call "
                     "fair_pruner.llm.shard(model) instead")
             for row, e in enumerate(range(idx[0].start, idx[0].stop)):
-                parts = [read(k, tuple(slice(None) for _ in range(p.dim() - 1)))
-                         for k in fused(e)]
+                parts = [read(k) for k in fused(e)]
                 local[row].copy_(torch.cat(parts, dim=0)[idx[1:]].to(local.dtype))
     return model

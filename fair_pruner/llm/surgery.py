@@ -70,6 +70,21 @@ def config_entry(model: nn.Module, added=()) -> dict:
     return entry
 
 
+def apply_removals(model: nn.Module, fams: Dict[str, UnitFamily], removed: Dict[str, list],
+                   book, method, damp: float) -> List[str]:
+    """In place: reconstruct the consumers of ``fams`` (``method``, see
+    :mod:`fair_pruner.llm.reconstruct`), then slice their removed units out. Returns the
+    modules that gained a bias. :func:`prune` runs it on every family at once,
+    :func:`fair_pruner.llm.prune_checkpoint` one decoder layer at a time."""
+    added = apply_reconstruction(model, fams, removed, book, method, damp)
+    for name, fam in fams.items():
+        gone = set(removed[name])
+        if gone:
+            keep = torch.tensor([i for i in range(fam.size) if i not in gone], dtype=torch.int64)
+            fam.prune(model, keep)
+    return added
+
+
 def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: str = "auto",
           book=None, damp: float = 1e-2, expert_merge: bool = False) -> nn.Module:
     """Return ``model`` with the plan's units removed (a deep copy unless ``inplace``).
@@ -97,13 +112,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, *, reconstruct: s
     if not inplace:
         fams = resolve_families(target, plan)
     merged = merge_removed_experts(target, fams, merging, plan.removed, book)
-    added = apply_reconstruction(target, fams, plan.removed, book, reconstruct, damp)
-    for name, fam in fams.items():
-        removed = set(plan.removed[name])
-        if not removed:
-            continue
-        keep = torch.tensor([i for i in range(fam.size) if i not in removed], dtype=torch.int64)
-        fam.prune(target, keep)
+    added = apply_removals(target, fams, plan.removed, book, reconstruct, damp)
     cfg = getattr(target, "config", None)
     if cfg is not None:
         setattr(cfg, CONFIG_KEY, config_entry(target, added))
