@@ -311,8 +311,29 @@ def check_sampling(samples_per_class, projections) -> None:
 def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
     """The model to calibrate on ``device`` (default: where it lives): the model itself, or a
     copy when it lives elsewhere, so the caller's model is never moved."""
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{len(meta)} parameters/buffers of this model are on the meta device (e.g. "
+            f"{meta[0]!r}): they hold no values to calibrate on. Load the weights first (e.g. "
+            "model.to_empty(device=...) then load_state_dict, or fp.llm.load_sharded for a "
+            "checkpoint)")
     model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device) if device is not None else model_device
+    try:
+        device = torch.device(device) if device is not None else model_device
+    except (RuntimeError, TypeError) as exc:
+        raise CalibrationDataError(f"device={device!r} is not a torch device ({exc}); pass "
+                                   "e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if device.type != "cpu" and device != model_device:
+        mod = getattr(torch, device.type, None)
+        ok = mod is not None and getattr(mod, "is_available", lambda: True)()
+        if ok and device.index is not None and hasattr(mod, "device_count"):
+            ok = device.index < mod.device_count()
+        if not ok:
+            raise CalibrationDataError(
+                f"device={str(device)!r} is not available on this machine (torch sees "
+                f"{torch.cuda.device_count()} CUDA devices); pass device='cpu' or leave "
+                "device= unset to calibrate where the model lives")
     if device != model_device and is_sharded(model):
         raise UnsupportedModelError(
             f"device={str(device)!r}: an FSDP2-sharded model is scored where its shards live "

@@ -98,14 +98,14 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     added = {n for n, _ in target.named_parameters()} - before
     DG = build_dependency_graph(target, example)
     roots, root_of = {}, plan.meta.get("roots") or {}
-    for name in plan.removed:
+    for name in {**plan.sizes, **plan.removed}:
         try:
             roots[name] = target.get_submodule(root_of.get(name, name))
         except AttributeError:
             raise BookMismatchError(f"plan group {name!r} is not a module of this model") from None
-    for name, idxs in plan.removed.items():
-        if not idxs:
-            continue
+    # Every group's size, also of groups with nothing removed: a plan edited or made for
+    # another width is refused whole rather than applied where it happens to fit.
+    for name in plan.sizes:
         mod = roots[name]
         n = DG.get_pruner_of_module(mod).get_out_channels(mod)
         if n != plan.sizes[name]:

@@ -198,6 +198,21 @@ def test_plan_sizes_must_match(model, book):
         Plan.check(bad, model, book)
 
 
+def test_size_of_a_group_with_nothing_removed_is_checked_against_the_model(model, book):
+    """Without a book, surgery compares every planned group's size with the model, not only
+    the groups it removes units from (an edited plan is refused whole)."""
+    plan = fp.allocate(book, params=0.3)
+    busy = [g.name for g in book.groups if plan.removed.get(g.name)]
+    assert len(busy) >= 2
+    plan = replace(plan, removed={**plan.removed, busy[0]: []})      # busy[0] now idle
+    snap = snapshot(model)
+    for name in busy[:2]:
+        bad = replace(plan, sizes={**plan.sizes, name: plan.sizes[name] + 3})
+        with pytest.raises(BookMismatchError, match=f"group {name} has .* units in this model"):
+            fp.prune(model, bad)
+    assert_same(model, snap)
+
+
 def test_a_valid_plan_round_trips(model, book, tmp_path):
     plan = fp.allocate(book, params=0.3)
     plan.save(tmp_path / "p.json")
@@ -494,3 +509,33 @@ def test_prune_lm_on_a_directory_that_is_not_a_model(tmp_path, capsys):
                "--params", "0.2", "-q"])
     assert rc == 2
     assert "not a transformers model directory" in capsys.readouterr().err
+
+
+# ============================================================================ devices
+
+def test_meta_device_model_is_refused_before_calibration():
+    with torch.device("meta"):
+        m = TinyCNN(num_classes=4)
+    with pytest.raises(UnsupportedModelError, match="meta device.*Load the weights"):
+        fp.score(m, batches(torch.randn(8, 3, 8, 8), torch.arange(8) % 4, 4), **KW)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_unavailable_device_is_a_clear_error(model, device):
+    with pytest.raises(CalibrationDataError, match="not available on this machine"):
+        fp.score(model, batches(torch.randn(8, 3, 8, 8), torch.arange(8) % 4, 4),
+                 device=device, **KW)
+
+
+def test_device_index_beyond_the_machine_is_a_clear_error(model):
+    n = torch.cuda.device_count()
+    with pytest.raises(CalibrationDataError, match="not available on this machine"):
+        fp.score(model, batches(torch.randn(8, 3, 8, 8), torch.arange(8) % 4, 4),
+                 device=f"cuda:{n}", **KW)
+
+
+def test_not_a_device_is_a_clear_error(model):
+    with pytest.raises(CalibrationDataError, match="is not a torch device"):
+        fp.score(model, batches(torch.randn(8, 3, 8, 8), torch.arange(8) % 4, 4),
+                 device="gpu0", **KW)
