@@ -345,8 +345,9 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         skipped: List[str] = []
         specs = find_groups(work, DG, ignored, skipped, calls=probe["calls"])
         if skipped:
-            warnings.warn(f"fair_pruner: {len(skipped)} groups touch grouped convolutions and "
-                          f"are kept whole (e.g. {skipped[0]})")
+            warnings.warn(f"fair_pruner: {len(skipped)} groups touch grouped convolutions "
+                          "whose channel groups they do not cover position by position (e.g. "
+                          f"{skipped[0]}); they are kept whole (book.meta['skipped_groups'])")
         if not specs:
             raise UnsupportedModelError("found no prunable Conv/Linear groups in this model "
                                         "(only the output layer, or everything is ignored)")

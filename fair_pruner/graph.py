@@ -91,10 +91,43 @@ def _role(DG, module, handler) -> Optional[str]:
 
 
 def _grouped_conv(m: nn.Module) -> bool:
-    """A grouped, not depthwise, convolution: Torch-Pruning 1.6 cannot remove single channels
-    of it (the per-group fan-in would break), so groups touching one are kept whole."""
+    """A grouped, not depthwise, convolution: removing one channel of it would break the equal
+    fan-in / fan-out of its channel groups, so a group touching one removes interleaved units
+    (:func:`_interleave`)."""
     return isinstance(m, CONV_TYPES) and 1 < m.groups and not (
         m.groups == m.in_channels == m.out_channels)
+
+
+def _interleave(DG, g) -> Optional[int]:
+    """Channels per unit for a Torch-Pruning group ``g``: 1 without grouped convolutions;
+    else the lcm ``L`` of their group counts, unit j being root channels {j + k*C/L : k < L}
+    (the same position in every channel group, which Torch-Pruning's grouped-conv pruners
+    assume). None when that layout does not hold in some grouped conv (the group is then kept
+    whole and reported in ``book.meta["skipped_groups"]``)."""
+    gconvs = [it for it in g.items if _grouped_conv(it.dep.target.module)]
+    if not gconvs:
+        return 1
+    L = math.lcm(*(it.dep.target.module.groups for it in gconvs))
+    C = len(g[0].idxs)
+    if C % L or C // L < 2:
+        return None
+    n = C // L
+    for it in gconvs:
+        m = it.dep.target.module
+        width = m.out_channels if DG.is_out_channel_pruning_fn(it.dep.handler) else m.in_channels
+        shift = width // m.groups
+        units: Dict[int, set] = {}
+        for i, r in zip(item_idxs(it.idxs), item_idxs(it.root_idxs)):
+            units.setdefault(r % n, set()).add(i)
+        for chans in units.values():
+            if {(i + shift) % width for i in chans} != chans:
+                return None
+    return L
+
+
+def item_idxs(idxs) -> List[int]:
+    """Torch-Pruning's index lists (ints or _HybridIndex) as ints."""
+    return [int(i) for i in idxs]
 
 
 def group_name(root: str, producers: Sequence[str]) -> str:
@@ -187,7 +220,8 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
         root = g[0].dep.target.module
         if root in inside_mha:        # never called as a module (F.multi_head_attention_forward)
             continue
-        if any(_grouped_conv(it.dep.target.module) for it in g.items):
+        interleave = _interleave(DG, g)
+        if interleave is None:
             if skipped is not None:
                 skipped.append(names[root])
             continue
@@ -203,14 +237,15 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
         if why:
             refused.append((names[root], why))
             continue
-        spec = GroupSpec(name=names[root], size=len(g[0].idxs), root=names[root])
+        n = len(g[0].idxs) // interleave
+        spec = GroupSpec(name=names[root], size=n, root=names[root], interleave=interleave)
         for item in g.items:
             mod = item.dep.target.module
             role = _role(DG, mod, item.dep.handler)
             if role is None or mod not in names:
                 continue
-            spec.members.append(Member(names[mod], role, [int(i) for i in item.idxs],
-                                       [int(i) for i in item.root_idxs]))
+            spec.members.append(Member(names[mod], role, item_idxs(item.idxs),
+                                       [int(i) % n for i in item.root_idxs]))
         if not spec.producers:
             continue
         spec.name = group_name(spec.root, [m.module for m in spec.producers])
@@ -263,13 +298,16 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
     for gi, spec in enumerate(groups):
         root = model.get_submodule(spec.root_module)
         pruner = DG.get_pruner_of_module(root)
-        g = DG.get_pruning_group(root, pruner.prune_out_channels, list(range(spec.size)))
+        g = DG.get_pruning_group(root, pruner.prune_out_channels,
+                                 list(range(spec.size * spec.interleave)))
         for item in g.items:
             mod = item.dep.target.module
             dims = _param_dims(DG, mod, item.dep.handler)
             if not dims:
                 continue
-            width = len(item.idxs) / spec.size
+            width = len(item.idxs) / spec.size       # channels of ``mod`` per unit
+            if _grouped_conv(mod) and not DG.is_out_channel_pruning_fn(item.dep.handler):
+                width /= mod.groups     # its weight holds in_channels / groups input channels
             if isinstance(mod, nn.Parameter):
                 pname = pname_of.get(mod)
                 if pname is not None:
@@ -298,15 +336,27 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
 # Applying removals, the masked reference, and the exactness self-check
 # --------------------------------------------------------------------------------------------
 
+def unit_channels(idxs: Sequence[int], size: int, interleave: int = 1) -> List[int]:
+    """Root channels of units ``idxs`` of a group of ``size`` units (see
+    :attr:`GroupSpec.interleave`)."""
+    return sorted(int(j) + k * size for j in idxs for k in range(interleave))
+
+
 def prune_units(model: nn.Module, DG, roots: Dict[str, nn.Module],
-                removed: Dict[str, Sequence[int]]) -> None:
-    """Remove ``removed[name]`` (root unit indices) of every group through ``DG``, in place."""
+                removed: Dict[str, Sequence[int]], sizes: Optional[Dict[str, int]] = None,
+                interleave: Optional[Dict[str, int]] = None) -> None:
+    """Remove ``removed[name]`` (root unit indices) of every group through ``DG``, in place;
+    groups in ``interleave`` (units of several channels, of ``sizes[name]`` units) lose every
+    channel of each unit."""
+    interleave = interleave or {}
     for name, idxs in removed.items():
         if not idxs:
             continue
         mod = roots[name]
         pruner = DG.get_pruner_of_module(mod)
-        DG.get_pruning_group(mod, pruner.prune_out_channels, list(idxs)).prune()
+        chans = unit_channels(idxs, sizes[name], interleave[name]) if name in interleave \
+            else list(idxs)
+        DG.get_pruning_group(mod, pruner.prune_out_channels, chans).prune()
 
 
 class MaskedLayerNorm(nn.Module):
@@ -510,7 +560,9 @@ def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
             warnings.simplefilter("ignore")
             DG = build_dependency_graph(pruned, example)
             prune_units(pruned, DG, {n: pruned.get_submodule(specs[idx[n]].root)
-                                     for n in removed}, removed)
+                                     for n in removed}, removed,
+                        {s.name: s.size for s in specs},
+                        {s.name: s.interleave for s in specs if s.interleave != 1})
             out_p, params, macs = _measure(pruned, example, call)
     except Exception as exc:        # pruned model no longer runs
         return [f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"]

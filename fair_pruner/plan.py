@@ -454,6 +454,9 @@ def _make_plan(book: ScoreBook, removed: Dict[str, List[int]], *, meta: Dict[str
     roots = {g.name: g.spec.root for g in book.groups if g.spec.root not in (None, g.name)}
     if roots:              # groups named "root+N" (several producers): the module to prune from
         full_meta["roots"] = roots
+    interleave = {g.name: g.spec.interleave for g in book.groups if g.spec.interleave != 1}
+    if interleave:         # channels per unit (grouped convolutions): surgery expands units
+        full_meta["interleave"] = interleave
     full_meta.update(meta)
     return Plan(removed=removed, sizes={g.name: g.size for g in book.groups},
                 params_before=int(round(float(base_p))), params_after=int(round(float(p_after))),

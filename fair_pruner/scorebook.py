@@ -43,6 +43,10 @@ class GroupSpec:
     size: int
     members: List[Member] = field(default_factory=list)
     root: Optional[str] = None   # the module the group is pruned from; None: ``name`` is it
+    # Channels per unit: unit j is root channels {j + k * size : k < interleave}, one position
+    # in every channel group of a grouped convolution the group feeds (``interleave`` > 1 only
+    # there); members' ``root_idxs`` are unit indices.
+    interleave: int = 1
 
     @property
     def root_module(self) -> str:
@@ -190,6 +194,10 @@ class ScoreBook:
                         f"group {g.name}: signal {s!r} has NaN/inf scores, which would steer the "
                         "plan arbitrarily; the book is corrupt or was edited: rescore with "
                         "fp.score, or set finite scores with book.set_signal()")
+            il = g.spec.interleave if structure else 1
+            if not (isinstance(il, int) and not isinstance(il, bool) and il >= 1):
+                raise InvalidBookError(f"group {g.name}: interleave {il!r} must be an int >= 1; "
+                                       "the book is corrupt: rescore")
             for m in (g.spec.members if structure else ()):
                 if len(m.idxs) != len(m.root_idxs) or any(
                         not isinstance(i, int) or not 0 <= i < g.size for i in m.root_idxs) \
@@ -228,6 +236,7 @@ class ScoreBook:
                 "frozen": g.frozen, "tier": g.tier, "tensors": sorted(g.tensors),
                 "members": [[m.module, m.role, m.idxs, m.root_idxs] for m in g.spec.members],
                 **({"root": g.spec.root} if g.spec.root is not None else {}),
+                **({"interleave": g.spec.interleave} if g.spec.interleave != 1 else {}),
             })
         header = {"format": "fair_pruner.scorebook", "version": str(FORMAT_VERSION),
                   "groups": json.dumps(groups_meta), "meta": json.dumps(self.meta)}
@@ -280,7 +289,7 @@ class ScoreBook:
                 if not isinstance(gm, dict):
                     raise TypeError("not a JSON object")
                 spec = GroupSpec(gm["name"], gm["size"], [Member(*m) for m in gm["members"]],
-                                 gm.get("root"))
+                                 gm.get("root"), gm.get("interleave", 1))
                 for s in gm["signals"]:
                     if f"g{i}.{s}" not in tensors:
                         raise InvalidBookError(f"{where} ({gm['name']}) lists signal {s!r} but "

@@ -105,13 +105,16 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
             raise BookMismatchError(f"plan group {name!r} is not a module of this model") from None
     # Every group's size, also of groups with nothing removed: a plan edited or made for
     # another width is refused whole rather than applied where it happens to fit.
+    interleave = plan.meta.get("interleave") or {}
     for name in plan.sizes:
         mod = roots[name]
         n = DG.get_pruner_of_module(mod).get_out_channels(mod)
-        if n != plan.sizes[name]:
-            raise BookMismatchError(f"group {name} has {n} units in this model but "
-                                    f"{plan.sizes[name]} in the plan")
-    prune_units(target, DG, roots, plan.removed)
+        il = interleave.get(name, 1)
+        if n != plan.sizes[name] * il:
+            raise BookMismatchError(
+                f"group {name} has {n} units in this model but {plan.sizes[name]} in the plan"
+                + (f" (of {il} channels each)" if il != 1 else ""))
+    prune_units(target, DG, roots, plan.removed, plan.sizes, interleave)
     # Never silently wrong: the pruned model must hold exactly the parameters the plan counts
     # (biases added by reconstruction aside).
     real = sum(p.numel() for n, p in target.named_parameters() if n not in added)

@@ -116,3 +116,94 @@ def test_inplace_activation_after_tap():
     for ga, gb in zip(ba.groups, bb.groups):
         torch.testing.assert_close(ga.r, gb.r)
         torch.testing.assert_close(ga.u, gb.u)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped convolutions (ResNeXt / RegNet): interleaved units, pruned exactly, not skipped
+# --------------------------------------------------------------------------------------------
+
+class GroupedBlock(nn.Module):
+    """1x1 -> grouped 3x3 (groups=4) -> 1x1 with a residual: both groups around the grouped
+    conv (its input and its output channels) need interleaved units."""
+
+    def __init__(self, c=8, w=12, groups=4):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(c, w, 1), nn.BatchNorm2d(w)
+        self.b, self.bn_b = nn.Conv2d(w, w, 3, padding=1, groups=groups), nn.BatchNorm2d(w)
+        self.c, self.bn_c = nn.Conv2d(w, c, 1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = torch.relu(self.bn_a(self.a(x)))
+        h = torch.relu(self.bn_b(self.b(h)))
+        return torch.relu(x + self.bn_c(self.c(h)))
+
+
+def _grouped_net():
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      GroupedBlock(), GroupedBlock(w=16, groups=2),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(8, 10))).eval()
+
+
+def test_grouped_conv_units_are_interleaved_and_exact(tmp_path):
+    model = _grouped_net()
+    x = torch.randn(3, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # no "kept whole" warning
+        book, plan, pruned = _check(model, _calib(size=8), x, 0.3)
+    assert book.meta["skipped_groups"] == []
+    by = {g.name: g for g in book.groups}
+    # 12 channels feeding / leaving a groups=4 conv: 3 units of 4 channels (one per group)
+    for name, units, il in [("3.a", 3, 4), ("3.b", 3, 4), ("4.a", 8, 2), ("4.b", 8, 2)]:
+        assert (by[name].size, by[name].spec.interleave) == (units, il)
+    assert plan.meta["interleave"] == {"3.a": 4, "3.b": 4, "4.a": 2, "4.b": 2}
+    assert any(plan.removed[n] for n in plan.meta["interleave"])
+    for i, n_units, il in [(3, 3, 4), (4, 8, 2)]:
+        b = pruned[i].b
+        assert b.in_channels == (n_units - len(plan.removed[f"{i}.a"])) * il
+        assert b.out_channels == (n_units - len(plan.removed[f"{i}.b"])) * il
+        assert b.groups == il                         # every channel group keeps its width
+    # Interleaving survives save / load of the book and of the plan.
+    book.save(tmp_path / "b.safetensors")
+    back = fp.ScoreBook.load(tmp_path / "b.safetensors")
+    assert [g.spec.interleave for g in back.groups] == [g.spec.interleave for g in book.groups]
+    plan.save(tmp_path / "p.json")
+    again = fp.prune(model, fp.Plan.load(tmp_path / "p.json"))
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+
+
+def test_grouped_conv_fed_by_a_concat_of_one_group_is_kept_whole():
+    """A producer feeding only some channel groups of a grouped conv cannot lose a position of
+    every group: that group is kept whole and listed, the rest is pruned exactly."""
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.q = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = torch.cat([torch.relu(self.p(x)), torch.relu(self.q(x))], 1)
+            return self.fc(torch.relu(self.g(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Cat().eval()
+    with pytest.warns(UserWarning, match="kept whole"):
+        book = fp.score(model, _calib(size=8), samples_per_class=2, projections=8,
+                        progress=False)
+    assert set(book.meta["skipped_groups"]) == {"p", "q"}
+    assert [g.name for g in book.groups] == ["g"]
+    assert book.groups[0].spec.interleave == 2
+
+
+@pytest.mark.parametrize("arch", ["resnext50_32x4d", "regnet_x_400mf"])
+def test_torchvision_grouped_conv_families_exact(arch):
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(torchvision.models, arch)(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    book, plan, _ = _check(model, _calib(), x, 0.3)
+    assert book.meta["skipped_groups"] == []
+    il = plan.meta["interleave"]
+    assert len(il) >= len(book.groups) // 2 and any(plan.removed[n] for n in il)

@@ -499,9 +499,9 @@ def test_prune_checks_params_against_the_plan(monkeypatch):
     plan = fp.allocate(book, params=0.3)
     real = graph.prune_units
 
-    def more(model, DG, roots, removed):       # an op that also removes one more channel
+    def more(model, DG, roots, removed, *args):    # an op that also removes one more channel
         real(model, DG, roots, {k: (list(v) + [max(set(range(plan.sizes[k])) - set(v))]
-                                    if v else v) for k, v in removed.items()})
+                                    if v else v) for k, v in removed.items()}, *args)
     monkeypatch.setattr(surgery, "prune_units", more)
     with pytest.raises(fp.UnsupportedModelError, match="plan counts"):
         fp.prune(model, plan)
