@@ -343,7 +343,9 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         DG = build_dependency_graph(work, example)
         check_traced(work, DG, list(probe["calls"]))
         skipped: List[str] = []
-        specs = find_groups(work, DG, ignored, skipped, calls=probe["calls"])
+        tp_groups: Dict[str, object] = {}
+        specs = find_groups(work, DG, ignored, skipped, calls=probe["calls"],
+                            tp_groups=tp_groups)
         if skipped:
             warnings.warn(f"fair_pruner: {len(skipped)} groups touch grouped convolutions "
                           "whose channel groups they do not cover position by position (e.g. "
@@ -351,7 +353,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         if not specs:
             raise UnsupportedModelError("found no prunable Conv/Linear groups in this model "
                                         "(only the output layer, or everything is ignored)")
-        cost = build_cost_model(work, DG, specs, probe["positions"])
+        cost = build_cost_model(work, DG, specs, probe["positions"], tp_groups)
         # Before any calibration work: pruning each group must equal masking it, and the cost
         # model must count what pruning leaves (else refuse, naming the groups).
         check_exact(work, example, specs, cost, call_model, seed, DG=DG)

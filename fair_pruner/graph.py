@@ -7,9 +7,13 @@ objects (which modules produce a group's units, which consume them, which norms 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import random
+import signal
+import threading
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -31,6 +35,10 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 EXACT_TYPES = CONV_TYPES + (nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
                             nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
 VIT_HINT = ("head pruning of vision transformers (nn.MultiheadAttention) is not supported yet")
+# Window / relative-position attention of torchvision (Swin, Swin-V2, MaxViT) and timm.
+WINDOW_ATTENTION = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2",
+                    "RelativePositionalMultiHeadAttention", "WindowAttention",
+                    "WindowAttentionGlobal", "PartitionAttentionCl", "PartitionAttention2d"}
 
 
 def check_model_types(model: nn.Module) -> None:
@@ -43,6 +51,16 @@ def check_model_types(model: nn.Module) -> None:
             f"recurrent layers cannot be pruned exactly yet: {shown}. fair_pruner prunes "
             "Conv/Linear networks (and Hugging Face causal LMs through fp.score on the LM); "
             "score a model without nn.LSTM / nn.GRU / nn.RNN layers")
+    windows = [(n, m) for n, m in model.named_modules()
+               if type(m).__name__ in WINDOW_ATTENTION and type(m).__module__.startswith(
+                   ("torchvision.", "timm."))]
+    if windows:
+        n, m = windows[0]
+        raise UnsupportedModelError(
+            f"{len(windows)} window-attention layers, e.g. {n} ({type(m).__module__}."
+            f"{type(m).__name__}): their head count is fixed in the module and their window "
+            "reshapes make Torch-Pruning's dependency search run for hours, so Swin / MaxViT "
+            f"are not pruned yet; {VIT_HINT}")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -195,9 +213,46 @@ def _refusal(m: nn.Module, name: str, tied, calls) -> Optional[str]:
             "exactly")
 
 
+# Seconds Torch-Pruning's group search may take before scoring gives up with a clear error
+# (Swin's window reshapes make it run for hours and past 8 GB); FAIR_PRUNER_GROUP_SEARCH_S.
+GROUP_SEARCH_LIMIT_S = 300.0
+
+
+class _SearchTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """Raise :class:`UnsupportedModelError` when the block runs longer than ``seconds``
+    (SIGALRM: main thread on POSIX only; elsewhere the block runs unbounded)."""
+    if (seconds is None or seconds <= 0 or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):    # someone else's alarm
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _SearchTimeout()
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _SearchTimeout:
+        raise UnsupportedModelError(
+            f"{what} did not finish in {seconds:g} s: Torch-Pruning's dependency search "
+            "explodes on this model (reshape / permute / window ops, as in Swin or MaxViT). "
+            "Keep the blocks involved whole with ignore=[...], or raise the limit with "
+            "FAIR_PRUNER_GROUP_SEARCH_S=<seconds>") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
                 skipped: Optional[List[str]] = None,
-                calls: Optional[Dict[nn.Module, int]] = None) -> List[GroupSpec]:
+                calls: Optional[Dict[nn.Module, int]] = None,
+                tp_groups: Optional[Dict[str, Any]] = None) -> List[GroupSpec]:
     """All prunable coupled groups, in module order (of their roots), excluding groups touching
     ``ignored``. Names: :func:`group_name` (unique: a module is the root of one group at most).
 
@@ -206,7 +261,9 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     (:func:`_refusal`: attention, recurrent and transposed-conv layers, GroupNorm, parameters
     shared between modules, a producer run more than once per forward, as counted in
     ``calls``) raises :class:`UnsupportedModelError` naming the modules and the ``ignore=``
-    that keeps those groups whole.
+    that keeps those groups whole, as does a search longer than ``GROUP_SEARCH_LIMIT_S``.
+    ``tp_groups`` (if given) receives each spec's Torch-Pruning group, by spec name, for
+    :func:`build_cost_model` (the search is the expensive part: done once).
     """
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -215,8 +272,11 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
                   for sub in m.modules() if sub is not m}
     tied, calls = _tied_modules(model), calls or {}
     specs, refused = [], []
-    for g in DG.get_all_groups(ignored_layers=list(ignored),
-                               root_module_types=PRODUCER_TYPES):
+    limit = float(os.environ.get("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S))
+    with time_limit(limit, "the search for coupled channel groups"):
+        all_groups = list(DG.get_all_groups(ignored_layers=list(ignored),
+                                            root_module_types=PRODUCER_TYPES))
+    for g in all_groups:
         root = g[0].dep.target.module
         if root in inside_mha:        # never called as a module (F.multi_head_attention_forward)
             continue
@@ -250,6 +310,8 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
             continue
         spec.name = group_name(spec.root, [m.module for m in spec.producers])
         specs.append(spec)
+        if tp_groups is not None:
+            tp_groups[spec.name] = g
     if refused:
         reasons = []
         for _, why in refused:
@@ -290,16 +352,20 @@ def _param_dims(DG, module: nn.Module, handler) -> Dict[str, int]:
 
 
 def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
-                     out_positions: Dict[str, int]) -> CostModel:
-    """Cost terms for every parameter of ``model`` (and MACs of every Conv/Linear)."""
+                     out_positions: Dict[str, int],
+                     tp_groups: Optional[Dict[str, Any]] = None) -> CostModel:
+    """Cost terms for every parameter of ``model`` (and MACs of every Conv/Linear);
+    ``tp_groups``: the Torch-Pruning groups :func:`find_groups` found (else searched again)."""
     name_of = {m: n for n, m in model.named_modules()}
     pname_of = {p: n for n, p in model.named_parameters()}
     b = CostBuilder()
     for gi, spec in enumerate(groups):
-        root = model.get_submodule(spec.root_module)
-        pruner = DG.get_pruner_of_module(root)
-        g = DG.get_pruning_group(root, pruner.prune_out_channels,
-                                 list(range(spec.size * spec.interleave)))
+        g = (tp_groups or {}).get(spec.name)
+        if g is None:
+            root = model.get_submodule(spec.root_module)
+            pruner = DG.get_pruner_of_module(root)
+            g = DG.get_pruning_group(root, pruner.prune_out_channels,
+                                     list(range(spec.size * spec.interleave)))
         for item in g.items:
             mod = item.dep.target.module
             dims = _param_dims(DG, mod, item.dep.handler)

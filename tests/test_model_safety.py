@@ -505,3 +505,37 @@ def test_prune_checks_params_against_the_plan(monkeypatch):
     monkeypatch.setattr(surgery, "prune_units", more)
     with pytest.raises(fp.UnsupportedModelError, match="plan counts"):
         fp.prune(model, plan)
+
+
+def test_group_search_past_its_time_limit_is_a_clear_error(monkeypatch):
+    """Torch-Pruning's group search runs for hours on some models (Swin): scoring stops at
+    FAIR_PRUNER_GROUP_SEARCH_S with an error naming the way out, and leaves no alarm set."""
+    import signal
+    import time
+    import torch_pruning as tp
+
+    def endless(self, *a, **k):
+        while True:
+            time.sleep(0.01)
+            yield from ()
+    monkeypatch.setattr(tp.DependencyGraph, "get_all_groups", endless)
+    monkeypatch.setenv("FAIR_PRUNER_GROUP_SEARCH_S", "0.3")
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.perf_counter()
+    with pytest.raises(fp.UnsupportedModelError, match="did not finish in 0.3 s.*ignore=.*"
+                                                       "FAIR_PRUNER_GROUP_SEARCH_S"):
+        fp.score(_mlp(), _mlp_loader(), **KW)
+    assert time.perf_counter() - t0 < 10
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    assert signal.getsignal(signal.SIGALRM) is before
+
+
+@pytest.mark.parametrize("arch", ["swin_t", "maxvit_t"])
+def test_window_attention_models_refused_before_the_search(arch):
+    import time
+    import torchvision
+    model = _Spy(getattr(torchvision.models, arch)(num_classes=4).eval())
+    t0 = time.perf_counter()
+    msg = _refused(model, _loader((3, 32, 32), n=8), "window-attention layers")
+    assert "Swin / MaxViT" in msg and model.calls == 0
+    assert time.perf_counter() - t0 < 60        # was: hours inside Torch-Pruning's search

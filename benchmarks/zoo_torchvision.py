@@ -1,0 +1,150 @@
+"""Every torchvision classifier through score -> allocate -> prune, checked like a new user
+would hope (issue 12): pruned == masked, plan params / MACs == the pruned model's.
+
+    python benchmarks/zoo_torchvision.py                  # every classification model
+    python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
+    python benchmarks/zoo_torchvision.py --json out.json
+
+Each model runs in its own process (random weights jittered so that zero-initialised heads,
+tiny layer scales and default BN statistics cannot hide a difference; 10 classes, 20 images,
+2 samples per class, 8 projections, 64x64 inputs unless the model needs another size), with a
+wall-clock limit per model. Outcomes:
+  exact    pruned == masked (1e-4 of the output scale), plan params and MACs == the pruned
+           model's, something removed
+  refused  a fair_pruner.FairPrunerError before pruning (the model or a layer it cannot prune
+           exactly, named in the message)
+  WRONG    pruned != masked, or counts differ, with no error
+  RAW      any other exception
+  LIMIT    past the time limit or killed (memory)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
+
+CHILD = r'''
+import json, sys, time, warnings
+import torch, torch.nn as nn, torchvision
+import fair_pruner as fp
+sys.path.insert(0, sys.argv[3])
+from helpers import count_macs, randomize_bn
+warnings.simplefilter("ignore")
+torch.set_num_threads(2)
+name, size = sys.argv[1], int(sys.argv[2])
+res = {"model": name, "size": size}
+def done(**kw):
+    res.update(kw); print("@@" + json.dumps(res)); sys.exit(0)
+torch.manual_seed(0)
+kw = {"num_classes": 10}
+if name.startswith("vit_"):
+    kw["image_size"] = size
+if name in ("googlenet", "inception_v3"):
+    kw.update(aux_logits=False, init_weights=False)
+model = getattr(torchvision.models, name)(**kw)
+g = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for p in model.parameters():
+        if p.is_floating_point():
+            s = float(p.std()) if p.numel() > 1 else 0.0
+            p.add_(torch.randn(p.shape, generator=g) * max(0.05, 0.1 * s))
+model = randomize_bn(model).eval()
+res["params"] = sum(p.numel() for p in model.parameters())
+x = torch.randn(20, 3, size, size, generator=g)
+y = torch.arange(20) % 10
+loader = [(x[i:i + 10], y[i:i + 10]) for i in (0, 10)]
+t0 = time.perf_counter()
+try:
+    book = fp.score(model, loader, samples_per_class=2, projections=8, progress=False)
+except fp.FairPrunerError as e:
+    done(outcome="refused", error=type(e).__name__, message=str(e)[:300],
+         seconds=round(time.perf_counter() - t0, 1))
+res["score_s"] = round(time.perf_counter() - t0, 1)
+res["groups"] = len(book.groups)
+res["skipped_groups"] = len(book.meta.get("skipped_groups", []))
+res["interleaved_groups"] = sum(gr.spec.interleave > 1 for gr in book.groups)
+try:
+    plan = fp.allocate(book, params=0.3)
+    pruned, masked = fp.prune(model, plan), fp.mask(model, plan, book)
+except fp.FairPrunerError as e:
+    done(outcome="refused", error=type(e).__name__, message=str(e)[:300], stage="surgery")
+xe = torch.randn(2, 3, size, size, generator=g)
+with torch.no_grad():
+    a, b = pruned(xe), masked(xe)
+err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3)) if a.shape == b.shape else None
+real_p = sum(p.numel() for p in pruned.parameters())
+real_m = count_macs(pruned, xe[:1])
+res.update(rel_err=err, plan_params=plan.params_after, real_params=real_p,
+           plan_macs=plan.flops_after, real_macs=real_m,
+           removed=sum(len(v) for v in plan.removed.values()),
+           params_removed=round(plan.params_reduction, 4))
+bad = []
+if err is None or not err <= 1e-4:
+    bad.append(f"pruned != masked ({err})")
+if real_p != plan.params_after:
+    bad.append(f"params {real_p} != plan {plan.params_after}")
+if real_m != plan.flops_after:
+    bad.append(f"MACs {real_m} != plan {plan.flops_after}")
+if res["removed"] == 0:
+    bad.append("nothing removed")
+done(outcome="WRONG" if bad else "exact", problems=bad)
+'''
+
+
+def run(name: str, limit: float) -> dict:
+    size = SIZES.get(name, 64)
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-c", CHILD, name, str(size),
+                            os.path.join(ROOT, "tests")], capture_output=True, text=True,
+                           timeout=limit, env={**os.environ, "PYTHONPATH": ROOT})
+    except subprocess.TimeoutExpired:
+        return {"model": name, "outcome": "LIMIT", "message": f"over {limit:.0f} s"}
+    lines = [l for l in r.stdout.splitlines() if l.startswith("@@")]
+    if lines:
+        out = json.loads(lines[-1][2:])
+    else:
+        tail = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        out = {"model": name, "outcome": "LIMIT" if r.returncode < 0 else "RAW",
+               "message": tail[:300]}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main(argv=None) -> int:
+    import torchvision
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", default="", help="comma-separated name fragments")
+    ap.add_argument("--limit", type=float, default=600.0, help="seconds per model")
+    ap.add_argument("--json", help="write all results here")
+    a = ap.parse_args(argv)
+    names = torchvision.models.list_models(module=torchvision.models)
+    if a.k:
+        names = [n for n in names if any(f in n for f in a.k.split(","))]
+    results = []
+    for n in names:
+        r = run(n, a.limit)
+        results.append(r)
+        extra = (f"groups={r.get('groups')} skipped={r.get('skipped_groups')} "
+                 f"interleaved={r.get('interleaved_groups')} err={r.get('rel_err')}"
+                 if r["outcome"] in ("exact", "WRONG") else r.get("message", "")[:150])
+        print(f"{r['outcome']:8s} {n:24s} {r.get('wall_s', 0):6.1f}s  {extra}", flush=True)
+    counts = {}
+    for r in results:
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    print(f"\n{len(results)} models: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if not counts.get("WRONG") and not counts.get("RAW") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
