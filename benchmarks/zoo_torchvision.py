@@ -4,6 +4,7 @@ would hope (issue 12): pruned == masked, plan params / MACs == the pruned model'
     python benchmarks/zoo_torchvision.py                  # every classification model
     python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
     python benchmarks/zoo_torchvision.py --json out.json
+    python benchmarks/zoo_torchvision.py --timm           # 34 timm models (timm==1.0.31)
 
 Each model runs in its own process (random weights jittered so that zero-initialised heads,
 tiny layer scales and default BN statistics cannot hide a difference; 10 classes, 20 images,
@@ -28,7 +29,19 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
+SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "timm:levit_128s": 224,
+         "timm:inception_v3": 96, "timm:coatnet_0_rw_224": 224, "timm:maxvit_tiny_rw_224": 224,
+         "timm:swin_tiny_patch4_window7_224": 224, "timm:xcit_nano_12_p16_224": 64}
+
+# Diverse timm families (pretrained=False): residual, inverted residual, NAS, dense, grouped,
+# ghost, CSP, RepVGG-style, ConvNeXt (v1 / v2), transformers and hybrids.
+TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_002",
+        "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv2_100", "mnasnet_100",
+        "mixnet_s", "ghostnet_100", "rexnet_100", "densenet121", "dla34", "dpn48b",
+        "cspresnet50", "cspdarknet53", "hrnet_w18_small", "repvgg_a0", "vgg11_bn",
+        "convnext_atto", "convnextv2_atto", "efficientformer_l1", "levit_128s", "edgenext_xx_small",
+        "mobilevit_xxs", "deit_tiny_patch16_224", "vit_tiny_patch16_224", "poolformer_s12",
+        "mixer_s16_224", "resmlp_12_224", "tf_efficientnetv2_b0", "lcnet_050", "fbnetc_100"]
 
 CHILD = r'''
 import json, sys, time, warnings
@@ -43,12 +56,20 @@ res = {"model": name, "size": size}
 def done(**kw):
     res.update(kw); print("@@" + json.dumps(res)); sys.exit(0)
 torch.manual_seed(0)
-kw = {"num_classes": 10}
-if name.startswith("vit_"):
-    kw["image_size"] = size
-if name in ("googlenet", "inception_v3"):
-    kw.update(aux_logits=False, init_weights=False)
-model = getattr(torchvision.models, name)(**kw)
+if name.startswith("timm:"):
+    import timm
+    res["timm"] = timm.__version__
+    try:
+        model = timm.create_model(name[5:], pretrained=False, num_classes=10, img_size=size)
+    except TypeError:                      # convnets take no img_size
+        model = timm.create_model(name[5:], pretrained=False, num_classes=10)
+else:
+    kw = {"num_classes": 10}
+    if name.startswith("vit_"):
+        kw["image_size"] = size
+    if name in ("googlenet", "inception_v3"):
+        kw.update(aux_logits=False, init_weights=False)
+    model = getattr(torchvision.models, name)(**kw)
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():
     for p in model.parameters():
@@ -124,8 +145,11 @@ def main(argv=None) -> int:
     ap.add_argument("-k", default="", help="comma-separated name fragments")
     ap.add_argument("--limit", type=float, default=600.0, help="seconds per model")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--timm", action="store_true",
+                    help="the timm list (TIMM) instead of torchvision (needs timm installed)")
     a = ap.parse_args(argv)
-    names = torchvision.models.list_models(module=torchvision.models)
+    names = ([f"timm:{n}" for n in TIMM] if a.timm
+             else torchvision.models.list_models(module=torchvision.models))
     if a.k:
         names = [n for n in names if any(f in n for f in a.k.split(","))]
     results = []
@@ -135,7 +159,7 @@ def main(argv=None) -> int:
         extra = (f"groups={r.get('groups')} skipped={r.get('skipped_groups')} "
                  f"interleaved={r.get('interleaved_groups')} err={r.get('rel_err')}"
                  if r["outcome"] in ("exact", "WRONG") else r.get("message", "")[:150])
-        print(f"{r['outcome']:8s} {n:24s} {r.get('wall_s', 0):6.1f}s  {extra}", flush=True)
+        print(f"{r['outcome']:8s} {n:30s} {r.get('wall_s', 0):6.1f}s  {extra}", flush=True)
     counts = {}
     for r in results:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1

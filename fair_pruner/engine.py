@@ -308,6 +308,27 @@ def check_sampling(samples_per_class, projections) -> None:
         raise CalibrationDataError("projections must be an int >= 1")
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for models that cache autograd results in attributes
+    (timm's LeViT keeps non-leaf attention-bias tensors in a dict, which deepcopy refuses):
+    those tensors are copied detached; the model itself is not touched."""
+    memo: Dict[int, Any] = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            vals = list(v.values()) if isinstance(v, dict) else (
+                list(v) if isinstance(v, (list, tuple)) else [v])
+            for t in vals:
+                if isinstance(t, Tensor) and not t.is_leaf:
+                    memo[id(t)] = t.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be copied with copy.deepcopy ({exc}); fair_pruner "
+            "copies the model to leave yours untouched. Make it deep-copyable (e.g. no "
+            "tensors with autograd history or open handles in module attributes)") from None
+
+
 def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
     """The model to calibrate on ``device`` (default: where it lives): the model itself, or a
     copy when it lives elsewhere, so the caller's model is never moved."""
@@ -339,7 +360,7 @@ def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
             f"device={str(device)!r}: an FSDP2-sharded model is scored where its shards live "
             f"({model_device}); a sharded model cannot be copied to another device. Drop device= "
             "(or shard it there)")
-    return (model if device == model_device else copy.deepcopy(model).to(device)), device
+    return (model if device == model_device else copy_model(model).to(device)), device
 
 
 def sketch_features(p: "SketchTap", z: Tensor, projections: int, u_mode: str, seed: int) -> Tensor:

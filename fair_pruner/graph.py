@@ -8,7 +8,6 @@ objects (which modules produce a group's units, which consume them, which norms 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import random
@@ -22,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cost import CostBuilder, CostModel
+from .engine import copy_model
 from .errors import UnsupportedModelError
 from .scorebook import GroupSpec, Member
 
@@ -489,7 +489,7 @@ def mask_units(masked: nn.Module, specs: Sequence[GroupSpec],
 def _perturbed(model: nn.Module, seed: int) -> nn.Module:
     """A copy with every parameter and norm statistic jittered, so near-zero initialisations
     (zero heads, 1e-6 layer scales, GRN's zero gamma) cannot hide an inexact removal."""
-    m = copy.deepcopy(model).eval()
+    m = copy_model(model).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -586,7 +586,7 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
                    if t.is_floating_point())
     ref, outputs = _perturbed(model, seed), True
     if not finite(ref):
-        ref = copy.deepcopy(model).eval()          # the jitter overflowed: check as it is
+        ref = copy_model(model).eval()             # the jitter overflowed: check as it is
         outputs = finite(ref)   # NaN inputs: only the counts here (calibration reports them)
     bad = _exact_errors(ref, example, specs, cost, call, removed, tol, outputs)
     if not bad:
@@ -620,7 +620,7 @@ def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
         vec[idx[n]] = len(r)
     want_p, want_m = (int(round(float(v))) for v in cost.evaluate(vec))
     errs: List[str] = []
-    pruned = copy.deepcopy(ref)
+    pruned = copy_model(ref)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -632,7 +632,7 @@ def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
             out_p, params, macs = _measure(pruned, example, call)
     except Exception as exc:        # pruned model no longer runs
         return [f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"]
-    out_m = _measure(mask_units(copy.deepcopy(ref), specs, removed), example, call)[0]
+    out_m = _measure(mask_units(copy_model(ref), specs, removed), example, call)[0]
     if params != want_p:
         errs.append(f"{params} parameters after pruning, the plan counts {want_p}")
     if macs != want_m:

@@ -6,7 +6,6 @@ where they are consumed (and channel norms computed over the kept channels only)
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn as nn
 from . import adapters
 from .errors import BookMismatchError, FairPrunerError, UnsupportedModelError
 from .calibrate import consumer_columns
+from .engine import copy_model
 from .graph import build_dependency_graph, channels_by_role, mask_units, prune_units
 from .plan import Plan
 from .reconstruct import METHODS, resolve, set_bias, update
@@ -85,7 +85,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     """
     Plan.check(plan, model, options.get("book"))
     method, book, damp = _options(options, plan)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
     modes = {n: m.training for n, m in target.named_modules()}
     device = next((p.device for p in target.parameters()), torch.device("cpu"))
@@ -146,7 +146,7 @@ def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
     method, _, damp = _options(dict(options, book=book), plan)
     Plan.check(plan, model, book)
-    masked = copy.deepcopy(model)
+    masked = copy_model(model)
     if method is not None:
         _reconstruct(masked, plan, book, method, damp)
     mask_units(masked, [g.spec for g in book.groups], plan.removed)

@@ -539,3 +539,36 @@ def test_window_attention_models_refused_before_the_search(arch):
     msg = _refused(model, _loader((3, 32, 32), n=8), "window-attention layers")
     assert "Swin / MaxViT" in msg and model.calls == 0
     assert time.perf_counter() - t0 < 60        # was: hours inside Torch-Pruning's search
+
+
+class CachesAutogradResults(nn.Module):
+    """Like timm's LeViT: eval mode caches a tensor computed with grad in a dict attribute
+    (copy.deepcopy refuses non-leaf tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.fc = nn.Linear(6, 4)
+        self.cache = {}
+
+    def forward(self, x):
+        if self.training or "s" not in self.cache:
+            self.cache["s"] = self.scale * 2.0         # non-leaf, with autograd history
+        return self.fc(F.relu(self.conv(x) * self.cache["s"]).mean((2, 3)))
+
+
+def test_model_with_cached_autograd_tensors_is_copied_and_pruned():
+    torch.manual_seed(0)
+    model = _jitter(CachesAutogradResults())
+    model(torch.randn(1, 3, 6, 6))                  # fills the cache with a non-leaf tensor
+    cached = model.cache["s"]
+    assert not cached.is_leaf
+    with pytest.raises(RuntimeError):
+        import copy
+        copy.deepcopy(model)
+    book = fp.score(model, _loader((3, 6, 6)), **KW)
+    plan = fp.allocate(book, params=0.3)
+    pruned = fp.prune(model, plan)
+    assert model.cache["s"] is cached                # the caller's model untouched
+    assert pruned.conv.out_channels == 6 - len(plan.removed["conv"])
