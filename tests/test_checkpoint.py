@@ -52,6 +52,28 @@ def test_prune_checkpoint_equals_prune_then_save(model_type, tied, tmp_path):
         torch.testing.assert_close(logits(stock, x), logits(want, x), rtol=1e-5, atol=1e-5)
 
 
+def test_prune_checkpoint_with_expert_merge_equals_prune_then_save(tmp_path):
+    m = tiny_lm("qwen2_moe")
+    m.save_pretrained(tmp_path / "src")
+    m = fp.from_pretrained(tmp_path / "src")
+    book = fp.score(m, token_batches(), classes=8, samples_per_class=8, projections=16,
+                    progress=False, reconstruction=True)
+    plan = fp.allocate(book, experts=0.25)
+    want = fp.prune(m, plan, book=book, expert_merge=True)
+    assert any(want._fair_pruner_expert_merge.values())           # something was merged
+    plain = fp.prune(m, plan, book=book)
+    out = fp.llm.prune_checkpoint(tmp_path / "src", plan, tmp_path / "layered", book=book,
+                                  expert_merge=True, progress=False)
+    got = fp.from_pretrained(out)
+    x = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(got, x), logits(want, x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(got, x), logits(plain, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(fp.FairPrunerError, match="needs the score book"):
+        fp.llm.prune_checkpoint(tmp_path / "src", plan, tmp_path / "o", expert_merge=True,
+                                reconstruct=None, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_prune_checkpoint_refuses_before_reading(tmp_path):
     m = tiny_lm("llama")
     m.save_pretrained(tmp_path / "src")

@@ -158,7 +158,7 @@ def _to_meta(module: nn.Module) -> None:
 
 
 def prune_checkpoint(source, plan, out, *, book=None, reconstruct: str = "auto",
-                     damp: float = 1e-2, dtype=None, tokenizer=None,
+                     damp: float = 1e-2, dtype=None, tokenizer=None, expert_merge: bool = False,
                      progress: bool = True) -> str:
     """Write ``source`` (a Hugging Face safetensors checkpoint directory) pruned by ``plan`` to
     ``out``, reading and pruning one decoder layer at a time; returns ``out``.
@@ -166,11 +166,13 @@ def prune_checkpoint(source, plan, out, *, book=None, reconstruct: str = "auto",
     ``book`` and ``reconstruct`` as in :func:`fair_pruner.prune` (the default reconstruction
     needs the book). ``dtype`` is the weights' dtype on disk (default: the checkpoint's).
     The result equals ``fp.save_pretrained(fp.prune(model, plan, book=book), out)`` of the whole
-    model (tests/test_checkpoint.py). MoE plans with ``expert_merge`` are not supported here.
+    model (tests/test_checkpoint.py), ``expert_merge`` included (each layer's removed experts
+    are merged into their kept ones before that layer is pruned).
     """
     from safetensors.torch import save_file
 
     from .io import config_dict, tensors_for_disk, weights_dtype, write_metadata
+    from .reconstruct import check_expert_merge, merge_removed_experts
     from .surgery import (CONFIG_KEY, apply_removals, config_entry, resolve_families,
                           resolve_method)
 
@@ -189,6 +191,7 @@ def prune_checkpoint(source, plan, out, *, book=None, reconstruct: str = "auto",
         model.generation_config = tf.GenerationConfig.from_pretrained(source)
     fams = resolve_families(model, plan)        # validates the plan before anything is read
     method = resolve_method(reconstruct, book, plan)
+    merging = check_expert_merge(fams, plan, book) if expert_merge else []
     dtype = weights_dtype(dtype, model)
     layout = find_layout(model)
     layer_names = [layer.name for layer in layout.layers]
@@ -221,6 +224,7 @@ def prune_checkpoint(source, plan, out, *, book=None, reconstruct: str = "auto",
     for i, (prefix, lf) in enumerate(tqdm(list(zip(layer_names, by_layer)), disable=not progress,
                                           desc="fair_pruner: pruning layers")):
         _materialise(model, prefix, where, read, source)
+        merge_removed_experts(model, lf, [n for n in merging if n in lf], plan.removed, book)
         added += apply_removals(model, lf, plan.removed, book, method, damp)
         write(i, model.get_submodule(prefix).state_dict(prefix=prefix + ".").items())
         _to_meta(model.get_submodule(prefix))

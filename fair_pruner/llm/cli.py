@@ -339,7 +339,6 @@ def _check_args(args) -> None:
             raise FairPrunerError(f"--fsdp reads a Hugging Face safetensors directory; "
                                   f"{args.model} is not one")
         for bad, why in ((args.gguf, "--gguf"), (args.eval_text, "--eval-text"),
-                         (args.expert_merge, "--expert-merge"),
                          (args.signal == "taylor", "--signal taylor")):
             if bad:
                 raise FairPrunerError(f"{why} needs the whole model in one process; drop it or "
@@ -514,7 +513,7 @@ def _prune_checkpoint_on_rank0(args, book, plan, recon, tok, rank, say, t0) -> i
     if rank == 0:
         prune_checkpoint(args.model, plan, args.out, book=book, reconstruct=recon,
                          dtype=save_dtype(args.dtype, args.model), tokenizer=tok,
-                         progress=not args.quiet)
+                         expert_merge=args.expert_merge, progress=not args.quiet)
         book.save(os.path.join(args.out, "score_book.safetensors"))
         say("")
         say(layer_table(book, plan))
