@@ -572,3 +572,28 @@ def test_model_with_cached_autograd_tensors_is_copied_and_pruned():
     pruned = fp.prune(model, plan)
     assert model.cache["s"] is cached                # the caller's model untouched
     assert pruned.conv.out_channels == 6 - len(plan.removed["conv"])
+
+
+def test_self_check_runs_in_float64_and_falls_back_where_a_model_cannot():
+    """The exactness self-check compares pruned and masked copies in float64 (deep nets with
+    jittered weights amplify fp32 summation-order noise into false refusals), and in the
+    model's own dtype where it does not run in float64."""
+    from fair_pruner.graph import _in_float64
+    from fair_pruner.engine import call_model
+    m = _mlp()
+    x = torch.randn(1, 5)
+    m64, x64 = _in_float64(m, x, call_model)
+    assert x64.dtype == torch.float64 and all(p.dtype == torch.float64 for p in m64.parameters())
+
+    class Fp32Only(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            if x.dtype != torch.float32:
+                raise TypeError("float32 kernels only")
+            return self.fc(x)
+    f = Fp32Only()
+    f32, x32 = _in_float64(f, x, call_model)
+    assert x32 is x and f32.fc.weight.dtype == torch.float32 and f32.fc.bias.dtype == torch.float32
