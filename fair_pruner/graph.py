@@ -51,6 +51,14 @@ def check_model_types(model: nn.Module) -> None:
             f"recurrent layers cannot be pruned exactly yet: {shown}. fair_pruner prunes "
             "Conv/Linear networks (and Hugging Face causal LMs through fp.score on the LM); "
             "score a model without nn.LSTM / nn.GRU / nn.RNN layers")
+    shuffles = [n for n, m in model.named_modules()
+                if type(m).__module__ == "torchvision.models.shufflenetv2"
+                and type(m).__name__ == "InvertedResidual"]
+    if shuffles:
+        raise UnsupportedModelError(
+            f"{len(shuffles)} ShuffleNetV2 blocks (e.g. {shuffles[0]}) split their input and "
+            "interleave channels with channel_shuffle (view / transpose / reshape), which "
+            "Torch-Pruning cannot trace into channel groups; ShuffleNetV2 is not pruned yet")
     windows = [(n, m) for n, m in model.named_modules()
                if type(m).__name__ in WINDOW_ATTENTION and type(m).__module__.startswith(
                    ("torchvision.", "timm."))]

@@ -530,6 +530,13 @@ def test_group_search_past_its_time_limit_is_a_clear_error(monkeypatch):
     assert signal.getsignal(signal.SIGALRM) is before
 
 
+def test_shufflenet_refused_naming_channel_shuffle():
+    import torchvision
+    model = _Spy(torchvision.models.shufflenet_v2_x0_5(num_classes=4).eval())
+    msg = _refused(model, _loader((3, 32, 32), n=8), "channel_shuffle")
+    assert "ShuffleNetV2 blocks" in msg and model.calls == 0
+
+
 @pytest.mark.parametrize("arch", ["swin_t", "maxvit_t"])
 def test_window_attention_models_refused_before_the_search(arch):
     import time
