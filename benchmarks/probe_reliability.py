@@ -168,25 +168,20 @@ p = fp.prune(m, fp.allocate(book, params=0.3))
 if p.fc.out_features != 4 or p.proj.out_features != 4: wrong("an output layer was pruned")
 ok()
 ''')
-case("head_dict_without_logits", '''
+DICT_MODEL = '''
 class M(nn.Module):
     def __init__(s):
         super().__init__(); s.c0 = nn.Conv2d(3, 5, 3, padding=1); s.c1 = nn.Conv2d(5, 6, 3, padding=1)
         s.fc = nn.Linear(6, 4)
     def forward(s, x):
         h = F.relu(s.c1(F.relu(s.c0(x)))).mean((2, 3))
-        return {"features": h, "scores": s.fc(h)}
+        return {"features": h, KEY: s.fc(h)}
+'''
+case("head_dict_without_logits", DICT_MODEL.replace("KEY", '"scores"') + '''
 fp.score(jitter(M()), loader((3, 6, 6)), **KW)
 wrong("features were taken as logits")
 ''')
-case("head_dict_with_logits", '''
-class M(nn.Module):
-    def __init__(s):
-        super().__init__(); s.c0 = nn.Conv2d(3, 5, 3, padding=1); s.c1 = nn.Conv2d(5, 6, 3, padding=1)
-        s.fc = nn.Linear(6, 4)
-    def forward(s, x):
-        h = F.relu(s.c1(F.relu(s.c0(x)))).mean((2, 3))
-        return {"features": h, "logits": s.fc(h)}
+case("head_dict_with_logits", DICT_MODEL.replace("KEY", '"logits"') + '''
 m = jitter(M())
 book = fp.score(m, loader((3, 6, 6)), **KW)
 p = fp.prune(m, fp.allocate(book, params=0.3))
