@@ -76,10 +76,22 @@ with torch.no_grad():
         if p.is_floating_point():
             s = float(p.std()) if p.numel() > 1 else 0.0
             p.add_(torch.randn(p.shape, generator=g) * max(0.05, 0.1 * s))
-model = randomize_bn(model).eval()
+model = randomize_bn(model)
 res["params"] = sum(p.numel() for p in model.parameters())
 x = torch.randn(20, 3, size, size, generator=g)
 y = torch.arange(20) % 10
+if "--bn-from-data" in sys.argv:
+    # BN statistics of the data (as in a trained model): with default or random statistics a
+    # deep random net's activations overflow (ResNet-101: inf gradients), which tells nothing.
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats(); m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m in bns:
+        m.momentum = 0.1
+model.eval()
 loader = [(x[i:i + 10], y[i:i + 10]) for i in (0, 10)]
 t0 = time.perf_counter()
 try:
@@ -123,12 +135,14 @@ done(outcome="WRONG" if bad else "exact", problems=bad)
 '''
 
 
-def run(name: str, limit: float) -> dict:
+def run(name: str, limit: float, bn_from_data: bool = False) -> dict:
     size = SIZES.get(name, 64)
     t0 = time.perf_counter()
     try:
         r = subprocess.run([sys.executable, "-c", CHILD, name, str(size),
-                            os.path.join(ROOT, "tests")], capture_output=True, text=True,
+                            os.path.join(ROOT, "tests")]
+                           + (["--bn-from-data"] if bn_from_data else []),
+                           capture_output=True, text=True,
                            timeout=limit, env={**os.environ, "PYTHONPATH": ROOT})
     except subprocess.TimeoutExpired:
         return {"model": name, "outcome": "LIMIT", "message": f"over {limit:.0f} s"}
@@ -149,6 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("-k", default="", help="comma-separated name fragments")
     ap.add_argument("--limit", type=float, default=600.0, help="seconds per model")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--bn-from-data", action="store_true",
+                    help="set BN statistics from the images (one train-mode pass) instead of "
+                         "random ones: deep random nets overflow otherwise")
     ap.add_argument("--timm", action="store_true",
                     help="the timm list (TIMM) instead of torchvision (needs timm installed)")
     a = ap.parse_args(argv)
@@ -158,7 +175,7 @@ def main(argv=None) -> int:
         names = [n for n in names if any(f in n for f in a.k.split(","))]
     results = []
     for n in names:
-        r = run(n, a.limit)
+        r = run(n, a.limit, a.bn_from_data)
         results.append(r)
         extra = (f"groups={r.get('groups')} skipped={r.get('skipped_groups')} "
                  f"interleaved={r.get('interleaved_groups')} err={r.get('rel_err')}"
