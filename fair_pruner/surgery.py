@@ -98,7 +98,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     added = {n for n, _ in target.named_parameters()} - before
     DG = build_dependency_graph(target, example)
     roots, root_of = {}, plan.meta.get("roots") or {}
-    for name in {**plan.sizes, **plan.removed}:
+    for name in plan.sizes:          # plan.removed names only these (Plan.validate)
         try:
             roots[name] = target.get_submodule(root_of.get(name, name))
         except AttributeError:
