@@ -604,3 +604,36 @@ def test_self_check_runs_in_float64_and_falls_back_where_a_model_cannot():
     f = Fp32Only()
     f32, x32 = _in_float64(f, x, call_model)
     assert x32 is x and f32.fc.weight.dtype == torch.float32 and f32.fc.bias.dtype == torch.float32
+
+
+def test_self_check_confirms_in_float64_only_what_fp32_finds(monkeypatch):
+    """The check runs in the model's dtype first (it is on every CNN's scoring path) and
+    repeats in float64 only to confirm a difference: a model that prunes exactly never pays
+    for the float64 copy; a real error (GRN) is still refused after the float64 pass."""
+    from fair_pruner import graph
+    calls = []
+    real = graph._in_float64
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(graph, "_in_float64", counting)
+    fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
+    assert calls == []
+    _refused(_jitter(ConvNeXtV2Block().eval()), _loader((3, 6, 6)), "pw1.*not exact")
+    assert calls
+
+
+def test_self_check_fp32_noise_is_not_a_refusal(monkeypatch):
+    """A difference seen in fp32 but not in float64 (summation-order noise amplified by a
+    deep jittered net) is no refusal."""
+    from fair_pruner import graph
+    real = graph._exact_errors
+
+    def noisy(ref, *a, **k):
+        if next(ref.parameters()).dtype == torch.float32:
+            return ["pruned and masked outputs differ by 0.36 (scale 1)"]
+        return real(ref, *a, **k)
+    monkeypatch.setattr(graph, "_exact_errors", noisy)
+    book = fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
+    assert [g.name for g in book.groups] == ["0", "2"]
