@@ -7,7 +7,9 @@ objects (which modules produce a group's units, which consume them, which norms 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import itertools
 import math
 import os
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from .cost import CostBuilder, CostModel
 from .engine import copy_model, map_tensors
 from .errors import UnsupportedModelError
-from .scorebook import GroupSpec, Member
+from .scorebook import GroupSpec, Member, model_fingerprint
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRODUCER_TYPES = CONV_TYPES + (nn.Linear,)
@@ -598,6 +600,47 @@ def _in_float64(model: nn.Module, example: Any, call) -> tuple:
     return model, ex64
 
 
+# Structures whose self-check passed in this process (bounded, most recent last): scoring the same
+# architecture again (another calibration set, a sweep, a benchmark) skips the check.
+_CHECKED: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+_CHECKED_MAX = 64
+
+
+def _simple(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, (tuple, list)) and all(_simple(x) for x in v))
+
+
+def _check_key(model: nn.Module, example: Any, specs: Sequence[GroupSpec], seed: int,
+               tol: float, call) -> str:
+    """What the self-check's verdict depends on: parameter names and shapes, every module's
+    class (module and qualified name), its plain attributes (stride, flags that change its
+    forward) and any function bound on the instance, the example's shapes and dtypes, the
+    groups, the seed and tolerance."""
+    h = hashlib.sha256(model_fingerprint(model).encode())
+    for name, m in model.named_modules():
+        cls = type(m)
+        h.update(f"{name}:{cls.__module__}.{cls.__qualname__};".encode())
+        for k, v in sorted(vars(m).items()):
+            if k.startswith("_") and k not in ("_forward_hooks", "_forward_pre_hooks"):
+                continue
+            if _simple(v):
+                h.update(f"{k}={v!r};".encode())
+            elif callable(v) and not isinstance(v, nn.Module):
+                h.update(f"{k}=<{getattr(v, '__qualname__', type(v).__name__)}>;".encode())
+            elif isinstance(v, dict) and k.startswith("_forward"):
+                h.update(f"{k}={len(v)};".encode())
+    def shapes(t):
+        h.update(f"{tuple(t.shape)}{t.dtype}{t.device.type};".encode())
+        return t
+    map_tensors(example, shapes)
+    for sp in specs:
+        h.update(repr((sp.name, sp.size, sp.root, sp.interleave,
+                       [(m.module, m.role, m.idxs, m.root_idxs) for m in sp.members])).encode())
+    h.update(f"{seed};{tol};{getattr(call, '__qualname__', call)!s}".encode())
+    return h.hexdigest()
+
+
 def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost: CostModel,
                 call, seed: int = 0, tol: float = 1e-4, DG=None) -> None:
     """Self-check before scoring: remove about a quarter of the units of every group from a
@@ -610,6 +653,10 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
     removed = {s.name: sorted(rng.sample(range(s.size), max(1, s.size // 4)))
                for s in specs if s.size >= 2}
     if not removed:
+        return
+    key = _check_key(model, example, specs, seed, tol, call)
+    if key in _CHECKED:
+        _CHECKED.move_to_end(key)
         return
     def finite(m, ex):
         return all(bool(torch.isfinite(t).all()) for t in _measure(m, ex, call)[0]
@@ -635,6 +682,9 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
         ref, ex, outputs = reference(True)
         bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs)
     if not bad:
+        _CHECKED[key] = None
+        while len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.popitem(last=False)
         return
     example = ex
     # Name the culprits: the same check one group at a time.

@@ -618,6 +618,7 @@ def test_self_check_confirms_in_float64_only_what_fp32_finds(monkeypatch):
         calls.append(1)
         return real(*a)
     monkeypatch.setattr(graph, "_in_float64", counting)
+    monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
     fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
     assert calls == []
     _refused(_jitter(ConvNeXtV2Block().eval()), _loader((3, 6, 6)), "pw1.*not exact")
@@ -635,5 +636,38 @@ def test_self_check_fp32_noise_is_not_a_refusal(monkeypatch):
             return ["pruned and masked outputs differ by 0.36 (scale 1)"]
         return real(ref, *a, **k)
     monkeypatch.setattr(graph, "_exact_errors", noisy)
+    monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
     book = fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
     assert [g.name for g in book.groups] == ["0", "2"]
+
+
+def test_self_check_runs_once_per_structure(monkeypatch):
+    """A structure whose check passed is not checked again in the process (the check is the
+    largest fixed cost of scoring a small CNN); another structure, a changed module attribute
+    or a refused model is always checked."""
+    from fair_pruner import graph
+    calls = []
+    real = graph._exact_errors
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(graph, "_exact_errors", counting)
+    monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
+    m = _jitter(_mlp())
+    b1 = fp.score(m, _mlp_loader(), **KW)
+    assert len(calls) == 1
+    b2 = fp.score(_jitter(_mlp()), _mlp_loader(), **KW)         # same structure
+    assert len(calls) == 1 and fp.allocate(b1, params=0.3).sizes == fp.allocate(
+        b2, params=0.3).sizes
+    other = _jitter(_mlp())
+    other[1] = nn.Softsign()                                     # another module class
+    fp.score(other, _mlp_loader(), **KW)
+    assert len(calls) == 2
+    flagged = _jitter(_mlp())
+    flagged[0].some_flag = True                                  # a plain attribute
+    fp.score(flagged, _mlp_loader(), **KW)
+    assert len(calls) == 3
+    for _ in range(2):
+        _refused(_jitter(ConvNeXtV2Block().eval()), _loader((3, 6, 6)), "pw1.*not exact")
+    assert len(calls) > 5                                        # never cached: checked twice
