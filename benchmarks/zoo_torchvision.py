@@ -4,7 +4,7 @@ would hope (issue 12): pruned == masked, plan params / MACs == the pruned model'
     python benchmarks/zoo_torchvision.py                  # every classification model
     python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
     python benchmarks/zoo_torchvision.py --json out.json
-    python benchmarks/zoo_torchvision.py --timm           # 34 timm models (timm==1.0.31)
+    python benchmarks/zoo_torchvision.py --timm           # 58 timm models (timm==1.0.31)
 
 Each model runs in its own process (random weights jittered so that zero-initialised heads,
 tiny layer scales and default BN statistics cannot hide a difference; 10 classes, 20 images,
@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "timm:levit_128s": 224,
          "timm:inception_v3": 96, "timm:coatnet_0_rw_224": 224, "timm:maxvit_tiny_rw_224": 224,
-         "timm:swin_tiny_patch4_window7_224": 224, "timm:xcit_nano_12_p16_224": 64}
+         "timm:swin_tiny_patch4_window7_224": 224, "timm:xcit_nano_12_p16_224": 64,
+         "timm:efficientformer_l1": 224}
 
 # Diverse timm families (pretrained=False): residual, inverted residual, NAS, dense, grouped,
 # ghost, CSP, RepVGG-style, ConvNeXt (v1 / v2), transformers and hybrids.
@@ -41,7 +42,15 @@ TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_0
         "cspresnet50", "cspdarknet53", "hrnet_w18_small", "repvgg_a0", "vgg11_bn",
         "convnext_atto", "convnextv2_atto", "efficientformer_l1", "levit_128s", "edgenext_xx_small",
         "mobilevit_xxs", "deit_tiny_patch16_224", "vit_tiny_patch16_224", "poolformer_s12",
-        "mixer_s16_224", "resmlp_12_224", "tf_efficientnetv2_b0", "lcnet_050", "fbnetc_100"]
+        "mixer_s16_224", "resmlp_12_224", "tf_efficientnetv2_b0", "lcnet_050", "fbnetc_100",
+        # added 2026-12-02 (chosen before they were run): more NAS / mobile nets, VoVNet, SelecSLS,
+        # Inception, GENet, MobileOne, CSP-3, Res2Net, SK / ECA / GC / ResNeSt attention,
+        # normaliser-free, GhostNet-V2, MobileNet-V4, HGNet-V2, pre-activation ResNet
+        "regnetx_002", "efficientnet_lite0", "mobilenetv3_large_100", "spnasnet_100",
+        "hardcorenas_a", "tinynet_a", "selecsls42b", "ese_vovnet19b_dw", "inception_v3",
+        "gernet_s", "mobileone_s0", "cs3darknet_s", "res2net50_14w_8s", "skresnet18",
+        "ecaresnet26t", "nf_resnet26", "ghostnetv2_100", "legacy_seresnet18", "dla46_c",
+        "mobilenetv4_conv_small", "hgnetv2_b0", "resnetv2_50", "gcresnet33ts", "resnest14d"]
 
 CHILD = r'''
 import json, sys, time, warnings
