@@ -4,7 +4,7 @@ would hope (issue 12): pruned == masked, plan params / MACs == the pruned model'
     python benchmarks/zoo_torchvision.py                  # every classification model
     python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
     python benchmarks/zoo_torchvision.py --json out.json
-    python benchmarks/zoo_torchvision.py --timm           # 58 timm models (timm==1.0.31)
+    python benchmarks/zoo_torchvision.py --timm           # 62 timm models (timm==1.0.31)
 
 Each model runs in its own process (random weights jittered so that zero-initialised heads,
 tiny layer scales and default BN statistics cannot hide a difference; 10 classes, 20 images,
@@ -50,7 +50,11 @@ TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_0
         "hardcorenas_a", "tinynet_a", "selecsls42b", "ese_vovnet19b_dw", "inception_v3",
         "gernet_s", "mobileone_s0", "cs3darknet_s", "res2net50_14w_8s", "skresnet18",
         "ecaresnet26t", "nf_resnet26", "ghostnetv2_100", "legacy_seresnet18", "dla46_c",
-        "mobilenetv4_conv_small", "hgnetv2_b0", "resnetv2_50", "gcresnet33ts", "resnest14d"]
+        "mobilenetv4_conv_small", "hgnetv2_b0", "resnetv2_50", "gcresnet33ts", "resnest14d",
+        # added 2026-12-03 with attention-head units: the issue's ViT-B/16 and DeiT-S, DeiT-III
+        # (layer scale), ViT-S
+        "vit_base_patch16_224", "deit_small_patch16_224", "deit3_small_patch16_224",
+        "vit_small_patch16_224"]
 
 CHILD = r'''
 import json, sys, time, warnings
@@ -130,6 +134,8 @@ err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3)) if a.shape == b
 res.update(rel_err=err, rel_err_fp32=err32, plan_params=plan.params_after, real_params=real_p,
            plan_macs=plan.flops_after, real_macs=real_m,
            removed=sum(len(v) for v in plan.removed.values()),
+           heads_removed={gr.name: f"{len(plan.removed[gr.name])}/{gr.size}" for gr in book.groups
+                          if fp.graph.head_attention(model.get_submodule(gr.spec.root_module))},
            params_removed=round(plan.params_reduction, 4))
 bad = []
 if err is None or not err <= 1e-4:
@@ -140,6 +146,24 @@ if real_m != plan.flops_after:
     bad.append(f"MACs {real_m} != plan {plan.flops_after}")
 if res["removed"] == 0:
     bad.append("nothing removed")
+if res["heads_removed"]:
+    # Head groups are tier 1: a 30% target is met by neurons and channels alone. One alpha over
+    # every group (tiers=False) cuts heads too: that plan is checked the same way.
+    plan = fp.allocate(book, params=0.3, tiers=False)
+    pruned, masked = fp.prune(model, plan), fp.mask(model, plan, book)
+    real_p, real_m = sum(p.numel() for p in pruned.parameters()), count_macs(pruned, xe[:1])
+    with torch.no_grad():
+        a, b = pruned.double()(xe.double()), masked.double()(xe.double())
+    err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3))
+    heads = {gr.name: len(plan.removed[gr.name]) for gr in book.groups if gr.kind == "head"}
+    res.update(one_alpha_rel_err=err, one_alpha_heads_removed=sum(heads.values()),
+               heads_total=sum(gr.size for gr in book.groups if gr.kind == "head"))
+    if not err <= 1e-4:
+        bad.append(f"tiers=False: pruned != masked ({err})")
+    if real_p != plan.params_after:
+        bad.append("tiers=False: params differ from the plan")
+    if real_m != plan.flops_after:
+        bad.append("tiers=False: MACs differ from the plan")
 done(outcome="WRONG" if bad else "exact", problems=bad)
 '''
 

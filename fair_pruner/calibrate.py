@@ -34,7 +34,7 @@ from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sa
                      split_batch, store_samples, working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
-                    check_model_types, check_traced, find_groups)
+                    check_model_types, check_traced, find_groups, head_attention)
 from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
@@ -204,6 +204,17 @@ class _Producer(SketchTap):
             return new if new is not out else None
         return self.module.register_forward_hook(hook)
 
+    def features(self, probe) -> int:
+        """Flattened positions per unit of one sample (D)."""
+        return int(math.prod(probe["feature_shapes"][self.name])) // max(1, self.units)
+
+    def unit_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """([units, fan_in], [units] or None): the weights each unit owns (UnitStats)."""
+        w = self.module.weight.detach()
+        b = self.module.bias
+        return (w.reshape(w.shape[0], -1).float().cpu(),
+                b.detach().float().cpu() if b is not None else None)
+
     def downstream(self, z: Tensor) -> Tensor:
         # A later in-place op (e.g. SiLU(inplace=True)) would overwrite z: hand the model a copy.
         return z.clone() if self.clone else z
@@ -218,6 +229,11 @@ class _Producer(SketchTap):
     def accumulate(self, z: Tensor, g: Tensor, batch, bi: int) -> None:
         # One read of z and g: per-unit sums of z*g (Taylor), |z|, z and z^2.
         st = ops.unit_stats(z, g, self.unit_dim).double()
+        self._add(st, z, g, bi)
+        self.positions += z.numel() // max(1, z.shape[self.unit_dim])
+
+    def _add(self, st: Tensor, z: Tensor, g: Tensor, bi: int) -> None:
+        """Fold one batch's [4, units] sums (Taylor, |z|, z, z^2) into the totals."""
         if not torch.isfinite(st).all():
             bad = "activations" if not torch.isfinite(z).all() else "gradients"
             raise NonFiniteError(f"NaN/inf {bad} at {self.name} on batch {bi}: check the model "
@@ -231,7 +247,61 @@ class _Producer(SketchTap):
             self.act_abs += a
             self.act_sum += s1
             self.act_sq += s2
-        self.positions += z.numel() // max(1, z.shape[self.unit_dim])
+
+
+class _Heads(_Producer):
+    """The heads of one attention (:func:`~fair_pruner.graph.head_attention`), observed at the
+    input of its ``proj``: z [B, N, H * head_dim], the concatenated head outputs. A head's U
+    sample is its whole [N, head_dim] output (sliced W1 over tokens x features), its R-Score
+    the summed Taylor term of those features (what zeroing the head changes to first order)."""
+
+    def __init__(self, name: str, attn: nn.Module, group: int):
+        SketchTap.__init__(self, name)
+        self.attn, self.module, self.group = attn, attn.proj, group
+        H = attn.num_heads
+        self.idxs = self.root_idxs = torch.arange(H)
+        self.units, self.head_dim, self.unit_dim = H, attn.head_dim, -1
+        self.clone = False
+        self.taylor: Optional[Tensor] = None
+        self.act_abs = self.act_sum = self.act_sq = None
+        self.positions = 0
+
+    @property
+    def where(self) -> str:
+        return f"the head outputs of {self.name} (the input of {self.name}.proj)"
+
+    def features(self, probe) -> int:
+        tokens = probe["feature_shapes"][f"{self.name}.proj"][:-1]
+        return int(math.prod(tokens)) * self.head_dim
+
+    def install(self, model: nn.Module, on_tensor):
+        def hook(mod, args):
+            new = on_tensor(args[0])
+            return None if new is args[0] else (new,) + tuple(args[1:])
+        return self.attn.proj.register_forward_pre_hook(hook)
+
+    def to_units_last(self, z: Tensor) -> Tensor:
+        """[B, H, N * head_dim]."""
+        B = z.shape[0]
+        zz = z.reshape(B, -1, self.units, self.head_dim).transpose(1, 2)
+        return zz.reshape(B, self.units, -1)
+
+    def accumulate(self, z: Tensor, g: Tensor, batch, bi: int) -> None:
+        st = ops.unit_stats(z, g, -1).double()            # [4, H * head_dim]
+        self._add(st.reshape(4, self.units, self.head_dim).sum(-1), z, g, bi)
+        self.positions += z.numel() // self.units     # a head's means: over tokens x features
+
+    def unit_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """[H, 3 * head_dim * (dim + bias) + dim * head_dim]: a head's q/k/v rows (with their
+        biases) and its proj columns."""
+        H, hd = self.units, self.head_dim
+        w = self.attn.qkv.weight.detach().float().cpu()
+        if self.attn.qkv.bias is not None:
+            w = torch.cat([w, self.attn.qkv.bias.detach().float().cpu()[:, None]], dim=1)
+        qkv = w.reshape(3, H, hd, -1).transpose(0, 1).reshape(H, -1)
+        proj = self.attn.proj.weight.detach().float().cpu()          # [dim, H * hd]
+        proj = proj.reshape(proj.shape[0], H, hd).transpose(0, 1).reshape(H, -1)
+        return torch.cat([qkv, proj], dim=1), None
 
 
 def _set_modes(model: nn.Module, bn_mode: str) -> None:
@@ -359,6 +429,9 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         check_exact(work, example, specs, cost, call_model, seed, DG=DG)
         producers: List[_Producer] = []
         for gi, spec in enumerate(specs):
+            if head_attention(name_to_mod[spec.root_module]):
+                producers.append(_Heads(spec.root_module, name_to_mod[spec.root_module], gi))
+                continue
             for m in spec.producers:
                 p = _Producer(m.module, name_to_mod[m.module], gi,
                               torch.tensor(m.idxs), torch.tensor(m.root_idxs))
@@ -638,9 +711,7 @@ def _output_layers(model, probe, num_classes) -> List[nn.Module]:
 
 def _proj_dim(p: _Producer, probe, projections: int, u_mode: str) -> Tuple[int, int]:
     """(D, P): flattened positions per unit and the number of sketch coordinates."""
-    shape = probe["feature_shapes"][p.name]
-    units = p.units
-    D = int(math.prod(shape)) // max(1, units)
+    D = p.features(probe)
     if D == 1 or u_mode == "pooled":
         return D, 1
     return D, projections
@@ -791,13 +862,15 @@ def _u_samples(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: i
     from tqdm.auto import tqdm
     model, loader, res, device = run.model, run.loader, run.res, run.device
     rows_now: List[Tuple[int, int, int]] = []
-    by_module = {p.module: p for p in chunk}
 
-    def hook(mod, inp, out):
-        store_samples(by_module[mod], out, rows_now, run.sampling)
+    def storing(p: _Producer):
+        def on_tensor(z: Tensor) -> Tensor:
+            store_samples(p, p.sample_rows(z), rows_now, run.sampling)
+            return z
+        return on_tensor
 
     label_hashes, prints = first["label_hashes"], first["prints"]
-    hooks = [p.module.register_forward_hook(hook) for p in chunk]
+    hooks = [p.install(model, storing(p)) for p in chunk]
     bar = tqdm(total=len(label_hashes), desc="fair_pruner: U pass", disable=not run.progress,
                leave=False)
     fix = ("the U-Score needed more than one pass over the data (memory_budget) and requires "
@@ -874,14 +947,17 @@ def _assemble(specs, producers: List[_Producer], all_signals: Dict[str, Signal],
             if not torch.isfinite(acc).all():
                 raise NonFiniteError(f"signal {name!r} is not finite for group {spec.name}")
             sigs[name] = acc
-        groups.append(Group(spec.name, n, sigs, spec))
+        if isinstance(by_group[gi][0], _Heads):
+            # As an LM's heads: whole heads (no rounding), cut only when the channels and
+            # neurons cannot reach a target (tier 1, docs/method.md "Targets").
+            groups.append(Group(spec.name, n, sigs, spec, kind="head", roundable=False, tier=1))
+        else:
+            groups.append(Group(spec.name, n, sigs, spec))
     return groups
 
 
 def _stats(p: _Producer, seed: int) -> UnitStats:
-    w = p.module.weight.detach()
-    w = w.reshape(w.shape[0], -1).float().cpu()
-    b = p.module.bias.detach().float().cpu() if p.module.bias is not None else None
+    w, b = p.unit_weights()
     npos = max(1, p.positions)
     return UnitStats(p.name, w, b, p.taylor.cpu(), (p.act_abs / npos).cpu(),
                      (p.act_sum / npos).cpu(), (p.act_sq / npos).cpu(), p.u, seed)

@@ -37,11 +37,69 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 # pruner) is refused before scoring (:func:`find_groups`).
 EXACT_TYPES = CONV_TYPES + (nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
                             nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
-VIT_HINT = ("head pruning of vision transformers (nn.MultiheadAttention) is not supported yet")
+VIT_HINT = ("head pruning of vision transformers is not supported yet for "
+            "nn.MultiheadAttention (torchvision's ViT); it is for timm's ViT / DeiT attention "
+            "(timm.layers.Attention)")
 # Window / relative-position attention of torchvision (Swin, Swin-V2, MaxViT) and timm.
 WINDOW_ATTENTION = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2",
                     "RelativePositionalMultiHeadAttention", "WindowAttention",
                     "WindowAttentionGlobal", "PartitionAttentionCl", "PartitionAttention2d"}
+
+
+# Where timm defines the ViT attention (timm.layers since 1.0; vision_transformer before).
+_TIMM_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")
+
+
+def head_attention(m: nn.Module) -> bool:
+    """A multi-head attention whose heads fair_pruner removes exactly: timm's ViT / DeiT
+    ``Attention`` (``timm.layers.Attention``; ``qkv`` [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj``
+    [dim, attn_dim]; ``num_heads`` / ``attn_dim`` read in its forward), without the options
+    that mix heads (a norm over all heads' outputs, ``scale_norm``) or add producers (``gated``).
+    Its unit is one head: its q/k/v rows and its proj input columns."""
+    cls = type(m)
+    if not (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention"):
+        return False
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    H, hd = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+            and isinstance(H, int) and isinstance(hd, int) and H >= 1
+            and getattr(m, "attn_dim", None) == H * hd
+            and qkv.out_features == 3 * H * hd and proj.in_features == H * hd
+            and isinstance(getattr(m, "norm", None), nn.Identity)
+            and getattr(m, "gate", "absent") is None)
+
+
+def head_spec(name: str, m: nn.Module) -> GroupSpec:
+    """The group of ``m``'s heads (:func:`head_attention`): unit h is qkv rows
+    {s * attn_dim + h * head_dim + d} (s = q, k, v) and proj input columns {h * head_dim + d}."""
+    H, hd = m.num_heads, m.head_dim
+    A = H * hd
+    return GroupSpec(name=name, size=H, root=name, members=[
+        Member(f"{name}.qkv", "producer", list(range(3 * A)), [(c % A) // hd for c in range(3 * A)]),
+        Member(f"{name}.proj", "consumer", list(range(A)), [c // hd for c in range(A)])])
+
+
+def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
+    """Remove heads ``idxs`` of ``m`` (:func:`head_attention`) in place."""
+    gone = set(int(i) for i in idxs)
+    H, hd = m.num_heads, m.head_dim
+    A = H * hd
+    keep = [h for h in range(H) if h not in gone]
+    cols = torch.tensor([h * hd + d for h in keep for d in range(hd)], dtype=torch.long)
+    rows = torch.cat([cols + s * A for s in range(3)])
+
+    def cut(lin: nn.Linear, attr: str, dim: int, idx: torch.Tensor) -> None:
+        p = getattr(lin, attr)
+        if p is None:
+            return
+        new = nn.Parameter(p.detach().index_select(dim, idx.to(p.device)).clone(),
+                           requires_grad=p.requires_grad)
+        setattr(lin, attr, new)
+    cut(m.qkv, "weight", 0, rows)
+    cut(m.qkv, "bias", 0, rows)
+    cut(m.proj, "weight", 1, cols)
+    m.qkv.out_features, m.proj.in_features = rows.numel(), cols.numel()
+    m.num_heads, m.attn_dim = len(keep), len(keep) * hd
 
 
 def check_model_types(model: nn.Module) -> None:
@@ -283,6 +341,13 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
                   for sub in m.modules() if sub is not m}
     tied, calls = _tied_modules(model), calls or {}
     specs, refused = [], []
+    ignored_set = set(ignored)
+    heads = {n: m for n, m in model.named_modules() if head_attention(m)}
+    # Their qkv rows are one head's units, not channels: Torch-Pruning's qkv group is replaced
+    # by a head group (head_spec; none where the attention, its qkv or proj is ignored); the
+    # residual stream and MLP groups stay as traced.
+    head_qkv = {m.qkv for m in heads.values()}
+    heads = {n: m for n, m in heads.items() if not ({m, m.qkv, m.proj} & ignored_set)}
     limit = float(os.environ.get("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S))
     with time_limit(limit, "the search for coupled channel groups"):
         all_groups = list(DG.get_all_groups(ignored_layers=list(ignored),
@@ -290,6 +355,8 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     for g in all_groups:
         root = g[0].dep.target.module
         if root in inside_mha:        # never called as a module (F.multi_head_attention_forward)
+            continue
+        if root in head_qkv:
             continue
         interleave = _interleave(DG, g)
         if interleave is None:
@@ -333,6 +400,9 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
             + "; ".join(reasons[:6]) + ("; ..." if len(reasons) > 6 else "")
             + f". To prune the rest and keep these groups whole, pass ignore={roots[:8]!r}"
             + (" (and the rest of the groups' roots)" if len(roots) > 8 else ""))
+    for n, m in heads.items():
+        if calls.get(m.qkv, 1) == 1 and calls.get(m.proj, 1) == 1:
+            specs.append(head_spec(n, m))
     specs.sort(key=lambda s: order[s.root])
     if len({s.name for s in specs}) != len(specs):        # a module named like "x+1"
         raise UnsupportedModelError("two pruning groups would share a name: "
@@ -371,6 +441,15 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
     pname_of = {p: n for n, p in model.named_parameters()}
     b = CostBuilder()
     for gi, spec in enumerate(groups):
+        attn = model.get_submodule(spec.root_module)
+        if head_attention(attn):
+            hd = attn.head_dim
+            for lin, attr, d, width in ((attn.qkv, "weight", 0, 3 * hd), (attn.qkv, "bias", 0, 3 * hd),
+                                        (attn.proj, "weight", 1, hd)):
+                p = getattr(lin, attr)
+                if p is not None:
+                    b.dim((f"{name_of[lin]}.{attr}", d), p.shape[d], gi, width)
+            continue
         g = (tp_groups or {}).get(spec.name)
         if g is None:
             root = model.get_submodule(spec.root_module)
@@ -430,6 +509,9 @@ def prune_units(model: nn.Module, DG, roots: Dict[str, nn.Module],
         if not idxs:
             continue
         mod = roots[name]
+        if head_attention(mod):
+            prune_heads(mod, idxs)
+            continue
         pruner = DG.get_pruner_of_module(mod)
         chans = unit_channels(idxs, sizes[name], interleave[name]) if name in interleave \
             else list(idxs)
@@ -563,6 +645,8 @@ def _odd_members(model: nn.Module, DG, spec: GroupSpec) -> List[str]:
     names = {m: n for n, m in model.named_modules()}
     pnames = {p: n for n, p in model.named_parameters()}
     root = model.get_submodule(spec.root)
+    if head_attention(root):
+        return []
     pruner = DG.get_pruner_of_module(root)
     out: List[str] = []
     for it in DG.get_pruning_group(root, pruner.prune_out_channels, [0]).items:

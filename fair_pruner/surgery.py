@@ -15,7 +15,8 @@ from . import adapters
 from .errors import BookMismatchError, FairPrunerError, UnsupportedModelError
 from .calibrate import consumer_columns
 from .engine import copy_model
-from .graph import build_dependency_graph, channels_by_role, mask_units, prune_units
+from .graph import (build_dependency_graph, channels_by_role, head_attention, mask_units,
+                    prune_units)
 from .plan import Plan
 from .reconstruct import METHODS, resolve, set_bias, update
 
@@ -108,7 +109,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     interleave = plan.meta.get("interleave") or {}
     for name in plan.sizes:
         mod = roots[name]
-        n = DG.get_pruner_of_module(mod).get_out_channels(mod)
+        n = mod.num_heads if head_attention(mod) else DG.get_pruner_of_module(mod).get_out_channels(mod)
         il = interleave.get(name, 1)
         if n != plan.sizes[name] * il:
             raise BookMismatchError(

@@ -1,0 +1,152 @@
+"""Attention heads of timm vision transformers as pruning units (graph.head_attention).
+
+Every parameter is jittered first: timm zero-initialises biases and the classifier's init is
+small, which would let an inexact removal pass unnoticed.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import fair_pruner as fp
+from fair_pruner import graph
+from fair_pruner.plan import _make_plan
+from helpers import count_macs
+
+timm = pytest.importorskip("timm")   # a dev dependency: installed by .ci/run
+
+
+def _vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = dict(img_size=24, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2,
+                num_classes=5, qkv_bias=True)
+    opts.update(kw)
+    m = timm.models.vision_transformer.VisionTransformer(**opts).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def _data(n=30, classes=5, seed=2, size=24):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.arange(n) % classes
+    return [(x[i:i + 10], y[i:i + 10]) for i in range(0, n, 10)]
+
+
+OPTS = dict(samples_per_class=4, projections=8, progress=False)
+
+
+def test_heads_are_units_of_their_own_groups():
+    m = _vit()
+    book = fp.score(m, _data(), **OPTS)
+    heads = {g.name: g for g in book.groups if g.name.endswith(".attn")}
+    assert sorted(heads) == ["blocks.0.attn", "blocks.1.attn"]
+    for g in heads.values():
+        assert g.size == 4
+        assert set(g.signals) >= {"u", "r", "l2"}
+        assert all(float(v.abs().sum()) > 0 for v in g.signals.values() if v.dtype.is_floating_point)
+    # qkv's rows are not a channel group of their own any more
+    assert not any(g.name.endswith("attn.qkv") for g in book.groups)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qk_norm=True), dict(qkv_bias=False, class_token=False,
+                                                                global_pool="avg")])
+def test_pruned_heads_equal_masked_and_costs_are_exact(kw):
+    m = _vit(**kw)
+    book = fp.score(m, _data(), **OPTS)
+    names = [g.name for g in book.groups]
+    # heads 1 and 3 of block 0, head 0 of block 1, and some MLP neurons and residual channels
+    removed = {"blocks.0.attn": [1, 3], "blocks.1.attn": [0]}
+    for g in book.groups:
+        if not g.name.endswith(".attn"):
+            removed[g.name] = list(range(0, g.size, 3))
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned = fp.prune(m, plan, reconstruct=None)
+    ref = fp.mask(m, plan, book, reconstruct=None)
+    assert [b.attn.num_heads for b in pruned.blocks] == [2, 3]
+    assert pruned.blocks[0].attn.qkv.weight.shape == (3 * 2 * 12, pruned.blocks[0].attn.qkv.in_features)
+    x = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        a, b = pruned(x), ref(x)
+    assert float(b.abs().max()) > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    assert count_macs(pruned, x[:1]) == plan.flops_after
+    assert plan.params_after < plan.params_before and names
+
+
+def test_wrong_heads_would_be_caught_by_the_masked_reference():
+    """The oracle has teeth: removing other heads than the masked ones differs."""
+    m = _vit()
+    book = fp.score(m, _data(), **OPTS)
+    plan = _make_plan(book, {"blocks.0.attn": [1]}, meta={}, alpha=None, strategy="manual")
+    other = _make_plan(book, {"blocks.0.attn": [2]}, meta={}, alpha=None, strategy="manual")
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        d = (fp.prune(m, plan)(x) - fp.mask(m, other, book)(x)).abs().max()
+    assert float(d) > 1e-2
+
+
+def test_allocation_and_reconstruction_with_heads():
+    m = _vit(depth=3)
+    book = fp.score(m, _data(), reconstruction=True, **OPTS)
+    plan = fp.allocate(book, params=0.3)
+    pruned = fp.prune(m, plan, book=book)          # default reconstruction: affine
+    ref = fp.mask(m, plan, book)
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) - pruned._fair_pruner_added_params \
+        == plan.params_after
+    assert "gram@blocks.0.attn.proj" in next(g for g in book.groups
+                                             if g.name == "blocks.0.attn").tensors
+
+
+def test_attention_variants_that_mix_heads_are_not_head_units():
+    """scale_norm normalises across all heads' outputs: not a head group (the self-check then
+    refuses the qkv channels, naming them)."""
+    m = _vit()
+    assert graph.head_attention(m.blocks[0].attn)
+    m.blocks[0].attn.norm = nn.LayerNorm(48)          # what Attention(scale_norm=True) builds
+    with torch.no_grad():
+        m.blocks[0].attn.norm.weight.normal_()
+    assert not graph.head_attention(m.blocks[0].attn)
+    with pytest.raises(fp.UnsupportedModelError, match="blocks.0.attn.qkv"):
+        fp.score(m, _data(), **OPTS)
+
+
+def test_ignored_attention_keeps_its_heads():
+    m = _vit()
+    book = fp.score(m, _data(), ignore=["blocks.0.attn"], **OPTS)
+    names = [g.name for g in book.groups]
+    assert "blocks.0.attn" not in names and "blocks.1.attn" in names
+
+
+def test_same_seed_same_book():
+    m = _vit()
+    a = fp.score(m, _data(), seed=3, **OPTS)
+    b = fp.score(m, _data(), seed=3, **OPTS)
+    for ga, gb in zip(a.groups, b.groups):
+        for k in ga.signals:
+            assert torch.equal(ga.signals[k], gb.signals[k]), (ga.name, k)
+
+
+def test_head_groups_are_whole_tier_one_units_and_survive_save(tmp_path):
+    m = _vit()
+    book = fp.score(m, _data(), **OPTS)
+    heads = [g for g in book.groups if g.name.endswith(".attn")]
+    assert all(g.kind == "head" and not g.roundable and g.tier == 1 for g in heads)
+    book.save(tmp_path / "book")
+    again = fp.ScoreBook.load(tmp_path / "book")
+    # Tiers: the neurons and channels reach 60% alone, so the heads stay...
+    assert not any(fp.allocate(again, params=0.6).removed[g.name] for g in heads)
+    # ...unless one alpha runs over every group
+    plan = fp.allocate(again, params=0.6, round_to=4, tiers=False)
+    assert any(plan.removed[g.name] for g in heads), plan.removed
+    pruned = fp.prune(m, plan)
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), fp.mask(m, plan, again)(x), rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
