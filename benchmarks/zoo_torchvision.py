@@ -135,7 +135,7 @@ res.update(rel_err=err, rel_err_fp32=err32, plan_params=plan.params_after, real_
            plan_macs=plan.flops_after, real_macs=real_m,
            removed=sum(len(v) for v in plan.removed.values()),
            heads_removed={gr.name: f"{len(plan.removed[gr.name])}/{gr.size}" for gr in book.groups
-                          if fp.graph.head_attention(model.get_submodule(gr.spec.root_module))},
+                          if gr.kind == "head"},
            params_removed=round(plan.params_reduction, 4))
 bad = []
 if err is None or not err <= 1e-4:

@@ -29,12 +29,14 @@ from torch import Tensor
 
 from . import ops
 from . import distributed as dist
-from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, finish_u,
+from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, copy_model,
+                     finish_u,
                      first_tensor, gradient_pass, len_or_none, logits_of, map_tensors, preserved,
                      split_batch, store_samples, working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
-                    check_model_types, check_traced, find_groups, head_attention)
+                    check_model_types, check_traced, convert_attention, find_groups,
+                    head_attention, needs_conversion)
 from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
@@ -360,6 +362,8 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
+    if needs_conversion(work):      # torchvision ViT: heads need SelfAttention (graph.py)
+        work = convert_attention(copy_model(work) if work is model else work)
     loss_fn_given = loss_fn
     loss_fn = loss_fn or _default_loss
     all_signals: Dict[str, Signal] = dict(BUILTIN)

@@ -37,13 +37,120 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 # pruner) is refused before scoring (:func:`find_groups`).
 EXACT_TYPES = CONV_TYPES + (nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
                             nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
-VIT_HINT = ("head pruning of vision transformers is not supported yet for "
-            "nn.MultiheadAttention (torchvision's ViT); it is for timm's ViT / DeiT attention "
-            "(timm.layers.Attention)")
+VIT_HINT = ("head pruning of vision transformers is not supported yet for this "
+            "nn.MultiheadAttention (it is for torchvision's ViT and timm's ViT / DeiT attention)")
 # Window / relative-position attention of torchvision (Swin, Swin-V2, MaxViT) and timm.
 WINDOW_ATTENTION = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2",
                     "RelativePositionalMultiHeadAttention", "WindowAttention",
                     "WindowAttentionGlobal", "PartitionAttentionCl", "PartitionAttention2d"}
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention whose head count is free of the model width: ``qkv``
+    [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj`` [dim, attn_dim],
+    ``attn_dim = num_heads * head_dim``. A drop-in for a self-attention
+    ``nn.MultiheadAttention`` (same call, same ``(output, weights)`` result, same numbers):
+    ``nn.MultiheadAttention`` ties its q/k/v width to its input width, so a pruned head count
+    cannot be expressed in it. :func:`convert_attention` swaps it in where the call pattern is
+    known (torchvision's ViT)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = True,
+                 proj_bias: bool = True, batch_first: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
+        self.batch_first, self.dropout = batch_first, float(dropout)
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias)
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
+        self.norm, self.gate = nn.Identity(), None        # as timm's Attention (head_attention)
+
+    @classmethod
+    def from_multihead(cls, mha: nn.MultiheadAttention) -> "SelfAttention":
+        E, H = mha.embed_dim, mha.num_heads
+        new = cls(E, H, E // H, mha.in_proj_bias is not None, mha.out_proj.bias is not None,
+                  mha.batch_first, mha.dropout)
+        w = mha.in_proj_weight
+        new = new.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.qkv.weight.copy_(w)
+            if mha.in_proj_bias is not None:
+                new.qkv.bias.copy_(mha.in_proj_bias)
+            new.proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                new.proj.bias.copy_(mha.out_proj.bias)
+        for a, b in ((new.qkv.weight, w), (new.proj.weight, mha.out_proj.weight)):
+            a.requires_grad_(b.requires_grad)
+        if new.qkv.bias is not None:
+            new.qkv.bias.requires_grad_(mha.in_proj_bias.requires_grad)
+        if new.proj.bias is not None:
+            new.proj.bias.requires_grad_(mha.out_proj.bias.requires_grad)
+        new.train(mha.training)
+        return new
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        """query [B, N, dim] (``batch_first``, else [N, B, dim]); key / value: ``query`` itself
+        or None. Returns (output like query, attention weights [B, N, N] averaged over heads,
+        or [B, H, N, N], or None when ``need_weights=False``)."""
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise UnsupportedModelError("fair_pruner.graph.SelfAttention is self-attention "
+                                        "only: key and value must be the query")
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise UnsupportedModelError("fair_pruner.graph.SelfAttention takes no attention "
+                                        "masks (the model it replaced was called without them)")
+        if query.dim() != 3:
+            raise UnsupportedModelError(f"SelfAttention needs batched [B, N, dim] input, got "
+                                        f"{tuple(query.shape)}")
+        x = query if self.batch_first else query.transpose(0, 1)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+            o = F.dropout(attn, p, self.training) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = self.proj(o.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+def _convertible(parent: nn.Module, attr: str, m: nn.Module) -> bool:
+    """An nn.MultiheadAttention called as self-attention without masks: torchvision's ViT
+    ``EncoderBlock.self_attention`` (``self_attention(x, x, x, need_weights=False)``)."""
+    cls = type(parent)
+    return (isinstance(m, nn.MultiheadAttention) and attr == "self_attention"
+            and cls.__module__ == "torchvision.models.vision_transformer"
+            and cls.__name__ == "EncoderBlock" and m._qkv_same_embed_dim and m.bias_k is None
+            and not m.add_zero_attn and m.embed_dim % m.num_heads == 0)
+
+
+def needs_conversion(model: nn.Module) -> bool:
+    return any(_convertible(parent, attr, m) for parent in model.modules()
+               for attr, m in parent.named_children())
+
+
+def convert_attention(model: nn.Module) -> nn.Module:
+    """Replace, in place, every self-attention nn.MultiheadAttention whose call pattern is
+    known (:func:`_convertible`) by the equivalent :class:`SelfAttention` (same name, so a
+    score book's groups read ``<name>.qkv`` / ``<name>.proj``); returns ``model``. Scoring,
+    pruning and masking all see the converted model; a pruned torchvision ViT keeps them."""
+    for parent in list(model.modules()):
+        for attr, m in list(parent.named_children()):
+            if _convertible(parent, attr, m):
+                setattr(parent, attr, SelfAttention.from_multihead(m))
+    return model
+
+
+def refresh_sizes(model: nn.Module) -> None:
+    """Update widths a model stores besides its parameters after its channels were pruned:
+    torchvision's VisionTransformer reshapes its patch embedding with ``hidden_dim``."""
+    for m in model.modules():
+        cls = type(m)
+        if (cls.__module__ == "torchvision.models.vision_transformer"
+                and cls.__name__ == "VisionTransformer" and isinstance(m.conv_proj, nn.Conv2d)):
+            m.hidden_dim = m.conv_proj.out_channels
 
 
 # Where timm defines the ViT attention (timm.layers since 1.0; vision_transformer before).
@@ -57,7 +164,8 @@ def head_attention(m: nn.Module) -> bool:
     that mix heads (a norm over all heads' outputs, ``scale_norm``) or add producers (``gated``).
     Its unit is one head: its q/k/v rows and its proj input columns."""
     cls = type(m)
-    if not (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention"):
+    if not (isinstance(m, SelfAttention)
+            or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
     H, hd = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
@@ -129,7 +237,8 @@ def check_model_types(model: nn.Module) -> None:
             f"{len(windows)} window-attention layers, e.g. {n} ({type(m).__module__}."
             f"{type(m).__name__}): their head count is fixed in the module and their window "
             "reshapes make Torch-Pruning's dependency search run for hours, so Swin / MaxViT "
-            f"are not pruned yet; {VIT_HINT}")
+            "are not pruned yet (attention heads are: in torchvision's ViT and timm's ViT / "
+            "DeiT)")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -516,6 +625,7 @@ def prune_units(model: nn.Module, DG, roots: Dict[str, nn.Module],
         chans = unit_channels(idxs, sizes[name], interleave[name]) if name in interleave \
             else list(idxs)
         DG.get_pruning_group(mod, pruner.prune_out_channels, chans).prune()
+    refresh_sizes(model)
 
 
 class MaskedLayerNorm(nn.Module):

@@ -268,35 +268,6 @@ def test_multihead_attention_refused_before_scoring(cls, name):
     assert spy.calls == 0
 
 
-def test_torchvision_vit_refused_naming_the_module():
-    tv = pytest.importorskip("torchvision")
-    vit = tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
-                                      hidden_dim=8, mlp_dim=16, num_classes=4).eval()
-    msg = _refused(vit, _loader((3, 32, 32), n=16), "head pruning of vision transformers")
-    assert "encoder.layers.encoder_layer_0.self_attention" in msg
-
-
-def test_vit_mlp_neurons_with_the_suggested_ignore():
-    """The refusal's fix works: keeping the embedding width whole prunes the MLP exactly."""
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    vit = _jitter(tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1,
-                                              num_heads=2, hidden_dim=8, mlp_dim=16,
-                                              num_classes=4))
-    loader = _loader((3, 32, 32), n=16)
-    msg = _refused(vit, loader, "MultiheadAttention")
-    ignore = eval(msg.split("ignore=")[-1].split("]")[0] + "]")
-    book = fp.score(vit, loader, ignore=ignore, **KW)
-    assert [g.name for g in book.groups] == ["encoder.layers.encoder_layer_0.mlp.0"]
-    plan = fp.allocate(book, params=0.02)
-    pruned, masked = fp.prune(vit, plan), fp.mask(vit, plan, book)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        a, b = pruned(x), masked(x)
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp(min=1e-3)
-    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
-
-
 class Recurrent(nn.Module):
     def __init__(self, kind, nc=4):
         super().__init__()

@@ -150,3 +150,93 @@ def test_head_groups_are_whole_tier_one_units_and_survive_save(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), fp.mask(m, plan, again)(x), rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision's ViT: nn.MultiheadAttention converted to graph.SelfAttention
+# --------------------------------------------------------------------------------------------
+
+tv = pytest.importorskip("torchvision")
+
+
+def _tv_vit(seed=0):
+    torch.manual_seed(seed)
+    m = tv.models.VisionTransformer(image_size=24, patch_size=8, num_layers=2, num_heads=4,
+                                    hidden_dim=32, mlp_dim=48, num_classes=5).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():          # its classifier is zero-initialised: every output would be 0
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("weights", [None, True, False])
+def test_self_attention_equals_multihead_attention(batch_first, weights):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(24, 3, batch_first=batch_first).eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    sa = graph.SelfAttention.from_multihead(mha).eval()
+    x = torch.randn(5, 7, 24)
+    kw = dict(need_weights=False) if weights is None else dict(average_attn_weights=weights)
+    with torch.no_grad():
+        (a, wa), (b, wb) = mha(x, x, x, **kw), sa(x, x, x, **kw)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    if weights is None:
+        assert wa is None and wb is None
+    else:
+        torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-6)
+    with pytest.raises(fp.UnsupportedModelError, match="self-attention only"):
+        sa(x, x + 1, x)
+    with pytest.raises(fp.UnsupportedModelError, match="masks"):
+        sa(x, x, x, attn_mask=torch.zeros(7, 7))
+
+
+def test_torchvision_vit_prunes_heads_neurons_and_width_exactly():
+    from helpers import assert_same, snapshot
+    m = _tv_vit()
+    snap = snapshot(m)
+    book = fp.score(m, _data(size=24), **OPTS)
+    heads = [g for g in book.groups if g.kind == "head"]
+    assert [g.name for g in heads] == ["encoder.layers.encoder_layer_0.self_attention",
+                                       "encoder.layers.encoder_layer_1.self_attention"]
+    width = next(g for g in book.groups if g.size == 32)      # the residual stream
+    removed = {heads[0].name: [0, 2], heads[1].name: [3], width.name: [1, 5, 6, 30]}
+    for g in book.groups:
+        if g.name.endswith("mlp.0"):
+            removed[g.name] = list(range(0, g.size, 4))
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    assert_same(m, snap)                                 # the caller's model is untouched
+    assert isinstance(m.encoder.layers[0].self_attention, nn.MultiheadAttention)
+    att = [l.self_attention for l in pruned.encoder.layers]
+    assert [type(a).__name__ for a in att] == ["SelfAttention"] * 2
+    assert [a.num_heads for a in att] == [2, 3] and pruned.hidden_dim == 28
+    x = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        a, b = pruned(x), ref(x)
+    assert float(b.abs().max()) > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    assert count_macs(pruned, x[:1]) == plan.flops_after
+
+
+def test_multihead_attention_elsewhere_is_still_refused():
+    """Only a known call pattern is converted: a custom model's nn.MultiheadAttention (masks,
+    cross-attention possible) stays refused before scoring."""
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(6, 8)
+            self.self_attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.fc((h + self.self_attention(h, h, h, need_weights=False)[0]).mean(1))
+    assert not graph.needs_conversion(WithMHA())
+    data = [(torch.randn(6, 4, 6), torch.arange(6) % 3)]
+    with pytest.raises(fp.UnsupportedModelError, match="MultiheadAttention"):
+        fp.score(WithMHA(), data, **OPTS)
