@@ -35,8 +35,8 @@ from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sa
                      split_batch, store_samples, working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
-                    check_model_types, check_traced, convert_attention, find_groups,
-                    head_attention, needs_conversion)
+                    check_model_types, check_traced, convert_blocks, find_groups,
+                    head_attention, needs_conversion, shuffle_outputs)
 from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
@@ -362,8 +362,8 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
-    if needs_conversion(work):      # torchvision ViT: heads need SelfAttention (graph.py)
-        work = convert_attention(copy_model(work) if work is model else work)
+    if needs_conversion(work):      # torchvision ViT / ShuffleNetV2 blocks (graph.convert_blocks)
+        work = convert_blocks(copy_model(work) if work is model else work)
     loss_fn_given = loss_fn
     loss_fn = loss_fn or _default_loss
     all_signals: Dict[str, Signal] = dict(BUILTIN)
@@ -408,6 +408,13 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         out_layer = next((m for m in out_layers if _units(m) == num_classes),
                          out_layers[0] if out_layers else None)
         ignored = list(out_layers)
+        shuffled = shuffle_outputs(work)
+        if shuffled:
+            ignored.extend(shuffled)
+            warnings.warn(f"fair_pruner: ShuffleNetV2: {len(shuffled)} convs of its blocks carry channels "
+                          "that channel shuffles interleave from block to "
+                          "block and are kept whole (book.meta['ignored']); each branch's inner "
+                          "channels and the last conv are pruned")
         name_to_mod = dict(work.named_modules())
         for m in ignore:
             mod = name_to_mod.get(m) if isinstance(m, str) else m

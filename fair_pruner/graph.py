@@ -51,7 +51,7 @@ class SelfAttention(nn.Module):
     ``attn_dim = num_heads * head_dim``. A drop-in for a self-attention
     ``nn.MultiheadAttention`` (same call, same ``(output, weights)`` result, same numbers):
     ``nn.MultiheadAttention`` ties its q/k/v width to its input width, so a pruned head count
-    cannot be expressed in it. :func:`convert_attention` swaps it in where the call pattern is
+    cannot be expressed in it. :func:`convert_blocks` swaps it in where the call pattern is
     known (torchvision's ViT)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = True,
@@ -126,21 +126,105 @@ def _convertible(parent: nn.Module, attr: str, m: nn.Module) -> bool:
             and not m.add_zero_attn and m.embed_dim % m.num_heads == 0)
 
 
+class _ChannelShuffle(torch.autograd.Function):
+    """torchvision's ``channel_shuffle(x, groups)`` as one autograd node: Torch-Pruning cannot
+    map channels through its view / transpose / view (its trace divides by zero), and sees this
+    node as an element-wise op instead. Only groups that never pass through it are pruned
+    (:func:`shuffle_outputs` keeps the others whole); the self-check verifies that."""
+
+    @staticmethod
+    def forward(ctx, x, groups: int):
+        ctx.groups = groups
+        return _shuffle(x, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _shuffle(g, g.shape[1] // ctx.groups), None     # the inverse permutation
+
+
+def _shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c = x.shape[:2]
+    return x.reshape(b, groups, c // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+
+
+_SHUFFLE_CLASS = None
+
+
+def _shuffle_block_class():
+    """``ShuffleResidual``: torchvision's ShuffleNetV2 ``InvertedResidual`` with the same
+    forward, its channel shuffle one :class:`_ChannelShuffle` node (made on first use:
+    torchvision is optional; ``fair_pruner.graph.ShuffleResidual`` resolves it, so a pruned
+    model pickles)."""
+    global _SHUFFLE_CLASS
+    if _SHUFFLE_CLASS is None:
+        from torchvision.models.shufflenetv2 import InvertedResidual
+
+        class ShuffleResidual(InvertedResidual):
+            def forward(self, x):
+                if self.stride == 1:
+                    x1, x2 = x.chunk(2, dim=1)
+                    out = torch.cat((x1, self.branch2(x2)), dim=1)
+                else:
+                    out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+                return _ChannelShuffle.apply(out, 2)
+        ShuffleResidual.__module__, ShuffleResidual.__qualname__ = __name__, "ShuffleResidual"
+        _SHUFFLE_CLASS = ShuffleResidual
+    return _SHUFFLE_CLASS
+
+
+def __getattr__(name: str):
+    if name == "ShuffleResidual":
+        return _shuffle_block_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tv_shuffle_block(m: nn.Module) -> bool:
+    cls = type(m)
+    return cls.__module__ == "torchvision.models.shufflenetv2" and cls.__name__ == "InvertedResidual"
+
+
 def needs_conversion(model: nn.Module) -> bool:
-    return any(_convertible(parent, attr, m) for parent in model.modules()
-               for attr, m in parent.named_children())
+    """Whether :func:`convert_blocks` would change ``model``."""
+    return any(_tv_shuffle_block(m) for m in model.modules()) or any(
+        _convertible(parent, attr, m) for parent in model.modules()
+        for attr, m in parent.named_children())
 
 
-def convert_attention(model: nn.Module) -> nn.Module:
-    """Replace, in place, every self-attention nn.MultiheadAttention whose call pattern is
-    known (:func:`_convertible`) by the equivalent :class:`SelfAttention` (same name, so a
-    score book's groups read ``<name>.qkv`` / ``<name>.proj``); returns ``model``. Scoring,
-    pruning and masking all see the converted model; a pruned torchvision ViT keeps them."""
+def convert_blocks(model: nn.Module) -> nn.Module:
+    """Make, in place, the blocks fair_pruner prunes through a rewrite: every self-attention
+    nn.MultiheadAttention whose call pattern is known (:func:`_convertible`) becomes the
+    equivalent :class:`SelfAttention` (same name, so a score book's groups read ``<name>.qkv``
+    / ``<name>.proj``), and every torchvision ShuffleNetV2 block a ``ShuffleResidual`` (same
+    modules and forward). Returns ``model``. Scoring, pruning and masking all see the converted
+    model; a pruned model keeps the converted blocks."""
     for parent in list(model.modules()):
         for attr, m in list(parent.named_children()):
             if _convertible(parent, attr, m):
                 setattr(parent, attr, SelfAttention.from_multihead(m))
+    for m in model.modules():
+        if _tv_shuffle_block(m):
+            m.__class__ = _shuffle_block_class()
     return model
+
+
+def shuffle_outputs(model: nn.Module) -> List[nn.Module]:
+    """The convs whose channels a channel shuffle interleaves (the last conv of each branch of
+    every ``ShuffleResidual``, and branch1's depthwise conv on the block input): the groups
+    they belong to run through shuffles block after block, so they are kept whole; each
+    branch2's inner channels and the last conv are pruned."""
+    out = []
+    for m in model.modules():
+        if type(m) is _SHUFFLE_CLASS and _SHUFFLE_CLASS is not None:
+            for branch in (m.branch1, m.branch2):
+                convs = [c for c in branch.modules() if isinstance(c, nn.Conv2d)]
+                if convs:
+                    out.append(convs[-1])
+            # branch1's depthwise conv carries the block's input channels (a shuffled group;
+            # Torch-Pruning's search fails through the shuffle node and a split after it)
+            convs = [c for c in m.branch1.modules() if isinstance(c, nn.Conv2d)]
+            if convs:
+                out.append(convs[0])
+    return out
 
 
 def refresh_sizes(model: nn.Module) -> None:
@@ -220,14 +304,6 @@ def check_model_types(model: nn.Module) -> None:
             f"recurrent layers cannot be pruned exactly yet: {shown}. fair_pruner prunes "
             "Conv/Linear networks (and Hugging Face causal LMs through fp.score on the LM); "
             "score a model without nn.LSTM / nn.GRU / nn.RNN layers")
-    shuffles = [n for n, m in model.named_modules()
-                if type(m).__module__ == "torchvision.models.shufflenetv2"
-                and type(m).__name__ == "InvertedResidual"]
-    if shuffles:
-        raise UnsupportedModelError(
-            f"{len(shuffles)} ShuffleNetV2 blocks (e.g. {shuffles[0]}) split their input and "
-            "interleave channels with channel_shuffle (view / transpose / reshape), which "
-            "Torch-Pruning cannot trace into channel groups; ShuffleNetV2 is not pruned yet")
     windows = [(n, m) for n, m in model.named_modules()
                if type(m).__name__ in WINDOW_ATTENTION and type(m).__module__.startswith(
                    ("torchvision.", "timm."))]
@@ -459,8 +535,15 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     heads = {n: m for n, m in heads.items() if not ({m, m.qkv, m.proj} & ignored_set)}
     limit = float(os.environ.get("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S))
     with time_limit(limit, "the search for coupled channel groups"):
-        all_groups = list(DG.get_all_groups(ignored_layers=list(ignored),
-                                            root_module_types=PRODUCER_TYPES))
+        try:
+            all_groups = list(DG.get_all_groups(ignored_layers=list(ignored),
+                                                root_module_types=PRODUCER_TYPES))
+        except (IndexError, KeyError, ValueError, RuntimeError, ZeroDivisionError) as exc:
+            raise UnsupportedModelError(
+                f"Torch-Pruning's search for coupled channel groups failed on this model "
+                f"({type(exc).__name__}: {exc}): an op it cannot map channels through (a "
+                "reshape that interleaves channels, a split after one). Keep the layers "
+                "around that op whole with ignore=[...]") from exc
     for g in all_groups:
         root = g[0].dep.target.module
         if root in inside_mha:        # never called as a module (F.multi_head_attention_forward)

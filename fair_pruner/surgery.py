@@ -15,7 +15,7 @@ from . import adapters
 from .errors import BookMismatchError, FairPrunerError, UnsupportedModelError
 from .calibrate import consumer_columns
 from .engine import copy_model
-from .graph import (build_dependency_graph, channels_by_role, convert_attention, head_attention,
+from .graph import (build_dependency_graph, channels_by_role, convert_blocks, head_attention,
                     mask_units, prune_units)
 from .plan import Plan
 from .reconstruct import METHODS, resolve, set_bias, update
@@ -87,7 +87,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     Plan.check(plan, model, options.get("book"))
     method, book, damp = _options(options, plan)
     target = model if inplace else copy_model(model)
-    convert_attention(target)        # as fp.score saw it (torchvision ViT: SelfAttention)
+    convert_blocks(target)        # as fp.score saw it (torchvision ViT: SelfAttention)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
     modes = {n: m.training for n, m in target.named_modules()}
     device = next((p.device for p in target.parameters()), torch.device("cpu"))
@@ -148,7 +148,7 @@ def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
         raise FairPrunerError("mask() needs the score book the plan came from: mask(model, plan, book)")
     method, _, damp = _options(dict(options, book=book), plan)
     Plan.check(plan, model, book)
-    masked = convert_attention(copy_model(model))
+    masked = convert_blocks(copy_model(model))
     if method is not None:
         _reconstruct(masked, plan, book, method, damp)
     mask_units(masked, [g.spec for g in book.groups], plan.removed)

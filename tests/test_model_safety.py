@@ -501,11 +501,46 @@ def test_group_search_past_its_time_limit_is_a_clear_error(monkeypatch):
     assert signal.getsignal(signal.SIGALRM) is before
 
 
-def test_shufflenet_refused_naming_channel_shuffle():
+def test_shufflenet_prunes_inner_channels_exactly_and_keeps_shuffled_ones_whole():
+    import io
     import torchvision
-    model = _Spy(torchvision.models.shufflenet_v2_x0_5(num_classes=4).eval())
-    msg = _refused(model, _loader((3, 32, 32), n=8), "channel_shuffle")
-    assert "ShuffleNetV2 blocks" in msg and model.calls == 0
+    from helpers import assert_same, count_macs, randomize_bn, snapshot
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.shufflenet_v2_x0_5(num_classes=4)).eval()
+    snap = snapshot(model)
+    loader = _loader((3, 32, 32), n=16)
+    with pytest.warns(UserWarning, match="channel shuffles"):
+        book = fp.score(model, loader, **KW)
+    assert_same(model, snap)
+    names = [g.name for g in book.groups]
+    assert "stage2.1.branch2.3+1" in names and "conv5.0" in names
+    # the shuffled block outputs are not groups: kept whole, and listed
+    assert not any(n.endswith("branch2.5") or "branch1" in n for n in names)
+    assert "stage3.0.branch1.2" in book.meta["ignored"]
+    plan = fp.allocate(book, params=0.3)
+    pruned, masked = fp.prune(model, plan), fp.mask(model, plan, book)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = pruned(x), masked(x)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert float((a - model(x)).abs().max()) > 1e-3      # something was removed
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    assert count_macs(pruned, x[:1]) == plan.flops_after
+    assert type(pruned.stage2[0]).__name__ == "ShuffleResidual"
+    buf = io.BytesIO()
+    torch.save(pruned, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), a)
+
+
+def test_channel_shuffle_node_has_the_inverse_gradient():
+    from fair_pruner.graph import _ChannelShuffle, _shuffle
+    import torchvision.models.shufflenetv2 as sv2
+    x = torch.randn(2, 12, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(_shuffle(x, 2), sv2.channel_shuffle(x, 2))
+    assert torch.autograd.gradcheck(lambda t: _ChannelShuffle.apply(t, 2), (x,))
 
 
 @pytest.mark.parametrize("arch", ["swin_t", "maxvit_t"])
