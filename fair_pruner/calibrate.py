@@ -36,7 +36,7 @@ from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sa
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
                     check_model_types, check_traced, convert_blocks, find_groups,
-                    head_attention, needs_conversion, shuffle_outputs)
+                    head_attention, needs_conversion, shuffle_outputs, kept_residual)
 from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
@@ -362,7 +362,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
-    if needs_conversion(work):      # torchvision ViT / ShuffleNetV2 blocks (graph.convert_blocks)
+    if needs_conversion(work):      # torchvision ViT / Swin / ShuffleNetV2 (graph.convert_blocks)
         work = convert_blocks(copy_model(work) if work is model else work)
     loss_fn_given = loss_fn
     loss_fn = loss_fn or _default_loss
@@ -408,6 +408,15 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         out_layer = next((m for m in out_layers if _units(m) == num_classes),
                          out_layers[0] if out_layers else None)
         ignored = list(out_layers)
+        residual = kept_residual(work)
+        if residual:
+            ignored.extend(residual)
+            warnings.warn(f"fair_pruner: {type(work).__name__}: the residual width (the patch "
+                          "embedding or stem, every attention, MLP and conv block output, patch "
+                          "merging) and Swin-V2's position-bias MLPs are kept whole "
+                          f"({len(residual)} modules, book.meta['ignored']): Torch-Pruning's "
+                          "search through its window partitions runs for hours; attention "
+                          "heads, MLP neurons and inner conv channels are pruned")
         shuffled = shuffle_outputs(work)
         if shuffled:
             ignored.extend(shuffled)
@@ -422,7 +431,8 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                 raise UnsupportedModelError(f"ignore: no module named {m!r}")
             ignored.append(mod)
         DG = build_dependency_graph(work, example)
-        check_traced(work, DG, list(probe["calls"]))
+        # (kept-whole modules need not be traced: V2 Swin's position-bias MLP reads a buffer)
+        check_traced(work, DG, [m for m in probe["calls"] if m not in set(ignored)])
         skipped: List[str] = []
         tp_groups: Dict[str, object] = {}
         specs = find_groups(work, DG, ignored, skipped, calls=probe["calls"],

@@ -39,7 +39,8 @@ EXACT_TYPES = CONV_TYPES + (nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Layer
                             nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
 VIT_HINT = ("head pruning of vision transformers is not supported yet for this "
             "nn.MultiheadAttention (it is for torchvision's ViT and timm's ViT / DeiT attention)")
-# Window / relative-position attention of torchvision (Swin, Swin-V2, MaxViT) and timm.
+# Window / relative-position attention of torchvision (MaxViT; Swin is converted first,
+# graph.convert_blocks) and timm.
 WINDOW_ATTENTION = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2",
                     "RelativePositionalMultiHeadAttention", "WindowAttention",
                     "WindowAttentionGlobal", "PartitionAttentionCl", "PartitionAttention2d"}
@@ -126,6 +127,224 @@ def _convertible(parent: nn.Module, attr: str, m: nn.Module) -> bool:
             and not m.add_zero_attn and m.embed_dim % m.num_heads == 0)
 
 
+def _relative_bias(table: torch.Tensor, index: torch.Tensor, window_size) -> torch.Tensor:
+    """[1, heads, N, N] from a [(2Wh-1)(2Ww-1), heads] table (torchvision's Swin)."""
+    N = window_size[0] * window_size[1]
+    return table[index].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+class WindowAttention(nn.Module):
+    """Shifted-window multi-head self-attention (torchvision's Swin ``ShiftedWindowAttention``
+    and, with ``cosine=True``, ``ShiftedWindowAttentionV2``) with the same numbers, but with
+    ``head_dim`` stored rather than derived from the input width, and ``qkv`` / ``proj`` called
+    as modules (torchvision calls ``F.linear`` on their weights, which no hook sees), ``proj``
+    on [B, windows * tokens, attn_dim]. Per-head parameters: the relative position bias
+    table's columns (V1); ``logit_scale`` and the rows of ``cpb_mlp``'s last Linear (V2).
+    V2's key bias, which torchvision zeroes in every forward, is zero from the conversion on."""
+
+    def __init__(self, dim: int, window_size, shift_size, num_heads: int, head_dim: int,
+                 qkv_bias: bool = True, proj_bias: bool = True, attention_dropout: float = 0.0,
+                 dropout: float = 0.0, cosine: bool = False):
+        super().__init__()
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
+        self.attention_dropout, self.dropout, self.cosine = attention_dropout, dropout, cosine
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias)
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
+        self.norm, self.gate = nn.Identity(), None        # as timm's Attention (head_attention)
+
+    @classmethod
+    def from_torchvision(cls, m: nn.Module) -> "WindowAttention":
+        import copy
+        cosine = hasattr(m, "logit_scale")
+        dim, H = m.qkv.in_features, m.num_heads
+        new = cls(dim, m.window_size, m.shift_size, H, dim // H, m.qkv.bias is not None,
+                  m.proj.bias is not None, m.attention_dropout, m.dropout, cosine)
+        new.qkv, new.proj = copy.deepcopy(m.qkv), copy.deepcopy(m.proj)
+        new.register_buffer("relative_position_index", m.relative_position_index.clone())
+        if cosine:
+            new.logit_scale = copy.deepcopy(m.logit_scale)
+            new.cpb_mlp = copy.deepcopy(m.cpb_mlp)
+            new.register_buffer("relative_coords_table", m.relative_coords_table.clone())
+            if new.qkv.bias is not None:
+                with torch.no_grad():
+                    new.qkv.bias[dim:2 * dim].zero_()
+        else:
+            new.relative_position_bias_table = copy.deepcopy(m.relative_position_bias_table)
+        new.train(m.training)
+        return new
+
+    def head_params(self):
+        """(module, attribute, dim) of every parameter indexed by head besides qkv / proj."""
+        if self.cosine:
+            return [(self, "logit_scale", 0), (self.cpb_mlp[-1], "weight", 0)]
+        return [(self, "relative_position_bias_table", 1)]
+
+    def position_bias(self) -> torch.Tensor:
+        if self.cosine:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+            return 16 * torch.sigmoid(_relative_bias(table, self.relative_position_index,
+                                                     self.window_size))
+        return _relative_bias(self.relative_position_bias_table, self.relative_position_index,
+                              self.window_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H, W, dim] -> [B, H, W, dim] (torchvision's shifted_window_attention)."""
+        B, Hh, Ww, C = x.shape
+        ws, shift = self.window_size, list(self.shift_size)
+        x = F.pad(x, (0, 0, 0, (ws[1] - Ww % ws[1]) % ws[1], 0, (ws[0] - Hh % ws[0]) % ws[0]))
+        _, pH, pW, _ = x.shape
+        if ws[0] >= pH:
+            shift[0] = 0
+        if ws[1] >= pW:
+            shift[1] = 0
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        nW = (pH // ws[0]) * (pW // ws[1])
+        x = x.view(B, pH // ws[0], ws[0], pW // ws[1], ws[1], C).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(B * nW, ws[0] * ws[1], C)
+        N, H = x.size(1), self.num_heads
+        qkv = self.qkv(x).reshape(B * nW, N, 3, H, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.cosine:
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        else:
+            attn = (q * self.head_dim ** -0.5).matmul(k.transpose(-2, -1))
+        attn = attn + self.position_bias()
+        if sum(shift) > 0:
+            mask = x.new_zeros((pH, pW))
+            hs = ((0, -ws[0]), (-ws[0], -shift[0]), (-shift[0], None))
+            wsl = ((0, -ws[1]), (-ws[1], -shift[1]), (-shift[1], None))
+            count = 0
+            for h in hs:
+                for w in wsl:
+                    mask[h[0]:h[1], w[0]:w[1]] = count
+                    count += 1
+            mask = mask.view(pH // ws[0], ws[0], pW // ws[1], ws[1]).permute(0, 2, 1, 3)
+            mask = mask.reshape(nW, N)
+            mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+            mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+            attn = attn.view(B, nW, H, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, H, N, N)
+        attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout,
+                         training=self.training)
+        o = attn.matmul(v).transpose(1, 2).reshape(B, nW * N, self.attn_dim)
+        x = F.dropout(self.proj(o), p=self.dropout, training=self.training)
+        x = x.view(B, pH // ws[0], pW // ws[1], ws[0], ws[1], C).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(B, pH, pW, C)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :Hh, :Ww, :].contiguous()
+
+
+class PartitionAttention(nn.Module):
+    """torchvision MaxViT's ``RelativePositionalMultiHeadAttention`` with the same numbers, but
+    its output width ``attn_dim = num_heads * head_dim`` stored (torchvision reshapes the heads
+    back to the input width) and its modules named as the other head attentions: ``qkv``
+    (``to_qkv``) and ``proj`` (``merge``). Per-head parameters: the relative position bias
+    table's columns. Input and output [B, G, P, dim]."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int,
+                 scale: float):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
+        self.max_seq_len, self.scale_factor = max_seq_len, scale
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, dim)
+        self.norm, self.gate = nn.Identity(), None
+
+    @classmethod
+    def from_torchvision(cls, m: nn.Module) -> "PartitionAttention":
+        import copy
+        new = cls(m.to_qkv.in_features, m.n_heads, m.head_dim, m.max_seq_len, m.scale_factor)
+        new.qkv, new.proj = copy.deepcopy(m.to_qkv), copy.deepcopy(m.merge)
+        new.relative_position_bias_table = copy.deepcopy(m.relative_position_bias_table)
+        new.register_buffer("relative_position_index", m.relative_position_index.clone())
+        new.train(m.training)
+        return new
+
+    def head_params(self):
+        return [(self, "relative_position_bias_table", 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, G, P, _ = x.shape
+        H, DH = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+                   for t in torch.chunk(self.qkv(x), 3, dim=-1))
+        k = k * self.scale_factor          # the unpruned model's 1 / sqrt(input width), fixed
+        dot = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.max_seq_len, self.max_seq_len, -1).permute(2, 0, 1).contiguous()
+        dot = F.softmax(dot + bias.unsqueeze(0), dim=-1)
+        out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot, v)
+        return self.proj(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, self.attn_dim))
+
+
+_TV_MAXVIT = "torchvision.models.maxvit"
+
+
+_TV_SWIN = "torchvision.models.swin_transformer"
+
+
+def _tv_window_attention(parent: nn.Module, attr: str, m: nn.Module) -> bool:
+    return (attr == "attn" and type(m).__module__ == _TV_SWIN
+            and type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+            and type(parent).__name__ in ("SwinTransformerBlock", "SwinTransformerBlockV2")
+            and m.qkv.in_features % m.num_heads == 0 and m.qkv.in_features == m.proj.out_features)
+
+
+def _tv_partition_attention(m: nn.Module) -> bool:
+    return (type(m).__module__ == _TV_MAXVIT
+            and type(m).__name__ == "RelativePositionalMultiHeadAttention")
+
+
+def kept_residual(model: nn.Module) -> List[nn.Module]:
+    """The producers of a torchvision Swin's or MaxViT's residual width (and V2 Swin's
+    position-bias MLPs): kept whole (see :func:`swin_residual`)."""
+    out = swin_residual(model)
+    for m in model.modules():
+        cls = type(m)
+        if cls.__module__ != _TV_MAXVIT:
+            continue
+        if cls.__name__ == "MaxVit":
+            convs = [c for c in m.stem.modules() if isinstance(c, nn.Conv2d)]
+            out.extend(convs[-1:])
+        elif cls.__name__ == "MBConv":
+            out.append(m.layers.conv_c)
+            out.extend(c for c in m.proj.modules() if isinstance(c, nn.Conv2d))
+        elif cls.__name__ == "PartitionAttentionLayer":
+            out.extend(c.proj for c in m.attn_layer.modules() if isinstance(c, PartitionAttention))
+            out.extend([c for c in m.mlp_layer.modules() if isinstance(c, nn.Linear)][-1:])
+    return out
+
+
+def swin_residual(model: nn.Module) -> List[nn.Module]:
+    """The producers of a torchvision Swin's residual stream (patch embedding, every block's
+    attention and MLP output, every patch merging) and V2's position-bias MLPs: kept whole.
+    Torch-Pruning's search through the window partitions runs for hours (the width is shared
+    by the whole stage and reshaped in every block); heads and MLP neurons are pruned."""
+    out: List[nn.Module] = []
+    for m in model.modules():
+        name = type(m).__name__
+        if type(m).__module__ == _TV_SWIN and name in ("SwinTransformer",):
+            first = next((c for c in m.features[0].modules() if isinstance(c, nn.Conv2d)), None)
+            if first is not None:
+                out.append(first)
+        if isinstance(m, WindowAttention):
+            out.append(m.proj)
+            if m.cosine:
+                out.extend(c for c in m.cpb_mlp.modules() if isinstance(c, nn.Linear))
+        if type(m).__module__ == _TV_SWIN and name in ("SwinTransformerBlock",
+                                                       "SwinTransformerBlockV2"):
+            lins = [c for c in m.mlp.modules() if isinstance(c, nn.Linear)]
+            if lins:
+                out.append(lins[-1])
+        if type(m).__module__ == _TV_SWIN and name in ("PatchMerging", "PatchMergingV2"):
+            out.append(m.reduction)
+    return out
+
+
 class _ChannelShuffle(torch.autograd.Function):
     """torchvision's ``channel_shuffle(x, groups)`` as one autograd node: Torch-Pruning cannot
     map channels through its view / transpose / view (its trace divides by zero), and sees this
@@ -186,8 +405,9 @@ def _tv_shuffle_block(m: nn.Module) -> bool:
 def needs_conversion(model: nn.Module) -> bool:
     """Whether :func:`convert_blocks` would change ``model``."""
     return any(_tv_shuffle_block(m) for m in model.modules()) or any(
-        _convertible(parent, attr, m) for parent in model.modules()
-        for attr, m in parent.named_children())
+        _convertible(parent, attr, m) or _tv_window_attention(parent, attr, m)
+        or _tv_partition_attention(m)
+        for parent in model.modules() for attr, m in parent.named_children())
 
 
 def convert_blocks(model: nn.Module) -> nn.Module:
@@ -201,6 +421,10 @@ def convert_blocks(model: nn.Module) -> nn.Module:
         for attr, m in list(parent.named_children()):
             if _convertible(parent, attr, m):
                 setattr(parent, attr, SelfAttention.from_multihead(m))
+            elif _tv_window_attention(parent, attr, m):
+                setattr(parent, attr, WindowAttention.from_torchvision(m))
+            elif _tv_partition_attention(m):
+                setattr(parent, attr, PartitionAttention.from_torchvision(m))
     for m in model.modules():
         if _tv_shuffle_block(m):
             m.__class__ = _shuffle_block_class()
@@ -248,7 +472,7 @@ def head_attention(m: nn.Module) -> bool:
     that mix heads (a norm over all heads' outputs, ``scale_norm``) or add producers (``gated``).
     Its unit is one head: its q/k/v rows and its proj input columns."""
     cls = type(m)
-    if not (isinstance(m, SelfAttention)
+    if not (isinstance(m, (SelfAttention, WindowAttention, PartitionAttention))
             or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
@@ -290,6 +514,10 @@ def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
     cut(m.qkv, "weight", 0, rows)
     cut(m.qkv, "bias", 0, rows)
     cut(m.proj, "weight", 1, cols)
+    for owner, attr, dim in (m.head_params() if hasattr(m, "head_params") else ()):
+        cut(owner, attr, dim, torch.tensor(keep, dtype=torch.long))
+        if isinstance(owner, nn.Linear):
+            owner.out_features = len(keep)
     m.qkv.out_features, m.proj.in_features = rows.numel(), cols.numel()
     m.num_heads, m.attn_dim = len(keep), len(keep) * hd
 
@@ -312,9 +540,9 @@ def check_model_types(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{len(windows)} window-attention layers, e.g. {n} ({type(m).__module__}."
             f"{type(m).__name__}): their head count is fixed in the module and their window "
-            "reshapes make Torch-Pruning's dependency search run for hours, so Swin / MaxViT "
-            "are not pruned yet (attention heads are: in torchvision's ViT and timm's ViT / "
-            "DeiT)")
+            "reshapes make Torch-Pruning's dependency search run for hours, so MaxViT and "
+            "timm's Swin are not pruned yet (torchvision's Swin / Swin-V2 are: graph."
+            "WindowAttention; so are the heads of torchvision's ViT and timm's ViT / DeiT)")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -529,14 +757,15 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     ignored_set = set(ignored)
     heads = {n: m for n, m in model.named_modules() if head_attention(m)}
     # Their qkv rows are one head's units, not channels: Torch-Pruning's qkv group is replaced
-    # by a head group (head_spec; none where the attention, its qkv or proj is ignored); the
-    # residual stream and MLP groups stay as traced.
+    # by a head group (head_spec; none where the attention or its qkv is ignored), and not
+    # searched (its reshapes into heads are costly to follow); the residual stream and MLP
+    # groups stay as traced.
     head_qkv = {m.qkv for m in heads.values()}
-    heads = {n: m for n, m in heads.items() if not ({m, m.qkv, m.proj} & ignored_set)}
+    heads = {n: m for n, m in heads.items() if not ({m, m.qkv} & ignored_set)}
     limit = float(os.environ.get("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S))
     with time_limit(limit, "the search for coupled channel groups"):
         try:
-            all_groups = list(DG.get_all_groups(ignored_layers=list(ignored),
+            all_groups = list(DG.get_all_groups(ignored_layers=list(ignored) + list(head_qkv),
                                                 root_module_types=PRODUCER_TYPES))
         except (IndexError, KeyError, ValueError, RuntimeError, ZeroDivisionError) as exc:
             raise UnsupportedModelError(
@@ -636,11 +865,13 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
         attn = model.get_submodule(spec.root_module)
         if head_attention(attn):
             hd = attn.head_dim
-            for lin, attr, d, width in ((attn.qkv, "weight", 0, 3 * hd), (attn.qkv, "bias", 0, 3 * hd),
-                                        (attn.proj, "weight", 1, hd)):
+            extra = [(o, a, d, 1) for o, a, d in
+                     (attn.head_params() if hasattr(attn, "head_params") else ())]
+            for lin, attr, d, width in [(attn.qkv, "weight", 0, 3 * hd), (attn.qkv, "bias", 0, 3 * hd),
+                                        (attn.proj, "weight", 1, hd)] + extra:
                 p = getattr(lin, attr)
                 if p is not None:
-                    b.dim((f"{name_of[lin]}.{attr}", d), p.shape[d], gi, width)
+                    b.dim((f"{name_of[lin]}.{attr}".lstrip("."), d), p.shape[d], gi, width)
             continue
         g = (tp_groups or {}).get(spec.name)
         if g is None:
@@ -956,6 +1187,7 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
     bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs)
     if bad and any(t.is_floating_point() and t.dtype != torch.float64
                    for t in itertools.chain(model.parameters(), model.buffers())):
+        del ref                 # one reference at a time (a 600M-parameter ViT-H: 5 GB in fp64)
         ref, ex, outputs = reference(True)
         bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs)
     if not bad:
@@ -1005,6 +1237,7 @@ def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
             out_p, params, macs = _measure(pruned, example, call)
     except Exception as exc:        # pruned model no longer runs
         return [f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"]
+    del pruned, DG                  # one model copy at a time
     out_m = _measure(mask_units(copy_model(ref), specs, removed), example, call)[0]
     if params != want_p:
         errs.append(f"{params} parameters after pruning, the plan counts {want_p}")

@@ -543,14 +543,16 @@ def test_channel_shuffle_node_has_the_inverse_gradient():
     assert torch.autograd.gradcheck(lambda t: _ChannelShuffle.apply(t, 2), (x,))
 
 
-@pytest.mark.parametrize("arch", ["swin_t", "maxvit_t"])
-def test_window_attention_models_refused_before_the_search(arch):
+def test_window_attention_models_refused_before_the_search():
+    """timm's Swin (its own window attention) is refused at once; torchvision's Swin and
+    MaxViT are converted and pruned (tests/test_vit_heads.py)."""
     import time
-    import torchvision
-    model = _Spy(getattr(torchvision.models, arch)(num_classes=4).eval())
+    timm = pytest.importorskip("timm")
+    model = _Spy(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                                   num_classes=4, img_size=56).eval())
     t0 = time.perf_counter()
-    msg = _refused(model, _loader((3, 32, 32), n=8), "window-attention layers")
-    assert "Swin / MaxViT" in msg and model.calls == 0
+    msg = _refused(model, _loader((3, 56, 56), n=8), "window-attention layers")
+    assert "timm's Swin" in msg and model.calls == 0
     assert time.perf_counter() - t0 < 60        # was: hours inside Torch-Pruning's search
 
 

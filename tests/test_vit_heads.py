@@ -240,3 +240,101 @@ def test_multihead_attention_elsewhere_is_still_refused():
     data = [(torch.randn(6, 4, 6), torch.arange(6) % 3)]
     with pytest.raises(fp.UnsupportedModelError, match="MultiheadAttention"):
         fp.score(WithMHA(), data, **OPTS)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision's Swin / Swin-V2: ShiftedWindowAttention converted to graph.WindowAttention
+# --------------------------------------------------------------------------------------------
+
+def _tv_swin(v2: bool, seed=0):
+    from torchvision.models import swin_transformer as sw
+    torch.manual_seed(seed)
+    kw = dict(block=sw.SwinTransformerBlockV2, downsample_layer=sw.PatchMergingV2) if v2 else {}
+    m = sw.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                           window_size=[2, 2], num_classes=5, **kw).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():      # zero biases, a zero-init bias table: jitter everything
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_window_attention_equals_torchvision(v2):
+    m = _tv_swin(v2)
+    conv = graph.convert_blocks(fp.engine.copy_model(m))
+    assert type(conv.features[1][1].attn).__name__ == "WindowAttention"
+    assert conv.features[1][1].attn.shift_size == [1, 1]          # a shifted block too
+    for size in (16, 20):                                          # 20: padded windows
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_prunes_heads_and_neurons_exactly(v2):
+    from helpers import assert_same, snapshot
+    m = _tv_swin(v2)
+    snap = snapshot(m)
+    with pytest.warns(UserWarning, match="residual width"):
+        book = fp.score(m, _data(size=16), **OPTS)
+    assert_same(m, snap)
+    kinds = {g.name: g.kind for g in book.groups}
+    assert kinds == {"features.1.0.attn": "head", "features.1.0.mlp.0": "channel",
+                     "features.1.1.attn": "head", "features.1.1.mlp.0": "channel",
+                     "features.3.0.attn": "head", "features.3.0.mlp.0": "channel",
+                     "features.3.1.attn": "head", "features.3.1.mlp.0": "channel"}
+    removed = {"features.1.1.attn": [0], "features.3.0.attn": [1, 2],
+               "features.1.0.mlp.0": [0, 5, 7], "features.3.1.mlp.0": list(range(0, 128, 3))}
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    att = pruned.features[3][0].attn
+    assert att.num_heads == 2 and att.qkv.out_features == 3 * 2 * 8
+    if v2:
+        assert att.logit_scale.shape[0] == 2 and att.cpb_mlp[-1].out_features == 2
+    else:
+        assert att.relative_position_bias_table.shape[1] == 2
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        a, b = pruned(x), ref(x)
+    assert float(b.abs().max()) > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    assert count_macs(pruned, x[:1]) == plan.flops_after
+
+
+def _tv_maxvit(seed=0):
+    torch.manual_seed(seed)
+    m = tv.models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2,
+                         block_channels=[16, 32], block_layers=[1, 1], head_dim=8,
+                         stochastic_depth_prob=0.0, num_classes=5).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    from helpers import randomize_bn
+    return randomize_bn(m)
+
+
+def test_maxvit_converted_and_pruned_exactly():
+    m = _tv_maxvit()
+    conv = graph.convert_blocks(fp.engine.copy_model(m))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), m(x), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="residual width"):
+        book = fp.score(m, _data(size=32), **OPTS)
+    heads = [g for g in book.groups if g.kind == "head"]
+    assert len(heads) == 4 and all(g.size in (2, 4) for g in heads)     # window + grid, 2 blocks
+    removed = {g.name: [0] for g in heads}
+    for g in book.groups:
+        if g.kind != "head" and g.size > 2:
+            removed[g.name] = list(range(0, g.size, 3))
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    with torch.no_grad():
+        a, b = pruned(x), ref(x)
+    assert float(b.abs().max()) > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    assert count_macs(pruned, x[:1]) == plan.flops_after
