@@ -122,6 +122,16 @@ try:
 except fp.FairPrunerError as e:
     done(outcome="refused", error=type(e).__name__, message=str(e)[:300], stage="surgery")
 xe = torch.randn(2, 3, size, size, generator=g)
+
+
+def in64(m):
+    """m's output in float64, one model in float64 at a time (ViT-H: 5 GB each)."""
+    with torch.no_grad():
+        out = m.double()(xe.double())
+    m.float()
+    return out
+
+
 real_p = sum(p.numel() for p in pruned.parameters())
 real_m = count_macs(pruned, xe[:1])
 # Compared in float64: in fp32 a deep net with jittered weights amplifies summation-order
@@ -129,7 +139,7 @@ real_m = count_macs(pruned, xe[:1])
 with torch.no_grad():
     a, b = pruned(xe), masked(xe)
     err32 = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3)) if a.shape == b.shape else None
-    a, b = pruned.double()(xe.double()), masked.double()(xe.double())
+    a, b = in64(pruned), in64(masked)
 err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3)) if a.shape == b.shape else None
 res.update(rel_err=err, rel_err_fp32=err32, plan_params=plan.params_after, real_params=real_p,
            plan_macs=plan.flops_after, real_macs=real_m,
@@ -153,7 +163,7 @@ if res["heads_removed"]:
     pruned, masked = fp.prune(model, plan), fp.mask(model, plan, book)
     real_p, real_m = sum(p.numel() for p in pruned.parameters()), count_macs(pruned, xe[:1])
     with torch.no_grad():
-        a, b = pruned.double()(xe.double()), masked.double()(xe.double())
+        a, b = in64(pruned), in64(masked)
     err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3))
     heads = {gr.name: len(plan.removed[gr.name]) for gr in book.groups if gr.kind == "head"}
     res.update(one_alpha_rel_err=err, one_alpha_heads_removed=sum(heads.values()),

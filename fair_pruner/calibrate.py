@@ -363,7 +363,10 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
     work, device = working_model(model, device)
     fingerprint = model_fingerprint(model)
     if needs_conversion(work):      # torchvision ViT / Swin / ShuffleNetV2 (graph.convert_blocks)
-        work = convert_blocks(copy_model(work) if work is model else work)
+        # a new module tree over the same weights; BN statistics updated in train mode are not
+        # shared (they are restored afterwards, but the caller's must never change meanwhile)
+        work = convert_blocks(copy_model(work, share_tensors=bn_mode == "eval")
+                              if work is model else work)
     loss_fn_given = loss_fn
     loss_fn = loss_fn or _default_loss
     all_signals: Dict[str, Signal] = dict(BUILTIN)
@@ -823,16 +826,17 @@ def _labels_of(loader: Iterable, num_classes: int) -> List[List[List[int]]]:
 def _reduce(producers: List[_Producer], grams, chunk: List[_Producer]) -> None:
     """Sum pass 1's statistics over the ranks: producers' sums, consumers' Gram matrices, and
     the U samples of ``chunk`` (each slot stored by one rank)."""
-    for p in producers:
-        for name in ("taylor", "act_abs", "act_sum", "act_sq"):
-            dist.sum_(getattr(p, name))
-        p.positions = int(dist.sum_(torch.tensor([p.positions], dtype=torch.float64)).item())
-    if grams is not None:
-        for name in sorted(grams.stats):
-            st = grams.stats[name]
-            dist.sum_(st[0])
-            dist.sum_(st[1])
-            st[2] = int(dist.sum_(torch.tensor([st[2]], dtype=torch.float64)).item())
+    counts = torch.tensor([p.positions for p in producers], dtype=torch.float64)
+    names = sorted(grams.stats) if grams is not None else []
+    tokens = torch.tensor([grams.stats[n][2] for n in names], dtype=torch.float64)
+    dist.sum_many_([getattr(p, a) for p in producers for a in ("taylor", "act_abs", "act_sum",
+                                                                "act_sq")]
+                   + [grams.stats[n][0] for n in names] + [counts, tokens])
+    for p, c in zip(producers, counts.tolist()):
+        p.positions = int(c)
+    for n, c in zip(names, tokens.tolist()):
+        grams.stats[n][2] = int(c)
+        dist.sum_symmetric_(grams.stats[n][1])
     dist.sum_samples(chunk)
 
 

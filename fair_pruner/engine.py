@@ -308,11 +308,16 @@ def check_sampling(samples_per_class, projections) -> None:
         raise CalibrationDataError("projections must be an int >= 1")
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, share_tensors: bool = False) -> nn.Module:
     """``copy.deepcopy(model)``, also for models that cache autograd results in attributes
     (timm's LeViT keeps non-leaf attention-bias tensors in a dict, which deepcopy refuses):
-    those tensors are copied detached; the model itself is not touched."""
+    those tensors are copied detached; the model itself is not touched. ``share_tensors``:
+    a new module tree over the same parameter and buffer tensors (for a structural rewrite
+    of a copy that never writes them: no second copy of a large model's weights)."""
     memo: Dict[int, Any] = {}
+    if share_tensors:
+        for t in list(model.parameters()) + list(model.buffers()):
+            memo[id(t)] = t
     for m in model.modules():
         for v in vars(m).values():
             vals = list(v.values()) if isinstance(v, dict) else (

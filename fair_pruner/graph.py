@@ -467,10 +467,13 @@ _TIMM_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")
 
 def head_attention(m: nn.Module) -> bool:
     """A multi-head attention whose heads fair_pruner removes exactly: timm's ViT / DeiT
-    ``Attention`` (``timm.layers.Attention``; ``qkv`` [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj``
-    [dim, attn_dim]; ``num_heads`` / ``attn_dim`` read in its forward), without the options
-    that mix heads (a norm over all heads' outputs, ``scale_norm``) or add producers (``gated``).
-    Its unit is one head: its q/k/v rows and its proj input columns."""
+    ``Attention`` (``timm.layers.Attention``) and the converted torchvision blocks
+    (:class:`SelfAttention`, :class:`WindowAttention`, :class:`PartitionAttention`). All share
+    ``qkv`` [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj`` [dim, attn_dim] and
+    ``num_heads`` / ``attn_dim`` read in the forward; timm's options that mix heads (a norm over
+    all heads' outputs, ``scale_norm``) or add producers (``gated``) are excluded. A unit is one
+    head: its q/k/v rows, its proj input columns and its entries of any per-head parameter
+    (``head_params()``)."""
     cls = type(m)
     if not (isinstance(m, (SelfAttention, WindowAttention, PartitionAttention))
             or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):

@@ -173,10 +173,12 @@ def _checkpointed(model: nn.Module, layers: Sequence[str]):
 def _reduce_taps(taps: Sequence["_Tap"]) -> None:
     """Sum every tap's statistics over the ranks; each U-sample slot was stored by one rank."""
     dist.sum_samples(taps)
-    for tp in taps:
-        for name in ("taylor", "act_abs", "ch_sum", "ch_sq", "wgrad"):   # Grams: after their passes
-            dist.sum_(getattr(tp, name))
-        tp.tokens = int(dist.sum_(torch.tensor([tp.tokens], dtype=torch.float64)).item())
+    tokens = torch.tensor([tp.tokens for tp in taps], dtype=torch.float64)
+    # one collective per dtype for every tap's sums (Grams: after their passes)
+    dist.sum_many_([getattr(tp, name) for tp in taps
+                    for name in ("taylor", "act_abs", "ch_sum", "ch_sq", "wgrad")] + [tokens])
+    for tp, n in zip(taps, tokens.tolist()):
+        tp.tokens = int(n)
         if hasattr(tp.handle, "reduce"):      # a family's own run statistics (MoE routing)
             tp.handle.reduce(dist.sum_)
 
@@ -407,7 +409,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     if chunks:
         _gram_passes(work, chunks, loader, device, progress and rank == 0)
     for tp in taps:
-        dist.sum_(tp.gram)
+        dist.sum_symmetric_(tp.gram)
 
     context = (max(seq_lens) + 1) / 2.0          # mean causal context of a calibration sequence
     all_signals: Dict[str, Signal] = dict(BUILTIN)
