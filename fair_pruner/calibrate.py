@@ -836,7 +836,7 @@ def _reduce(producers: List[_Producer], grams, chunk: List[_Producer]) -> None:
         p.positions = int(c)
     for n, c in zip(names, tokens.tolist()):
         grams.stats[n][2] = int(c)
-        dist.sum_symmetric_(grams.stats[n][1])
+        dist.sum_(grams.stats[n][1])
     dist.sum_samples(chunk)
 
 

@@ -164,21 +164,6 @@ def sum_many_(tensors: Sequence[Optional[Tensor]]) -> None:
             off += t.numel()
 
 
-def sum_symmetric_(t: Optional[Tensor]) -> Optional[Tensor]:
-    """All-reduce (sum) a symmetric matrix [C, C] in place sending its upper triangle only (half
-    the bytes of :func:`sum_`: SmolLM2's Gram matrices are 0.32 GB); the lower triangle is
-    written as the mirror of the summed upper one."""
-    import torch.distributed as dist
-    if t is None or not active():
-        return t
-    iu = torch.triu_indices(t.shape[-1], t.shape[-1], device=t.device)
-    vals = t[iu[0], iu[1]]
-    dist.all_reduce(vals)
-    t[iu[0], iu[1]] = vals
-    t[iu[1], iu[0]] = vals
-    return t
-
-
 def interleave(per_rank: Sequence[Sequence[Any]]) -> List[Tuple[int, int, Any]]:
     """The union in interleaved order: (rank, local index, item) for step 0 of every rank, then
     step 1, ..."""

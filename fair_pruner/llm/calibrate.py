@@ -409,7 +409,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
     if chunks:
         _gram_passes(work, chunks, loader, device, progress and rank == 0)
     for tp in taps:
-        dist.sum_symmetric_(tp.gram)
+        dist.sum_(tp.gram)
 
     context = (max(seq_lens) + 1) / 2.0          # mean causal context of a calibration sequence
     all_signals: Dict[str, Signal] = dict(BUILTIN)
