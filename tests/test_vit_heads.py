@@ -38,6 +38,17 @@ def _data(n=30, classes=5, seed=2, size=24):
 OPTS = dict(samples_per_class=4, projections=8, progress=False)
 
 
+def _assert_exact(pruned, ref, plan, x):
+    """pruned == its masked reference on x (with outputs far from zero), and the plan's params
+    and MACs are the pruned model's."""
+    with torch.no_grad():
+        a, b = pruned(x), ref(x)
+    assert float(b.abs().max()) > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
+    assert count_macs(pruned, x[:1]) == plan.flops_after
+
+
 def test_heads_are_units_of_their_own_groups():
     m = _vit()
     book = fp.score(m, _data(), **OPTS)
@@ -67,13 +78,7 @@ def test_pruned_heads_equal_masked_and_costs_are_exact(kw):
     ref = fp.mask(m, plan, book, reconstruct=None)
     assert [b.attn.num_heads for b in pruned.blocks] == [2, 3]
     assert pruned.blocks[0].attn.qkv.weight.shape == (3 * 2 * 12, pruned.blocks[0].attn.qkv.in_features)
-    x = torch.randn(3, 3, 24, 24)
-    with torch.no_grad():
-        a, b = pruned(x), ref(x)
-    assert float(b.abs().max()) > 0.1
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
-    assert count_macs(pruned, x[:1]) == plan.flops_after
+    _assert_exact(pruned, ref, plan, torch.randn(3, 3, 24, 24))
     assert plan.params_after < plan.params_before and names
 
 
@@ -214,13 +219,7 @@ def test_torchvision_vit_prunes_heads_neurons_and_width_exactly():
     att = [l.self_attention for l in pruned.encoder.layers]
     assert [type(a).__name__ for a in att] == ["SelfAttention"] * 2
     assert [a.num_heads for a in att] == [2, 3] and pruned.hidden_dim == 28
-    x = torch.randn(3, 3, 24, 24)
-    with torch.no_grad():
-        a, b = pruned(x), ref(x)
-    assert float(b.abs().max()) > 0.1
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
-    assert count_macs(pruned, x[:1]) == plan.flops_after
+    _assert_exact(pruned, ref, plan, torch.randn(3, 3, 24, 24))
 
 
 def test_multihead_attention_elsewhere_is_still_refused():
@@ -294,13 +293,7 @@ def test_swin_prunes_heads_and_neurons_exactly(v2):
         assert att.logit_scale.shape[0] == 2 and att.cpb_mlp[-1].out_features == 2
     else:
         assert att.relative_position_bias_table.shape[1] == 2
-    x = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        a, b = pruned(x), ref(x)
-    assert float(b.abs().max()) > 0.1
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
-    assert count_macs(pruned, x[:1]) == plan.flops_after
+    _assert_exact(pruned, ref, plan, torch.randn(3, 3, 16, 16))
 
 
 def _tv_maxvit(seed=0):
@@ -332,9 +325,4 @@ def test_maxvit_converted_and_pruned_exactly():
             removed[g.name] = list(range(0, g.size, 3))
     plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
     pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
-    with torch.no_grad():
-        a, b = pruned(x), ref(x)
-    assert float(b.abs().max()) > 0.1
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
-    assert count_macs(pruned, x[:1]) == plan.flops_after
+    _assert_exact(pruned, ref, plan, x)
