@@ -30,13 +30,12 @@ from torch import Tensor
 from . import ops
 from . import distributed as dist
 from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, copy_model,
-                     finish_u,
-                     first_tensor, gradient_pass, len_or_none, logits_of, map_tensors, preserved,
-                     split_batch, store_samples, working_model)
+                     finish_u, first_tensor, gradient_pass, len_or_none, logits_of, map_tensors,
+                     preserved, split_batch, store_samples, working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
                     check_model_types, check_traced, convert_blocks, find_groups,
-                    head_attention, needs_conversion, shuffle_outputs, kept_residual)
+                    head_attention, kept_residual, needs_conversion, shuffle_outputs)
 from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
@@ -423,9 +422,9 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         shuffled = shuffle_outputs(work)
         if shuffled:
             ignored.extend(shuffled)
-            warnings.warn(f"fair_pruner: ShuffleNetV2: {len(shuffled)} convs of its blocks carry channels "
-                          "that channel shuffles interleave from block to "
-                          "block and are kept whole (book.meta['ignored']); each branch's inner "
+            warnings.warn(f"fair_pruner: ShuffleNetV2: {len(shuffled)} convs of its blocks "
+                          "carry channels that channel shuffles interleave from block to block "
+                          "and are kept whole (book.meta['ignored']); each branch's inner "
                           "channels and the last conv are pruned")
         name_to_mod = dict(work.named_modules())
         for m in ignore:

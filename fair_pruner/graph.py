@@ -399,7 +399,8 @@ def __getattr__(name: str):
 
 def _tv_shuffle_block(m: nn.Module) -> bool:
     cls = type(m)
-    return cls.__module__ == "torchvision.models.shufflenetv2" and cls.__name__ == "InvertedResidual"
+    return (cls.__module__ == "torchvision.models.shufflenetv2"
+            and cls.__name__ == "InvertedResidual")
 
 
 def needs_conversion(model: nn.Module) -> bool:
@@ -494,7 +495,8 @@ def head_spec(name: str, m: nn.Module) -> GroupSpec:
     H, hd = m.num_heads, m.head_dim
     A = H * hd
     return GroupSpec(name=name, size=H, root=name, members=[
-        Member(f"{name}.qkv", "producer", list(range(3 * A)), [(c % A) // hd for c in range(3 * A)]),
+        Member(f"{name}.qkv", "producer", list(range(3 * A)),
+               [(c % A) // hd for c in range(3 * A)]),
         Member(f"{name}.proj", "consumer", list(range(A)), [c // hd for c in range(A)])])
 
 
@@ -870,7 +872,8 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
             hd = attn.head_dim
             extra = [(o, a, d, 1) for o, a, d in
                      (attn.head_params() if hasattr(attn, "head_params") else ())]
-            for lin, attr, d, width in [(attn.qkv, "weight", 0, 3 * hd), (attn.qkv, "bias", 0, 3 * hd),
+            for lin, attr, d, width in [(attn.qkv, "weight", 0, 3 * hd),
+                                        (attn.qkv, "bias", 0, 3 * hd),
                                         (attn.proj, "weight", 1, hd)] + extra:
                 p = getattr(lin, attr)
                 if p is not None:

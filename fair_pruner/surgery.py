@@ -110,7 +110,8 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     interleave = plan.meta.get("interleave") or {}
     for name in plan.sizes:
         mod = roots[name]
-        n = mod.num_heads if head_attention(mod) else DG.get_pruner_of_module(mod).get_out_channels(mod)
+        n = (mod.num_heads if head_attention(mod)
+             else DG.get_pruner_of_module(mod).get_out_channels(mod))
         il = interleave.get(name, 1)
         if n != plan.sizes[name] * il:
             raise BookMismatchError(

@@ -57,7 +57,8 @@ def test_heads_are_units_of_their_own_groups():
     for g in heads.values():
         assert g.size == 4
         assert set(g.signals) >= {"u", "r", "l2"}
-        assert all(float(v.abs().sum()) > 0 for v in g.signals.values() if v.dtype.is_floating_point)
+        assert all(float(v.abs().sum()) > 0 for v in g.signals.values()
+                   if v.dtype.is_floating_point)
     # qkv's rows are not a channel group of their own any more
     assert not any(g.name.endswith("attn.qkv") for g in book.groups)
 
@@ -77,7 +78,8 @@ def test_pruned_heads_equal_masked_and_costs_are_exact(kw):
     pruned = fp.prune(m, plan, reconstruct=None)
     ref = fp.mask(m, plan, book, reconstruct=None)
     assert [b.attn.num_heads for b in pruned.blocks] == [2, 3]
-    assert pruned.blocks[0].attn.qkv.weight.shape == (3 * 2 * 12, pruned.blocks[0].attn.qkv.in_features)
+    qkv = pruned.blocks[0].attn.qkv
+    assert qkv.weight.shape == (3 * 2 * 12, qkv.in_features)
     _assert_exact(pruned, ref, plan, torch.randn(3, 3, 24, 24))
     assert plan.params_after < plan.params_before and names
 
