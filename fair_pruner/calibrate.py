@@ -257,15 +257,9 @@ class _Heads(_Producer):
     the summed Taylor term of those features (what zeroing the head changes to first order)."""
 
     def __init__(self, name: str, attn: nn.Module, group: int):
-        SketchTap.__init__(self, name)
-        self.attn, self.module, self.group = attn, attn.proj, group
-        H = attn.num_heads
-        self.idxs = self.root_idxs = torch.arange(H)
-        self.units, self.head_dim, self.unit_dim = H, attn.head_dim, -1
-        self.clone = False
-        self.taylor: Optional[Tensor] = None
-        self.act_abs = self.act_sum = self.act_sq = None
-        self.positions = 0
+        heads = torch.arange(attn.num_heads)
+        super().__init__(name, attn.proj, group, heads, heads)
+        self.attn, self.units, self.head_dim = attn, attn.num_heads, attn.head_dim
 
     @property
     def where(self) -> str:
@@ -434,7 +428,8 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
             ignored.append(mod)
         DG = build_dependency_graph(work, example)
         # (kept-whole modules need not be traced: V2 Swin's position-bias MLP reads a buffer)
-        check_traced(work, DG, [m for m in probe["calls"] if m not in set(ignored)])
+        kept = set(ignored)
+        check_traced(work, DG, [m for m in probe["calls"] if m not in kept])
         skipped: List[str] = []
         tp_groups: Dict[str, object] = {}
         specs = find_groups(work, DG, ignored, skipped, calls=probe["calls"],

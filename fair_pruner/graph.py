@@ -127,10 +127,10 @@ def _convertible(parent: nn.Module, attr: str, m: nn.Module) -> bool:
             and not m.add_zero_attn and m.embed_dim % m.num_heads == 0)
 
 
-def _relative_bias(table: torch.Tensor, index: torch.Tensor, window_size) -> torch.Tensor:
-    """[1, heads, N, N] from a [(2Wh-1)(2Ww-1), heads] table (torchvision's Swin)."""
-    N = window_size[0] * window_size[1]
-    return table[index].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+def _relative_bias(table: torch.Tensor, index: torch.Tensor, N: int) -> torch.Tensor:
+    """[1, heads, N, N] from a [(2Wh-1)(2Ww-1), heads] table and the [N, N] (or flat) index
+    of each token pair into it (torchvision's Swin and MaxViT)."""
+    return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
 
 class WindowAttention(nn.Module):
@@ -181,12 +181,11 @@ class WindowAttention(nn.Module):
         return [(self, "relative_position_bias_table", 1)]
 
     def position_bias(self) -> torch.Tensor:
+        N = self.window_size[0] * self.window_size[1]
         if self.cosine:
             table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-            return 16 * torch.sigmoid(_relative_bias(table, self.relative_position_index,
-                                                     self.window_size))
-        return _relative_bias(self.relative_position_bias_table, self.relative_position_index,
-                              self.window_size)
+            return 16 * torch.sigmoid(_relative_bias(table, self.relative_position_index, N))
+        return _relative_bias(self.relative_position_bias_table, self.relative_position_index, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, H, W, dim] -> [B, H, W, dim] (torchvision's shifted_window_attention)."""
@@ -274,9 +273,9 @@ class PartitionAttention(nn.Module):
                    for t in torch.chunk(self.qkv(x), 3, dim=-1))
         k = k * self.scale_factor          # the unpruned model's 1 / sqrt(input width), fixed
         dot = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(self.max_seq_len, self.max_seq_len, -1).permute(2, 0, 1).contiguous()
-        dot = F.softmax(dot + bias.unsqueeze(0), dim=-1)
+        dot = F.softmax(dot + _relative_bias(self.relative_position_bias_table,
+                                             self.relative_position_index, self.max_seq_len),
+                        dim=-1)
         out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot, v)
         return self.proj(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, self.attn_dim))
 
@@ -300,48 +299,35 @@ def _tv_partition_attention(m: nn.Module) -> bool:
 
 
 def kept_residual(model: nn.Module) -> List[nn.Module]:
-    """The producers of a torchvision Swin's or MaxViT's residual width (and V2 Swin's
-    position-bias MLPs): kept whole (see :func:`swin_residual`)."""
-    out = swin_residual(model)
-    for m in model.modules():
-        cls = type(m)
-        if cls.__module__ != _TV_MAXVIT:
-            continue
-        if cls.__name__ == "MaxVit":
-            convs = [c for c in m.stem.modules() if isinstance(c, nn.Conv2d)]
-            out.extend(convs[-1:])
-        elif cls.__name__ == "MBConv":
-            out.append(m.layers.conv_c)
-            out.extend(c for c in m.proj.modules() if isinstance(c, nn.Conv2d))
-        elif cls.__name__ == "PartitionAttentionLayer":
-            out.extend(c.proj for c in m.attn_layer.modules() if isinstance(c, PartitionAttention))
-            out.extend([c for c in m.mlp_layer.modules() if isinstance(c, nn.Linear)][-1:])
-    return out
-
-
-def swin_residual(model: nn.Module) -> List[nn.Module]:
-    """The producers of a torchvision Swin's residual stream (patch embedding, every block's
-    attention and MLP output, every patch merging) and V2's position-bias MLPs: kept whole.
-    Torch-Pruning's search through the window partitions runs for hours (the width is shared
-    by the whole stage and reshaped in every block); heads and MLP neurons are pruned."""
+    """The producers of a torchvision Swin's or MaxViT's residual width (patch embedding or
+    stem, every attention, MLP and conv block output, every patch merging) and V2 Swin's
+    position-bias MLPs: kept whole. Torch-Pruning's search through the window partitions runs
+    for hours (the width is shared by a whole stage and reshaped in every block); heads, MLP
+    neurons and inner conv channels are pruned."""
     out: List[nn.Module] = []
+
+    def last_linear(m: nn.Module) -> List[nn.Module]:
+        return [c for c in m.modules() if isinstance(c, nn.Linear)][-1:]
     for m in model.modules():
-        name = type(m).__name__
-        if type(m).__module__ == _TV_SWIN and name in ("SwinTransformer",):
-            first = next((c for c in m.features[0].modules() if isinstance(c, nn.Conv2d)), None)
-            if first is not None:
-                out.append(first)
+        where, name = type(m).__module__, type(m).__name__
         if isinstance(m, WindowAttention):
             out.append(m.proj)
             if m.cosine:
                 out.extend(c for c in m.cpb_mlp.modules() if isinstance(c, nn.Linear))
-        if type(m).__module__ == _TV_SWIN and name in ("SwinTransformerBlock",
-                                                       "SwinTransformerBlockV2"):
-            lins = [c for c in m.mlp.modules() if isinstance(c, nn.Linear)]
-            if lins:
-                out.append(lins[-1])
-        if type(m).__module__ == _TV_SWIN and name in ("PatchMerging", "PatchMergingV2"):
+        elif where == _TV_SWIN and name == "SwinTransformer":
+            out.extend([c for c in m.features[0].modules() if isinstance(c, nn.Conv2d)][:1])
+        elif where == _TV_SWIN and name in ("SwinTransformerBlock", "SwinTransformerBlockV2"):
+            out.extend(last_linear(m.mlp))
+        elif where == _TV_SWIN and name in ("PatchMerging", "PatchMergingV2"):
             out.append(m.reduction)
+        elif where == _TV_MAXVIT and name == "MaxVit":
+            out.extend([c for c in m.stem.modules() if isinstance(c, nn.Conv2d)][-1:])
+        elif where == _TV_MAXVIT and name == "MBConv":
+            out.append(m.layers.conv_c)
+            out.extend(c for c in m.proj.modules() if isinstance(c, nn.Conv2d))
+        elif where == _TV_MAXVIT and name == "PartitionAttentionLayer":
+            out.extend(c.proj for c in m.attn_layer.modules() if isinstance(c, PartitionAttention))
+            out.extend(last_linear(m.mlp_layer))
     return out
 
 
@@ -403,11 +389,21 @@ def _tv_shuffle_block(m: nn.Module) -> bool:
             and cls.__name__ == "InvertedResidual")
 
 
+def _replacement(parent: nn.Module, attr: str, m: nn.Module):
+    """The function that builds the equivalent block of child ``attr`` of ``parent``, or None."""
+    if _convertible(parent, attr, m):
+        return SelfAttention.from_multihead
+    if _tv_window_attention(parent, attr, m):
+        return WindowAttention.from_torchvision
+    if _tv_partition_attention(m):
+        return PartitionAttention.from_torchvision
+    return None
+
+
 def needs_conversion(model: nn.Module) -> bool:
     """Whether :func:`convert_blocks` would change ``model``."""
     return any(_tv_shuffle_block(m) for m in model.modules()) or any(
-        _convertible(parent, attr, m) or _tv_window_attention(parent, attr, m)
-        or _tv_partition_attention(m)
+        _replacement(parent, attr, m) is not None
         for parent in model.modules() for attr, m in parent.named_children())
 
 
@@ -415,17 +411,15 @@ def convert_blocks(model: nn.Module) -> nn.Module:
     """Make, in place, the blocks fair_pruner prunes through a rewrite: every self-attention
     nn.MultiheadAttention whose call pattern is known (:func:`_convertible`) becomes the
     equivalent :class:`SelfAttention` (same name, so a score book's groups read ``<name>.qkv``
-    / ``<name>.proj``), and every torchvision ShuffleNetV2 block a ``ShuffleResidual`` (same
-    modules and forward). Returns ``model``. Scoring, pruning and masking all see the converted
+    / ``<name>.proj``), torchvision's Swin and MaxViT attention :class:`WindowAttention` /
+    :class:`PartitionAttention`, and every torchvision ShuffleNetV2 block a ``ShuffleResidual``
+    (same modules and forward). Returns ``model``. Scoring, pruning and masking all see the converted
     model; a pruned model keeps the converted blocks."""
     for parent in list(model.modules()):
         for attr, m in list(parent.named_children()):
-            if _convertible(parent, attr, m):
-                setattr(parent, attr, SelfAttention.from_multihead(m))
-            elif _tv_window_attention(parent, attr, m):
-                setattr(parent, attr, WindowAttention.from_torchvision(m))
-            elif _tv_partition_attention(m):
-                setattr(parent, attr, PartitionAttention.from_torchvision(m))
+            make = _replacement(parent, attr, m)
+            if make is not None:
+                setattr(parent, attr, make(m))
     for m in model.modules():
         if _tv_shuffle_block(m):
             m.__class__ = _shuffle_block_class()
@@ -439,16 +433,12 @@ def shuffle_outputs(model: nn.Module) -> List[nn.Module]:
     branch2's inner channels and the last conv are pruned."""
     out = []
     for m in model.modules():
-        if type(m) is _SHUFFLE_CLASS and _SHUFFLE_CLASS is not None:
-            for branch in (m.branch1, m.branch2):
-                convs = [c for c in branch.modules() if isinstance(c, nn.Conv2d)]
-                if convs:
-                    out.append(convs[-1])
+        if type(m) is _SHUFFLE_CLASS:
+            first = [c for c in m.branch1.modules() if isinstance(c, nn.Conv2d)]
             # branch1's depthwise conv carries the block's input channels (a shuffled group;
             # Torch-Pruning's search fails through the shuffle node and a split after it)
-            convs = [c for c in m.branch1.modules() if isinstance(c, nn.Conv2d)]
-            if convs:
-                out.append(convs[0])
+            out.extend(first[-1:] + first[:1])
+            out.extend([c for c in m.branch2.modules() if isinstance(c, nn.Conv2d)][-1:])
     return out
 
 
@@ -500,6 +490,17 @@ def head_spec(name: str, m: nn.Module) -> GroupSpec:
         Member(f"{name}.proj", "consumer", list(range(A)), [c // hd for c in range(A)])])
 
 
+def head_tensors(m: nn.Module) -> List[tuple]:
+    """(module, attribute, dim, layout) of every parameter of ``m`` (:func:`head_attention`)
+    indexed by head: layout "qkv" (q|k|v sections of heads x head_dim: 3 * head_dim per head),
+    "features" (heads x head_dim) or "heads" (one entry per head, ``head_params()``)."""
+    out = [(m.qkv, "weight", 0, "qkv"), (m.qkv, "bias", 0, "qkv"),
+           (m.proj, "weight", 1, "features")]
+    out += [(o, a, d, "heads") for o, a, d in (m.head_params() if hasattr(m, "head_params")
+                                               else ())]
+    return [t for t in out if getattr(t[0], t[1]) is not None]
+
+
 def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
     """Remove heads ``idxs`` of ``m`` (:func:`head_attention`) in place."""
     gone = set(int(i) for i in idxs)
@@ -507,23 +508,15 @@ def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
     A = H * hd
     keep = [h for h in range(H) if h not in gone]
     cols = torch.tensor([h * hd + d for h in keep for d in range(hd)], dtype=torch.long)
-    rows = torch.cat([cols + s * A for s in range(3)])
-
-    def cut(lin: nn.Linear, attr: str, dim: int, idx: torch.Tensor) -> None:
-        p = getattr(lin, attr)
-        if p is None:
-            return
-        new = nn.Parameter(p.detach().index_select(dim, idx.to(p.device)).clone(),
-                           requires_grad=p.requires_grad)
-        setattr(lin, attr, new)
-    cut(m.qkv, "weight", 0, rows)
-    cut(m.qkv, "bias", 0, rows)
-    cut(m.proj, "weight", 1, cols)
-    for owner, attr, dim in (m.head_params() if hasattr(m, "head_params") else ()):
-        cut(owner, attr, dim, torch.tensor(keep, dtype=torch.long))
-        if isinstance(owner, nn.Linear):
-            owner.out_features = len(keep)
-    m.qkv.out_features, m.proj.in_features = rows.numel(), cols.numel()
+    idx = {"qkv": torch.cat([cols + s * A for s in range(3)]), "features": cols,
+           "heads": torch.tensor(keep, dtype=torch.long)}
+    for owner, attr, dim, layout in head_tensors(m):
+        p = getattr(owner, attr)
+        setattr(owner, attr, nn.Parameter(
+            p.detach().index_select(dim, idx[layout].to(p.device)).clone(),
+            requires_grad=p.requires_grad))
+        if isinstance(owner, nn.Linear) and attr == "weight":
+            setattr(owner, "out_features" if dim == 0 else "in_features", idx[layout].numel())
     m.num_heads, m.attn_dim = len(keep), len(keep) * hd
 
 
@@ -782,8 +775,6 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
         root = g[0].dep.target.module
         if root in inside_mha:        # never called as a module (F.multi_head_attention_forward)
             continue
-        if root in head_qkv:
-            continue
         interleave = _interleave(DG, g)
         if interleave is None:
             if skipped is not None:
@@ -869,15 +860,10 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
     for gi, spec in enumerate(groups):
         attn = model.get_submodule(spec.root_module)
         if head_attention(attn):
-            hd = attn.head_dim
-            extra = [(o, a, d, 1) for o, a, d in
-                     (attn.head_params() if hasattr(attn, "head_params") else ())]
-            for lin, attr, d, width in [(attn.qkv, "weight", 0, 3 * hd),
-                                        (attn.qkv, "bias", 0, 3 * hd),
-                                        (attn.proj, "weight", 1, hd)] + extra:
-                p = getattr(lin, attr)
-                if p is not None:
-                    b.dim((f"{name_of[lin]}.{attr}".lstrip("."), d), p.shape[d], gi, width)
+            width = {"qkv": 3 * attn.head_dim, "features": attn.head_dim, "heads": 1}
+            for owner, attr, d, layout in head_tensors(attn):
+                b.dim((f"{name_of[owner]}.{attr}".lstrip("."), d),
+                      getattr(owner, attr).shape[d], gi, width[layout])
             continue
         g = (tp_groups or {}).get(spec.name)
         if g is None:
