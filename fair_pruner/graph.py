@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import threading
+import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -693,37 +694,85 @@ def _refusal(m: nn.Module, name: str, tied, calls) -> Optional[str]:
             "exactly")
 
 
-# Seconds Torch-Pruning's group search may take before scoring gives up with a clear error
-# (Swin's window reshapes make it run for hours and past 8 GB); FAIR_PRUNER_GROUP_SEARCH_S.
+# What Torch-Pruning's group search may take before scoring gives up with a clear error: Swin's
+# window reshapes made it run for hours and past 8 GB. Seconds (FAIR_PRUNER_GROUP_SEARCH_S), and
+# growth of the process's resident memory in MiB (FAIR_PRUNER_GROUP_SEARCH_MIB; default: half of
+# the memory available when the search starts), so that a hang or an out-of-memory kill becomes
+# an error naming the way out.
 GROUP_SEARCH_LIMIT_S = 300.0
+_TICK_S = 0.1
 
 
-class _SearchTimeout(Exception):
-    pass
+class _SearchLimit(BaseException):     # as KeyboardInterrupt: no `except Exception` inside
+    pass                                 # Torch-Pruning may swallow it
+
+
+def _rss_bytes() -> Optional[int]:
+    """This process's resident set size (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def search_memory_limit() -> Optional[int]:
+    """Bytes the group search may add to the resident set (None: unbounded / unknown)."""
+    env = os.environ.get("FAIR_PRUNER_GROUP_SEARCH_MIB")
+    if env is not None:
+        return int(float(env) * (1 << 20)) if float(env) > 0 else None
+    avail = _available_bytes()
+    return avail // 2 if avail else None
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float, what: str):
-    """Raise :class:`UnsupportedModelError` when the block runs longer than ``seconds``
-    (SIGALRM: main thread on POSIX only; elsewhere the block runs unbounded)."""
-    if (seconds is None or seconds <= 0 or not hasattr(signal, "setitimer")
+def search_limits(seconds: Optional[float], what: str, memory: Optional[int] = None):
+    """Raise :class:`UnsupportedModelError` when the block runs longer than ``seconds`` or
+    grows the resident set by more than ``memory`` bytes (checked every 0.1 s by SIGALRM: main
+    thread on POSIX only; elsewhere, or under someone else's alarm, the block runs unbounded)."""
+    seconds = seconds if seconds is not None and seconds > 0 else None
+    base = _rss_bytes() if memory else None
+    memory = memory if base is not None else None
+    if ((seconds is None and memory is None) or not hasattr(signal, "setitimer")
             or threading.current_thread() is not threading.main_thread()
             or signal.getitimer(signal.ITIMER_REAL)[0] > 0):    # someone else's alarm
         yield
         return
+    deadline = time.monotonic() + seconds if seconds is not None else None
+    why: List[str] = []
 
     def handler(signum, frame):
-        raise _SearchTimeout()
+        if deadline is not None and time.monotonic() >= deadline:
+            why.append(f"did not finish in {seconds:g} s")
+            raise _SearchLimit()
+        if memory is not None:
+            grown = (_rss_bytes() or base) - base
+            if grown > memory:
+                why.append(f"grew this process by {grown >> 20:,} MiB, past its limit of "
+                           f"{memory >> 20:,} MiB")
+                raise _SearchLimit()
     old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    tick = min(_TICK_S, seconds) if seconds is not None else _TICK_S
+    signal.setitimer(signal.ITIMER_REAL, tick, tick)
     try:
         yield
-    except _SearchTimeout:
+    except _SearchLimit:
         raise UnsupportedModelError(
-            f"{what} did not finish in {seconds:g} s: Torch-Pruning's dependency search "
-            "explodes on this model (reshape / permute / window ops, as in Swin or MaxViT). "
-            "Keep the blocks involved whole with ignore=[...], or raise the limit with "
-            "FAIR_PRUNER_GROUP_SEARCH_S=<seconds>") from None
+            f"{what} {why[-1]}: Torch-Pruning's dependency search explodes on this model "
+            "(reshape / permute / window ops, as in Swin or MaxViT). Keep the blocks involved "
+            "whole with ignore=[...], or raise the limits with FAIR_PRUNER_GROUP_SEARCH_S="
+            "<seconds> / FAIR_PRUNER_GROUP_SEARCH_MIB=<MiB>") from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -741,7 +790,7 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     (:func:`_refusal`: attention, recurrent and transposed-conv layers, GroupNorm, parameters
     shared between modules, a producer run more than once per forward, as counted in
     ``calls``) raises :class:`UnsupportedModelError` naming the modules and the ``ignore=``
-    that keeps those groups whole, as does a search longer than ``GROUP_SEARCH_LIMIT_S``.
+    that keeps those groups whole, as does a search past its limits (:func:`search_limits`).
     ``tp_groups`` (if given) receives each spec's Torch-Pruning group, by spec name, for
     :func:`build_cost_model` (the search is the expensive part: done once).
     """
@@ -761,7 +810,7 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     head_qkv = {m.qkv for m in heads.values()}
     heads = {n: m for n, m in heads.items() if not ({m, m.qkv} & ignored_set)}
     limit = float(os.environ.get("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S))
-    with time_limit(limit, "the search for coupled channel groups"):
+    with search_limits(limit, "the search for coupled channel groups", search_memory_limit()):
         try:
             all_groups = list(DG.get_all_groups(ignored_layers=list(ignored) + list(head_qkv),
                                                 root_module_types=PRODUCER_TYPES))

@@ -501,6 +501,30 @@ def test_group_search_past_its_time_limit_is_a_clear_error(monkeypatch):
     assert signal.getsignal(signal.SIGALRM) is before
 
 
+def test_group_search_past_its_memory_limit_is_a_clear_error(monkeypatch):
+    """A search that keeps allocating (Swin's went past 8 GB) stops once the process has grown
+    by FAIR_PRUNER_GROUP_SEARCH_MIB, not at an out-of-memory kill."""
+    import signal
+    import time
+    import torch_pruning as tp
+    held = []
+
+    def hungry(self, *a, **k):
+        for _ in range(256):            # at most 2 GiB if the limit never fired
+            held.append(torch.ones(8 << 20, dtype=torch.uint8))    # touched: resident
+            time.sleep(0.005)
+        yield from ()
+    monkeypatch.setattr(tp.DependencyGraph, "get_all_groups", hungry)
+    monkeypatch.setenv("FAIR_PRUNER_GROUP_SEARCH_MIB", "96")
+    with pytest.raises(fp.UnsupportedModelError, match=r"grew this process by [\d,]+ MiB, past "
+                                                       "its limit of 96 MiB.*ignore=.*"
+                                                       "FAIR_PRUNER_GROUP_SEARCH_MIB"):
+        fp.score(_mlp(), _mlp_loader(), **KW)
+    assert 96 // 8 <= len(held) < 256
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    held.clear()
+
+
 def test_shufflenet_prunes_inner_channels_exactly_and_keeps_shuffled_ones_whole():
     import io
     import torchvision
