@@ -5,6 +5,8 @@ would hope (issue 12): pruned == masked, plan params / MACs == the pruned model'
     python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
     python benchmarks/zoo_torchvision.py --json out.json
     python benchmarks/zoo_torchvision.py --timm           # 62 timm models (timm==1.0.31)
+    python benchmarks/zoo_torchvision.py --budget --bn-from-data --json budget.json
+                          # fp.score's defaults at 224x224: time and peak RSS vs fwd + bwd
 
 Each model runs in its own process (random weights jittered so that zero-initialised heads,
 tiny layer scales and default BN statistics cannot hide a difference; 10 classes, 20 images,
@@ -56,7 +58,7 @@ TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_0
         "vit_base_patch16_224", "deit_small_patch16_224", "deit3_small_patch16_224",
         "vit_small_patch16_224"]
 
-CHILD = r'''
+BUILD = r'''
 import json, sys, time, warnings
 import torch, torch.nn as nn, torchvision
 import fair_pruner as fp
@@ -106,6 +108,9 @@ if "--bn-from-data" in sys.argv:
         m.momentum = 0.1
 model.eval()
 loader = [(x[i:i + 10], y[i:i + 10]) for i in (0, 10)]
+'''
+
+CHECK = r'''
 t0 = time.perf_counter()
 try:
     book = fp.score(model, loader, samples_per_class=2, projections=8, progress=False)
@@ -177,13 +182,56 @@ if res["heads_removed"]:
 done(outcome="WRONG" if bad else "exact", problems=bad)
 '''
 
+# --budget (issue 12, item 4): what scoring costs at 224x224 with fp.score's defaults, against a
+# plain forward + backward over the same two batches (each in its own process, so that the peak
+# RSS of one says nothing about the other). "peak" is ru_maxrss, the process's high-water mark.
+BUDGET = r'''
+import resource
+import torch.nn.functional as F
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10     # MiB
+res["peak_loaded_mib"] = peak()
+if sys.argv[4] == "plain":
+    t0 = time.perf_counter()
+    for xb, yb in loader:
+        F.cross_entropy(model(xb), yb, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+    done(outcome="plain", seconds=round(time.perf_counter() - t0, 2), peak_mib=peak())
+from fair_pruner import calibrate
+phases = {}
+def timed(fn, key):
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            ph = phases.setdefault(key, {"s": 0.0})
+            ph["s"] = round(ph["s"] + time.perf_counter() - t, 2)
+            ph["peak_mib"] = peak()                     # high-water mark when the phase ended
+    return wrapper
+for fn, key in (("build_dependency_graph", "trace"), ("find_groups", "group_search"),
+                ("build_cost_model", "cost_model"), ("check_exact", "exactness_check"),
+                ("_pass_one", "pass_1"), ("_u_pass", "u_passes")):
+    setattr(calibrate, fn, timed(getattr(calibrate, fn), key))
+t0 = time.perf_counter()
+try:
+    book = fp.score(model, loader, progress=False)          # the defaults
+except fp.FairPrunerError as e:
+    done(outcome="refused", error=type(e).__name__, message=str(e)[:300],
+         seconds=round(time.perf_counter() - t0, 1), peak_mib=peak(), phases=phases)
+done(outcome="scored", seconds=round(time.perf_counter() - t0, 2), peak_mib=peak(),
+     phases=phases, groups=len(book.groups), u_passes=book.meta["u_passes"])
+'''
 
-def run(name: str, limit: float, bn_from_data: bool = False) -> dict:
-    size = SIZES.get(name, 64)
+
+def run(name: str, limit: float, bn_from_data: bool = False, budget: str = "") -> dict:
+    """One model in a fresh process: the exactness check, or with ``budget`` ("plain" /
+    "score") the cost of a plain forward + backward / of fp.score at 224x224."""
+    size = 224 if budget else SIZES.get(name, 64)
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, "-c", CHILD, name, str(size),
-                            os.path.join(ROOT, "tests")]
+        r = subprocess.run([sys.executable, "-c", BUILD + (BUDGET if budget else CHECK), name,
+                            str(size), os.path.join(ROOT, "tests"), budget or "check"]
                            + (["--bn-from-data"] if bn_from_data else []),
                            capture_output=True, text=True,
                            timeout=limit, env={**os.environ, "PYTHONPATH": ROOT})
@@ -200,6 +248,40 @@ def run(name: str, limit: float, bn_from_data: bool = False) -> dict:
     return out
 
 
+# The budget fp.score must stay under for every torchvision classifier at 224x224 with its
+# defaults (stated before the run): half of this machine's 24 GiB, and the per-model --limit.
+BUDGET_PEAK_MIB = 12 << 10
+
+
+def budget(names, limit: float, bn_from_data: bool, out_json) -> int:
+    rows = []
+    for n in names:
+        plain = run(n, limit, bn_from_data, "plain")
+        sc = run(n, limit, bn_from_data, "score")
+        row = {"model": n, "params": sc.get("params", plain.get("params")), "plain": plain,
+               "score": sc}
+        ok = (sc["outcome"] == "scored" and sc.get("peak_mib", 1 << 40) <= BUDGET_PEAK_MIB)
+        row["within_budget"] = ok
+        rows.append(row)
+        ph = sc.get("phases", {})
+        ratio = (f"{sc['seconds'] / plain['seconds']:5.2f}x"
+                 if sc.get("seconds") and plain.get("seconds") else "  -  ")
+        print(f"{'ok  ' if ok else 'OVER'} {n:22s} {sc['outcome']:8s} "
+              f"score {sc.get('seconds', float('nan')):7.1f}s ({ratio} plain "
+              f"{plain.get('seconds', float('nan')):6.1f}s)  peak {sc.get('peak_mib', 0):6d} MiB "
+              f"(plain {plain.get('peak_mib', 0):6d})  search "
+              f"{ph.get('group_search', {}).get('s', 0):5.1f}s  check "
+              f"{ph.get('exactness_check', {}).get('s', 0):5.1f}s  "
+              f"{sc.get('message', '')[:100]}", flush=True)
+        if out_json:                        # after every model: a long run keeps what it has
+            with open(out_json, "w") as f:
+                json.dump(rows, f, indent=1)
+    over = [r["model"] for r in rows if not r["within_budget"]]
+    print(f"\n{len(rows)} models, {len(rows) - len(over)} within budget"
+          + (f"; over: {', '.join(over)}" if over else ""))
+    return 1 if over else 0
+
+
 def main(argv=None) -> int:
     import torchvision
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -211,11 +293,17 @@ def main(argv=None) -> int:
                          "random ones: deep random nets overflow otherwise")
     ap.add_argument("--timm", action="store_true",
                     help="the timm list (TIMM) instead of torchvision (needs timm installed)")
+    ap.add_argument("--budget", action="store_true",
+                    help="measure instead of check: fp.score with its defaults at 224x224 vs a "
+                         "plain forward + backward (time, peak RSS, where the time goes), "
+                         f"judged against {BUDGET_PEAK_MIB >> 10} GiB peak RSS and --limit")
     a = ap.parse_args(argv)
     names = ([f"timm:{n}" for n in TIMM] if a.timm
              else torchvision.models.list_models(module=torchvision.models))
     if a.k:
         names = [n for n in names if any(f in n for f in a.k.split(","))]
+    if a.budget:
+        return budget(names, a.limit, a.bn_from_data, a.json)
     results = []
     for n in names:
         r = run(n, a.limit, a.bn_from_data)

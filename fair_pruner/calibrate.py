@@ -492,9 +492,10 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         _set_modes(work, "eval")
         if size > 1:
             stats = dict(stats, samples=res.total_rows, batches=res.batches)
-        run.sampling = replace(run.sampling, classes=tuple(res.classes))
+        run.sampling = replace(run.sampling, classes=tuple(res.classes), rows=_rows(res))
         rest = [p for p in producers if p not in first_chunk]
-        chunks = [first_chunk] + (_plan_chunks(rest, probe, len(res.classes), samples_per_class,
+        # planned for what pass 1 found: the buffers hold max(counts) <= S rows per class
+        chunks = [first_chunk] + (_plan_chunks(rest, probe, len(res.classes), _rows(res),
                                                projections, u_mode, memory_budget)
                                   if rest else [])
         if len(chunks) > 1 and hasattr(loader, "__next__"):
@@ -860,10 +861,15 @@ def _same_print(a: tuple, b: tuple) -> bool:
     return True
 
 
+def _rows(res) -> int:
+    """Sample rows per class the U buffers need after pass 1: the fullest class's (<= S)."""
+    return max([1] + [int(c) for c in res.counts()])
+
+
 def _need_bytes(producers, probe, run: _Run) -> int:
     """memory_budget for a single pass (all producers' U samples at once)."""
     S = run.sampling
-    return sum(_u_bytes(p, probe, len(run.res.classes), S.per_class, S.projections, S.u_mode)
+    return sum(_u_bytes(p, probe, len(run.res.classes), _rows(run.res), S.projections, S.u_mode)
                for p in producers)
 
 

@@ -104,14 +104,14 @@ def sum_samples(taps) -> None:
                              (tuple(t.buf.shape), str(t.buf.dtype), str(t.buf.device))
                              for t in taps])
     for i, t in enumerate(taps):
-        known = next((sh[i] for sh in shapes if sh[i] is not None), None)
-        if known is None:
+        known = [sh[i] for sh in shapes if sh[i] is not None]
+        if not known:
             continue
-        if t.buf is None:
-            shape, dtype, device = known
-            t.buf = torch.zeros(shape, dtype=getattr(torch, dtype.replace("torch.", "")),
-                                device=device)
-            t.filled = torch.zeros(shape[:2], dtype=torch.bool)
+        # buffers grow with the slots a rank stored: every rank takes the largest
+        shape, dtype, device = max(known, key=lambda sh: sh[0][1])
+        t.grow_samples(shape[1], (shape[0], shape[2], shape[3]),
+                       getattr(torch, dtype.replace("torch.", "")),
+                       t.buf.device if t.buf is not None else device)
         sum_(t.buf)
         sum_(t.filled)
 

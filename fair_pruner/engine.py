@@ -42,6 +42,7 @@ class Sampling:
     projections: int        # P
     u_mode: str             # "sliced" or "pooled"
     seed: int
+    rows: Optional[int] = None  # sample rows per class once known (after pass 1): <= S
 
     @property
     def K(self) -> int:
@@ -70,12 +71,28 @@ class SketchTap:
     def __init__(self, name: str):
         self.name = name
         self.directions: Optional[Tensor] = None
-        self.buf: Optional[Tensor] = None   # [K, S, units, P] projected class samples
-        self.filled: Optional[Tensor] = None  # [K, S] bool: which sample places were stored
+        self.buf: Optional[Tensor] = None   # [K, <= S, units, P] projected class samples
+        self.filled: Optional[Tensor] = None  # [K, <= S] bool: which places were stored
         self.u: Optional[Tensor] = None
         self.ran = False
 
     where: str = ""                         # for messages, e.g. "the output of conv1"
+
+    def grow_samples(self, rows: int, shape: Tuple[int, int, int], dtype: torch.dtype,
+                     device) -> None:
+        """Give ``buf`` [K, rows, C, P] (and ``filled`` [K, rows]) at least ``rows`` slots per
+        class, keeping what is stored. New slots are zeros, never uninitialised memory:
+        quantiles read each class's first counts[k] rows, and finish_u checks they were all
+        stored."""
+        if self.buf is not None and self.buf.shape[1] >= rows:
+            return
+        K, C, P = shape
+        buf = torch.zeros((K, rows, C, P), dtype=dtype, device=device)
+        filled = torch.zeros((K, rows), dtype=torch.bool)
+        if self.buf is not None:
+            buf[:, :self.buf.shape[1]] = self.buf
+            filled[:, :self.filled.shape[1]] = self.filled
+        self.buf, self.filled = buf, filled
 
     def install(self, model: nn.Module, on_tensor: Callable[[Tensor], Tensor]):
         """Hook ``model``; ``on_tensor(z)`` returns what the model uses in place of ``z``.
@@ -395,13 +412,15 @@ def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]],
     if len(rows) != z.shape[0] or any(r[0] != i for i, r in enumerate(rows)):
         z = z.index_select(0, torch.tensor([x[0] for x in rows], device=z.device))
     feats = sketch_features(p, z, sampling.projections, sampling.u_mode, sampling.seed)
-    if p.buf is None:
+    need = max(x[2] for x in rows) + 1
+    if p.buf is None or p.buf.shape[1] < need:
+        # Slots fill in order (the reservoir's slot < min(count, S)), so in pass 1 the buffer
+        # grows by doubling up to S rows (a small calibration set never pays for S samples per
+        # class); later passes know the rows they need.
+        have = 0 if p.buf is None else p.buf.shape[1]
         dtype = feats.dtype if feats.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        # Quantiles read each class's first counts[k] rows; finish_u checks they were all
-        # stored (zeros, never uninitialised memory, if a later pass skipped some).
-        p.buf = torch.zeros((sampling.K, sampling.per_class, feats.shape[1], feats.shape[2]),
-                            dtype=dtype, device=feats.device)
-        p.filled = torch.zeros((sampling.K, sampling.per_class), dtype=torch.bool)
+        p.grow_samples(max(need, sampling.rows or min(sampling.per_class, 2 * have)),
+                       (sampling.K, feats.shape[1], feats.shape[2]), dtype, feats.device)
     k = torch.tensor([x[1] for x in rows], device=feats.device)
     s = torch.tensor([x[2] for x in rows], device=feats.device)
     p.buf[k, s] = feats.to(p.buf.dtype)
@@ -424,8 +443,9 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
             f"data has {keep.numel()} (class counts {res.counts()[:20]}). Use more or more "
             "varied calibration samples")
     filled = getattr(p, "filled", None)
-    if p.buf is None or (filled is not None and not all(
-            bool(filled[int(k), :int(counts[k])].all()) for k in keep)):
+    if p.buf is None or p.buf.shape[1] < int(counts[keep].max()) or (
+            filled is not None and not all(bool(filled[int(k), :int(counts[k])].all())
+                                           for k in keep)):
         raise CalibrationDataError(
             f"the U samples of {p.name} were not all collected: the loader yielded fewer or "
             "other samples on a later pass than on the first. Use a deterministic, re-iterable "
@@ -433,12 +453,15 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
             "raise memory_budget so that one pass suffices")
     buf = p.buf if keep.numel() == p.buf.shape[0] else p.buf.index_select(0, keep.to(p.buf.device))
     c = counts[keep]
+    # Q = S quantiles whatever the buffer's rows (it holds max(counts) <= S of them): the U-Score
+    # does not depend on how the buffer grew.
+    q = res.per_class
     # Bound the fp32 sketch memory: units in chunks.
     C = buf.shape[2]
-    step = max(1, int((256 << 20) // max(1, buf.shape[0] * buf.shape[1] * buf.shape[3] * 4)))
+    step = max(1, int((256 << 20) // max(1, buf.shape[0] * max(buf.shape[1], q) * buf.shape[3] * 4)))
     out = []
     for s in range(0, C, step):
-        sk = ops.class_quantiles(buf[:, :, s:s + step], c, buf.shape[1])
+        sk = ops.class_quantiles(buf[:, :, s:s + step], c, q)
         out.append(ops.pairwise_w1_max(sk))
     p.u = torch.cat(out).double().cpu()
     p.buf = p.filled = None

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fair_pruner as fp
 from helpers import randomize_bn
+from fair_pruner import calibrate
 
 KW = dict(samples_per_class=3, projections=4, progress=False)
 
@@ -230,6 +231,40 @@ def test_unfilled_sample_places_raise():
                   Sampling((0, 1), 4, 1, "sliced", 0))          # rows 4, 5 never stored
     with pytest.raises(fp.CalibrationDataError, match="not all collected"):
         finish_u(t, res, [0, 1])
+
+
+def test_sample_buffers_hold_the_samples_found_and_give_the_same_book(monkeypatch):
+    """U buffers grow with the samples found, not to samples_per_class (S = 32 here); U passes
+    after pass 1 are planned for and hold the fullest class's count; the book equals the one
+    with full S-row buffers (Q = S quantiles either way), with one pass or many."""
+    import fair_pruner.engine as engine
+    kw = dict(KW, samples_per_class=32)
+    rows = []
+    real_finish = engine.finish_u
+
+    def finish(p, res, classes):
+        rows.append(p.buf.shape[1])
+        return real_finish(p, res, classes)
+    monkeypatch.setattr(calibrate, "finish_u", finish)
+    grown = fp.score(_mlp(), _mlp_loader(), **kw)
+    # 30 samples, 3 classes, batches of 2 per class: pass 1 doubles 2 -> 4 -> 8 -> 16; a later
+    # pass (the small budget) allocates the 10 it needs
+    assert rows and set(rows) == {16}
+    rows.clear()
+    fp.score(_mlp(), _mlp_loader(), memory_budget=SMALL_BUDGET, **kw)
+    assert rows[0] == 16 and set(rows[1:]) == {10}
+    rows.clear()
+    real_grow = engine.SketchTap.grow_samples
+    monkeypatch.setattr(engine.SketchTap, "grow_samples",
+                        lambda self, r, *a: real_grow(self, 32, *a))
+    full = fp.score(_mlp(), _mlp_loader(), **kw)
+    assert set(rows[len(rows) // 2:]) == {32}
+    many = fp.score(_mlp(), _mlp_loader(), memory_budget=SMALL_BUDGET, **kw)
+    for a, b, c in zip(grown.groups, full.groups, many.groups):
+        assert torch.equal(a.u, b.u)
+        # a U pass forwards the selected samples only: the same to float rounding
+        torch.testing.assert_close(a.u, c.u, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a.r, b.r)
 
 
 # --------------------------------------------------------------------------------------------
