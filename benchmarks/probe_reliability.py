@@ -97,18 +97,10 @@ def book_and_plan(model=None):
     return model, book, fp.allocate(book, params=0.3)
 
 def rewrite_book(book, path, edit_tensors=None, edit_header=None):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tests"))
+    from helpers import rewrite_safetensors
     book.save(path + ".orig")
-    with safe_open(path + ".orig", framework="pt") as f:
-        header = dict(f.metadata())
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    if edit_tensors:
-        edit_tensors(t)
-    if edit_header:
-        edit_header(header)
-    save_file(t, path, metadata=header)
-    return path
+    return rewrite_safetensors(path + ".orig", path, edit_tensors, edit_header)
 
 def tiny_lm(vocab=64):
     import transformers as tf

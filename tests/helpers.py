@@ -315,3 +315,19 @@ def groups(draw, sides=(0, 1, 2, 5, 17, 64, 65, 300)):
 
 ALPHAS = torch.tensor([0.0, 0.001, 0.01, 0.05, 0.1, 1 / 3, 0.5, 0.99, 1.0, 2.0, float("nan")],
                       dtype=torch.float64)
+
+
+def rewrite_safetensors(src, dst, edit_tensors=None, edit_header=None):
+    """Copy a saved book / plan file, changing its tensors and/or header (what a corrupt file
+    holds): ``edit_tensors(dict)`` and ``edit_header(dict)`` edit in place."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_header:
+        edit_header(header)
+    save_file(tensors, str(dst), metadata=header)
+    return dst

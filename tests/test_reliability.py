@@ -23,7 +23,7 @@ from fair_pruner.errors import (BookMismatchError, CalibrationDataError, FairPru
                                 UnsupportedModelError)
 from fair_pruner.plan import Plan
 from fair_pruner.scorebook import Group, GroupSpec, ScoreBook, atomic_write
-from helpers import TinyCNN, batches, snapshot, assert_same
+from helpers import TinyCNN, batches, snapshot, assert_same, rewrite_safetensors
 
 KW = dict(samples_per_class=3, projections=4, progress=False)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -244,19 +244,7 @@ def test_plan_load_of_a_bad_file(book, tmp_path):
 
 # ============================================================================ books (item 8)
 
-def _rewrite(src, dst, edit_tensors=None, edit_header=None):
-    """Copy a saved book, changing its tensors and/or header (what a corrupt file holds)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    with safe_open(str(src), framework="pt") as f:
-        header = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_header:
-        edit_header(header)
-    save_file(tensors, str(dst), metadata=header)
-    return dst
+_rewrite = rewrite_safetensors      # shared with benchmarks/probe_reliability.py
 
 
 @pytest.fixture
