@@ -253,9 +253,15 @@ def run(name: str, limit: float, bn_from_data: bool = False, budget: str = "") -
 BUDGET_PEAK_MIB = 12 << 10
 
 
-def budget(names, limit: float, bn_from_data: bool, out_json) -> int:
+def budget(names, limit: float, bn_from_data: bool, out_json, resume: bool = False) -> int:
     rows = []
+    if resume and out_json and os.path.exists(out_json):      # a long run, continued
+        with open(out_json) as f:
+            rows = json.load(f)
+    have = {r["model"] for r in rows}
     for n in names:
+        if n in have:
+            continue
         plain = run(n, limit, bn_from_data, "plain")
         sc = run(n, limit, bn_from_data, "score")
         row = {"model": n, "params": sc.get("params", plain.get("params")), "plain": plain,
@@ -297,13 +303,18 @@ def main(argv=None) -> int:
                     help="measure instead of check: fp.score with its defaults at 224x224 vs a "
                          "plain forward + backward (time, peak RSS, where the time goes), "
                          f"judged against {BUDGET_PEAK_MIB >> 10} GiB peak RSS and --limit")
+    ap.add_argument("--skip", default="", help="comma-separated exact model names to leave out")
+    ap.add_argument("--resume", action="store_true",
+                    help="--budget: keep the models already in --json and run the rest")
     a = ap.parse_args(argv)
     names = ([f"timm:{n}" for n in TIMM] if a.timm
              else torchvision.models.list_models(module=torchvision.models))
     if a.k:
         names = [n for n in names if any(f in n for f in a.k.split(","))]
+    if a.skip:
+        names = [n for n in names if n not in a.skip.split(",")]
     if a.budget:
-        return budget(names, a.limit, a.bn_from_data, a.json)
+        return budget(names, a.limit, a.bn_from_data, a.json, a.resume)
     results = []
     for n in names:
         r = run(n, a.limit, a.bn_from_data)

@@ -1210,38 +1210,30 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
     def finite(m, ex):
         return all(bool(torch.isfinite(t).all()) for t in _measure(m, ex, call)[0]
                    if t.is_floating_point())
-    def reference(in64: bool):
-        ref, ex, outputs = _perturbed(model, seed), example, True
-        if in64:
-            ref, ex = _in_float64(ref, ex, call)
-        if not finite(ref, ex):
-            ref, ex = copy_model(model).eval(), example   # the jitter overflowed: as it is
-            if in64:
-                ref, ex = _in_float64(ref, ex, call)
-            outputs = finite(ref, ex)  # NaN inputs: counts only (calibration reports them)
-        return ref, ex, outputs
+    ref, ex, outputs = _perturbed(model, seed), example, True
+    if not finite(ref, ex):
+        ref = copy_model(model).eval()          # the jitter overflowed: as it is
+        outputs = finite(ref, ex)   # NaN inputs: counts only (calibration reports them)
     # First in the model's dtype (cheap); a difference is confirmed in float64 before it is
     # reported: pruned and masked differ only in summation order, but a deep net with
     # jittered weights amplifies that: fp32 outputs of EfficientNet-V2-L differ by 36% where
     # fp64 ones agree to 2e-7 (a false refusal, or a real error hidden in the noise).
-    ref, ex, outputs = reference(False)
+    in64 = False
     bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs)
     if bad and any(t.is_floating_point() and t.dtype != torch.float64
                    for t in itertools.chain(model.parameters(), model.buffers())):
-        del ref                 # one reference at a time (a 600M-parameter ViT-H: 5 GB in fp64)
-        ref, ex, outputs = reference(True)
-        bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs)
+        in64 = True
+        bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs, in64)
     if not bad:
         _CHECKED[key] = None
         while len(_CHECKED) > _CHECKED_MAX:
             _CHECKED.popitem(last=False)
         return
-    example = ex
     # Name the culprits: the same check one group at a time.
     culprits = []
     for s in specs:
-        if s.name in removed and _exact_errors(ref, example, specs, cost, call,
-                                               {s.name: removed[s.name]}, tol, outputs):
+        if s.name in removed and _exact_errors(ref, ex, specs, cost, call,
+                                               {s.name: removed[s.name]}, tol, outputs, in64):
             culprits.append(s)
     shown = culprits or list(specs)
     desc = []
@@ -1259,7 +1251,10 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
 
 def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost: CostModel,
                   call, removed: Dict[str, Sequence[int]], tol: float,
-                  outputs: bool = True) -> List[str]:
+                  outputs: bool = True, in64: bool = False) -> List[str]:
+    """What differs between ``ref`` with ``removed`` pruned and masked, each compared in float64
+    with ``in64`` (each copy converted after surgery: ``ref`` stays in its dtype, so a
+    600M-parameter model holds one float64 copy at a time, not two)."""
     idx = {s.name: i for i, s in enumerate(specs)}
     vec = torch.zeros(len(specs), dtype=torch.float64)
     for n, r in removed.items():
@@ -1275,11 +1270,18 @@ def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
                                      for n in removed}, removed,
                         {s.name: s.size for s in specs},
                         {s.name: s.interleave for s in specs if s.interleave != 1})
-            out_p, params, macs = _measure(pruned, example, call)
+            ex = example
+            if in64:
+                pruned, ex = _in_float64(pruned, example, call)
+            out_p, params, macs = _measure(pruned, ex, call)
     except Exception as exc:        # pruned model no longer runs
         return [f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"]
     del pruned, DG                  # one model copy at a time
-    out_m = _measure(mask_units(copy_model(ref), specs, removed), example, call)[0]
+    masked = mask_units(copy_model(ref), specs, removed)
+    if in64:
+        masked, ex = _in_float64(masked, example, call)
+    out_m = _measure(masked, ex, call)[0]
+    del masked
     if params != want_p:
         errs.append(f"{params} parameters after pruning, the plan counts {want_p}")
     if macs != want_m:

@@ -698,14 +698,39 @@ def test_self_check_fp32_noise_is_not_a_refusal(monkeypatch):
     from fair_pruner import graph
     real = graph._exact_errors
 
-    def noisy(ref, *a, **k):
-        if next(ref.parameters()).dtype == torch.float32:
+    seen = []
+
+    def noisy(ref, ex, specs, cost, call, removed, tol, outputs=True, in64=False):
+        seen.append(in64)
+        if not in64:
             return ["pruned and masked outputs differ by 0.36 (scale 1)"]
-        return real(ref, *a, **k)
+        return real(ref, ex, specs, cost, call, removed, tol, outputs, in64)
     monkeypatch.setattr(graph, "_exact_errors", noisy)
     monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
     book = fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
-    assert [g.name for g in book.groups] == ["0", "2"]
+    assert [g.name for g in book.groups] == ["0", "2"] and seen == [False, True]
+
+
+def test_self_check_in_float64_compares_float64_copies(monkeypatch):
+    """The float64 confirmation converts each copy after surgery (the jittered reference stays
+    in fp32: one float64 copy at a time) and still finds a real difference."""
+    from fair_pruner import graph
+    dtypes = []
+    real_measure = graph._measure
+
+    def measure(m, ex, call):
+        dtypes.append(next(m.parameters()).dtype)
+        return real_measure(m, ex, call)
+    real_mask = graph.mask_units
+
+    def wrong_mask(model, specs, removed):        # masks one unit too few: a real difference
+        return real_mask(model, specs, {k: v[1:] for k, v in removed.items()})
+    monkeypatch.setattr(graph, "_measure", measure)
+    monkeypatch.setattr(graph, "mask_units", wrong_mask)
+    monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
+    with pytest.raises(fp.UnsupportedModelError, match="is not exact"):
+        fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
+    assert torch.float64 in dtypes and torch.float32 in dtypes
 
 
 def test_self_check_runs_once_per_structure(monkeypatch):
