@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import hashlib
 import itertools
 import math
@@ -1249,6 +1250,11 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
         f"ignore={[s.root for s in shown[:8]]!r}")
 
 
+def _big(model: nn.Module) -> bool:
+    """Worth a full garbage collection to free a copy of it: over 256 MiB of parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > 256 << 20
+
+
 def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost: CostModel,
                   call, removed: Dict[str, Sequence[int]], tol: float,
                   outputs: bool = True, in64: bool = False) -> List[str]:
@@ -1277,6 +1283,8 @@ def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
     except Exception as exc:        # pruned model no longer runs
         return [f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"]
     del pruned, DG                  # one model copy at a time
+    if _big(ref):                   # Torch-Pruning's graph holds reference cycles through
+        gc.collect()                # the copy, freed only by gc (costly in a big process)
     masked = mask_units(copy_model(ref), specs, removed)
     if in64:
         masked, ex = _in_float64(masked, example, call)
