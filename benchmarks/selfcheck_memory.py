@@ -17,8 +17,7 @@ from fair_pruner import calibrate, graph
 
 
 def rss_mib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 >> 20
+    return graph._rss_bytes() >> 20
 
 
 def main(name: str) -> None:

@@ -495,7 +495,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         run.sampling = replace(run.sampling, classes=tuple(res.classes), rows=_rows(res))
         rest = [p for p in producers if p not in first_chunk]
         # planned for what pass 1 found: the buffers hold max(counts) <= S rows per class
-        chunks = [first_chunk] + (_plan_chunks(rest, probe, len(res.classes), _rows(res),
+        chunks = [first_chunk] + (_plan_chunks(rest, probe, len(res.classes), run.sampling.rows,
                                                projections, u_mode, memory_budget)
                                   if rest else [])
         if len(chunks) > 1 and hasattr(loader, "__next__"):
@@ -867,10 +867,9 @@ def _rows(res) -> int:
 
 
 def _need_bytes(producers, probe, run: _Run) -> int:
-    """memory_budget for a single pass (all producers' U samples at once)."""
+    """memory_budget for a single pass (all producers' U samples at once), after pass 1."""
     S = run.sampling
-    return sum(_u_bytes(p, probe, len(run.res.classes), _rows(run.res), S.projections, S.u_mode)
-               for p in producers)
+    return sum(_u_bytes(p, probe, S.K, S.rows, S.projections, S.u_mode) for p in producers)
 
 
 def _u_pass(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int,

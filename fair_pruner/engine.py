@@ -458,7 +458,8 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
     q = res.per_class
     # Bound the fp32 sketch memory: units in chunks.
     C = buf.shape[2]
-    step = max(1, int((256 << 20) // max(1, buf.shape[0] * max(buf.shape[1], q) * buf.shape[3] * 4)))
+    step = max(1, int((256 << 20)
+                      // max(1, buf.shape[0] * max(buf.shape[1], q) * buf.shape[3] * 4)))
     out = []
     for s in range(0, C, step):
         sk = ops.class_quantiles(buf[:, :, s:s + step], c, q)
