@@ -4,7 +4,7 @@ would hope (issue 12): pruned == masked, plan params / MACs == the pruned model'
     python benchmarks/zoo_torchvision.py                  # every classification model
     python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
     python benchmarks/zoo_torchvision.py --json out.json
-    python benchmarks/zoo_torchvision.py --timm           # 62 timm models (timm==1.0.31)
+    python benchmarks/zoo_torchvision.py --timm           # 65 timm models (timm==1.0.31)
     python benchmarks/zoo_torchvision.py --budget --bn-from-data --json budget.json
                           # fp.score's defaults at 224x224: time and peak RSS vs fwd + bwd
 
@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "timm:levit_128s": 224,
          "timm:inception_v3": 96, "timm:coatnet_0_rw_224": 224, "timm:maxvit_tiny_rw_224": 224,
          "timm:swin_tiny_patch4_window7_224": 224, "timm:xcit_nano_12_p16_224": 64,
-         "timm:efficientformer_l1": 224}
+         "timm:efficientformer_l1": 224,
+         "timm:swin_small_patch4_window7_224": 224, "timm:swinv2_tiny_window8_256": 256}
 
 # Diverse timm families (pretrained=False): residual, inverted residual, NAS, dense, grouped,
 # ghost, CSP, RepVGG-style, ConvNeXt (v1 / v2), transformers and hybrids.
@@ -56,7 +57,9 @@ TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_0
         # added 2026-12-03 with attention-head units: the issue's ViT-B/16 and DeiT-S, DeiT-III
         # (layer scale), ViT-S
         "vit_base_patch16_224", "deit_small_patch16_224", "deit3_small_patch16_224",
-        "vit_small_patch16_224"]
+        "vit_small_patch16_224",
+        # added 2026-12-03 with timm Swin heads (graph.TimmWindowAttention); Swin-V2 refused
+        "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swinv2_tiny_window8_256"]
 
 BUILD = r'''
 import json, sys, time, warnings

@@ -23,6 +23,7 @@ _LAZY = {
     "BookMismatchError": "errors", "CalibrationDataError": "errors",
     "FairPrunerError": "errors", "NonFiniteError": "errors", "TargetError": "errors",
     "UnsupportedModelError": "errors", "InvalidPlanError": "errors", "InvalidBookError": "errors",
+    "ConfigError": "errors",
     "Plan": "plan", "allocate": "plan",
     "prune_in_rounds": "rounds",
     "Group": "scorebook", "ScoreBook": "scorebook",
@@ -143,4 +144,4 @@ def save_gguf(model, path, **kw):
 __all__ = ["save_pretrained", "from_pretrained", "save_gguf", "prune_in_rounds", "score", "allocate", "prune", "mask", "ScoreBook", "Group", "Plan", "Signal", "adapters",
            "UnitStats", "signal", "ops", "signals", "errors", "FairPrunerError",
            "CalibrationDataError", "NonFiniteError", "UnsupportedModelError", "TargetError",
-           "BookMismatchError", "InvalidPlanError", "InvalidBookError", "__version__"]
+           "BookMismatchError", "InvalidPlanError", "InvalidBookError", "ConfigError", "__version__"]

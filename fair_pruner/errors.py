@@ -33,3 +33,25 @@ class InvalidPlanError(FairPrunerError):
 class InvalidBookError(FairPrunerError):
     """A score book (or its file) that breaks its own invariants: signal lengths, non-finite
     scores, a degenerate cost model, a renamed key or a broken header."""
+
+
+class ConfigError(FairPrunerError):
+    """An environment variable fair_pruner reads (``FAIR_PRUNER_*``) with a value it cannot use."""
+
+
+def env_float(name: str, default: float) -> float:
+    """``float(os.environ[name])``, or ``default`` when unset or empty; a value that is not a
+    finite number raises :class:`ConfigError` naming the variable."""
+    import math
+    import os
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a number: set it to a number "
+                          f"(default {default:g}) or unset it")
+    return value

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .cost import CostBuilder, CostModel
 from .engine import copy_model, map_tensors
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, env_float
 from .scorebook import GroupSpec, Member, model_fingerprint
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -322,6 +322,14 @@ def kept_residual(model: nn.Module) -> List[nn.Module]:
             out.extend(last_linear(m.mlp))
         elif where == _TV_SWIN and name in ("PatchMerging", "PatchMergingV2"):
             out.append(m.reduction)
+        elif type(m) is _TIMM_WINDOW_CLASS:
+            out.append(m.proj)
+        elif where == _TIMM_SWIN and name == "SwinTransformer":
+            out.extend([c for c in m.patch_embed.modules() if isinstance(c, nn.Conv2d)][:1])
+        elif where == _TIMM_SWIN and name == "SwinTransformerBlock":
+            out.extend(last_linear(m.mlp))
+        elif where == _TIMM_SWIN and name == "PatchMerging":
+            out.append(m.reduction)
         elif where == _TV_MAXVIT and name == "MaxVit":
             out.extend([c for c in m.stem.modules() if isinstance(c, nn.Conv2d)][-1:])
         elif where == _TV_MAXVIT and name == "MBConv":
@@ -379,9 +387,53 @@ def _shuffle_block_class():
     return _SHUFFLE_CLASS
 
 
+_TIMM_SWIN = "timm.models.swin_transformer"
+_TIMM_WINDOW_CLASS = None
+
+
+def _timm_window_class():
+    """``TimmWindowAttention``: timm Swin's ``WindowAttention`` (same forward, which reads the
+    head count from ``num_heads`` and the head width from ``qkv``'s rows) with the attributes
+    :func:`head_attention` reads: ``head_dim``, ``attn_dim``, ``norm`` / ``gate`` (none) and its
+    per-head parameter, the relative position bias table's columns. Made on first use (timm is
+    optional); ``fair_pruner.graph.TimmWindowAttention`` resolves it, so a pruned model pickles."""
+    global _TIMM_WINDOW_CLASS
+    if _TIMM_WINDOW_CLASS is None:
+        from timm.models.swin_transformer import WindowAttention as _Timm
+
+        class TimmWindowAttention(_Timm):
+            def head_params(self):
+                return [(self, "relative_position_bias_table", 1)]
+        TimmWindowAttention.__module__ = __name__
+        TimmWindowAttention.__qualname__ = "TimmWindowAttention"
+        _TIMM_WINDOW_CLASS = TimmWindowAttention
+    return _TIMM_WINDOW_CLASS
+
+
+def _timm_window_attention(m: nn.Module) -> bool:
+    """timm Swin (V1) window attention whose q/k/v rows split evenly into its heads."""
+    cls = type(m)
+    if not (cls.__module__ == _TIMM_SWIN and cls.__name__ == "WindowAttention"):
+        return False
+    qkv, proj, H = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", 0)
+    table = getattr(m, "relative_position_bias_table", None)
+    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H >= 1
+            and qkv.out_features % (3 * H) == 0 and proj.in_features * 3 == qkv.out_features
+            and isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == H)
+
+
+def _to_timm_window(m: nn.Module) -> None:
+    m.__class__ = _timm_window_class()
+    m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    m.attn_dim = m.num_heads * m.head_dim
+    m.norm, m.gate = nn.Identity(), None
+
+
 def __getattr__(name: str):
     if name == "ShuffleResidual":
         return _shuffle_block_class()
+    if name == "TimmWindowAttention":
+        return _timm_window_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -404,7 +456,8 @@ def _replacement(parent: nn.Module, attr: str, m: nn.Module):
 
 def needs_conversion(model: nn.Module) -> bool:
     """Whether :func:`convert_blocks` would change ``model``."""
-    return any(_tv_shuffle_block(m) for m in model.modules()) or any(
+    return any(_tv_shuffle_block(m) or _timm_window_attention(m)
+               for m in model.modules()) or any(
         _replacement(parent, attr, m) is not None
         for parent in model.modules() for attr, m in parent.named_children())
 
@@ -425,6 +478,8 @@ def convert_blocks(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if _tv_shuffle_block(m):
             m.__class__ = _shuffle_block_class()
+        elif _timm_window_attention(m):
+            _to_timm_window(m)
     return model
 
 
@@ -460,8 +515,9 @@ _TIMM_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")
 
 def head_attention(m: nn.Module) -> bool:
     """A multi-head attention whose heads fair_pruner removes exactly: timm's ViT / DeiT
-    ``Attention`` (``timm.layers.Attention``) and the converted torchvision blocks
-    (:class:`SelfAttention`, :class:`WindowAttention`, :class:`PartitionAttention`). All share
+    ``Attention`` (``timm.layers.Attention``), the converted torchvision blocks
+    (:class:`SelfAttention`, :class:`WindowAttention`, :class:`PartitionAttention`) and timm
+    Swin's converted ``TimmWindowAttention``. All share
     ``qkv`` [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj`` [dim, attn_dim] and
     ``num_heads`` / ``attn_dim`` read in the forward; timm's options that mix heads (a norm over
     all heads' outputs, ``scale_norm``) or add producers (``gated``) are excluded. A unit is one
@@ -469,6 +525,7 @@ def head_attention(m: nn.Module) -> bool:
     (``head_params()``)."""
     cls = type(m)
     if not (isinstance(m, (SelfAttention, WindowAttention, PartitionAttention))
+            or (_TIMM_WINDOW_CLASS is not None and cls is _TIMM_WINDOW_CLASS)
             or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
@@ -540,9 +597,10 @@ def check_model_types(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{len(windows)} window-attention layers, e.g. {n} ({type(m).__module__}."
             f"{type(m).__name__}): their head count is fixed in the module and their window "
-            "reshapes make Torch-Pruning's dependency search run for hours, so MaxViT and "
-            "timm's Swin are not pruned yet (torchvision's Swin / Swin-V2 are: graph."
-            "WindowAttention; so are the heads of torchvision's ViT and timm's ViT / DeiT)")
+            "reshapes make Torch-Pruning's dependency search run for hours, so timm's "
+            "MaxViT / CoAtNet and Swin-V2 are not pruned yet (torchvision's Swin / Swin-V2 / "
+            "MaxViT and timm's Swin are; so are the heads of torchvision's ViT and timm's ViT "
+            "/ DeiT)")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -730,9 +788,9 @@ def _available_bytes() -> Optional[int]:
 
 def search_memory_limit() -> Optional[int]:
     """Bytes the group search may add to the resident set (None: unbounded / unknown)."""
-    env = os.environ.get("FAIR_PRUNER_GROUP_SEARCH_MIB")
-    if env is not None:
-        return int(float(env) * (1 << 20)) if float(env) > 0 else None
+    if os.environ.get("FAIR_PRUNER_GROUP_SEARCH_MIB", "").strip():
+        mib = env_float("FAIR_PRUNER_GROUP_SEARCH_MIB", 0.0)
+        return int(mib * (1 << 20)) if mib > 0 else None
     avail = _available_bytes()
     return avail // 2 if avail else None
 
@@ -810,7 +868,7 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     # groups stay as traced.
     head_qkv = {m.qkv for m in heads.values()}
     heads = {n: m for n, m in heads.items() if not ({m, m.qkv} & ignored_set)}
-    limit = float(os.environ.get("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S))
+    limit = env_float("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S)
     with search_limits(limit, "the search for coupled channel groups", search_memory_limit()):
         try:
             all_groups = list(DG.get_all_groups(ignored_layers=list(ignored) + list(head_qkv),

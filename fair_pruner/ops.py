@@ -82,7 +82,9 @@ def implementations(op: str) -> Dict[str, Callable]:
 def _forced() -> str:
     forced = os.environ.get("FAIR_PRUNER_BACKEND", "").strip().lower()
     if forced and forced not in BACKENDS:
-        raise ValueError(f"FAIR_PRUNER_BACKEND={forced!r} is not one of {BACKENDS}")
+        from .errors import ConfigError
+        raise ConfigError(f"FAIR_PRUNER_BACKEND={forced!r} is not one of {BACKENDS}: set one "
+                          "of them or unset it")
     return forced
 
 
@@ -101,7 +103,8 @@ def _choose(device_type: str) -> None:
             mod = _backend(b, quiet=bool(forced))
             if mod is None:
                 if forced:
-                    raise RuntimeError(
+                    from .errors import ConfigError
+                    raise ConfigError(
                         f"FAIR_PRUNER_BACKEND={forced} was requested but the {forced} backend is "
                         "not available (build the extension with `pip install "
                         "--no-build-isolation -e .`, or unset FAIR_PRUNER_BACKEND)")

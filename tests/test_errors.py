@@ -172,3 +172,13 @@ def test_integer_labels_of_any_width_and_a_label_count_mismatch():
                    for a, b in zip(got.groups, want.groups))
     with pytest.raises(fp.FairPrunerError, match="one label per sample"):
         fp.score(m, [(x, y[:5]) for x, y in data], **kw)
+
+
+@pytest.mark.parametrize("var", ["FAIR_PRUNER_GROUP_SEARCH_S", "FAIR_PRUNER_GROUP_SEARCH_MIB"])
+@pytest.mark.parametrize("value", ["ten", "nan", "inf"])
+def test_environment_variable_that_is_not_a_number(model, loader, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(fp.ConfigError, match=f"{var}='{value}' is not a number"):
+        fp.score(model, loader, **KW)
+    monkeypatch.setenv(var, " ")                      # empty: the default
+    assert fp.score(model, loader, **KW).groups

@@ -328,3 +328,69 @@ def test_maxvit_converted_and_pruned_exactly():
     plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
     pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
     _assert_exact(pruned, ref, plan, x)
+
+
+# --------------------------------------------------------------------------------------------
+# timm's Swin (V1): WindowAttention class-swapped to graph.TimmWindowAttention (same forward)
+# --------------------------------------------------------------------------------------------
+
+def _timm_swin(seed=0):
+    from timm.models.swin_transformer import SwinTransformer
+    torch.manual_seed(seed)
+    m = SwinTransformer(img_size=16, patch_size=4, embed_dim=16, depths=(2, 2),
+                        num_heads=(2, 4), window_size=2, num_classes=5).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():      # zero biases, a near-zero bias table: jitter everything
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_timm_swin_prunes_heads_and_neurons_exactly(tmp_path, fused):
+    import subprocess
+    import sys
+    from helpers import assert_same, snapshot
+    m = _timm_swin()
+    snap = snapshot(m)
+    with pytest.warns(UserWarning, match="residual width"):
+        book = fp.score(m, _data(size=16), **OPTS)
+    assert_same(m, snap)                                   # the caller's model is not converted
+    assert type(m.layers[0].blocks[0].attn).__name__ == "WindowAttention"
+    kinds = {g.name: g.kind for g in book.groups}
+    assert kinds == {f"layers.{s}.blocks.{b}.{k}": kind for s in (0, 1) for b in (0, 1)
+                     for k, kind in (("attn", "head"), ("mlp.fc1", "channel"))}
+    removed = {"layers.0.blocks.1.attn": [0], "layers.1.blocks.0.attn": [1, 2],
+               "layers.0.blocks.0.mlp.fc1": [0, 5, 7],
+               "layers.1.blocks.1.mlp.fc1": list(range(0, 128, 3))}
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    att = pruned.layers[1].blocks[0].attn
+    assert type(att).__name__ == "TimmWindowAttention"
+    assert att.num_heads == 2 and att.qkv.out_features == 3 * 2 * 8
+    assert att.relative_position_bias_table.shape[1] == 2 and att.proj.in_features == 16
+    for mod in list(pruned.modules()) + list(ref.modules()):
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = fused                          # timm's SDPA path and its own
+    x = torch.randn(3, 3, 16, 16)
+    _assert_exact(pruned, ref, plan, x)
+    # a pruned model pickles and loads where fair_pruner is importable, in a fresh process
+    path = tmp_path / "swin.pt"
+    torch.save(pruned, path)
+    with torch.no_grad():
+        torch.save(pruned(x), tmp_path / "y.pt")
+    code = ("import torch, sys; m = torch.load(sys.argv[1], weights_only=False); "
+            "x = torch.load(sys.argv[2]); y = torch.load(sys.argv[3]); "
+            "torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5); print('ok')")
+    torch.save(x, tmp_path / "x.pt")
+    r = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
+                        str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_timm_swin_v2_is_refused_naming_the_layer():
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    m = SwinTransformerV2(img_size=16, patch_size=4, embed_dim=16, depths=(2,),
+                          num_heads=(2,), window_size=2, num_classes=5).eval()
+    with pytest.raises(fp.UnsupportedModelError, match=r"layers\.0\.blocks\.0\.attn.*Swin-V2"):
+        fp.score(m, _data(size=16), **OPTS)
