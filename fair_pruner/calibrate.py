@@ -191,10 +191,22 @@ class _Producer(SketchTap):
         self.taylor: Optional[Tensor] = None
         self.act_abs = self.act_sum = self.act_sq = None
         self.positions = 0          # samples x positions seen (for the means)
+        # Rows of z per sample: > 1 where the model folds windows or patches into the batch
+        # dim, sample-major ([B * fold, ..., units]); verified by _check_folds.
+        self.fold = 1
 
     @property
     def where(self) -> str:
         return f"the output of {self.name}"
+
+    @property
+    def probe_key(self) -> str:
+        """The module whose output the probe recorded for this tap."""
+        return self.name
+
+    def sample_rows(self, z: Tensor, rows: Optional[int] = None) -> Tensor:
+        """``z`` with one row per sample: [B, fold * ..., units] where windows are folded."""
+        return z if self.fold == 1 else z.reshape(z.shape[0] // self.fold, -1, z.shape[-1])
 
     def install(self, model: nn.Module, on_tensor):
         def hook(mod, inp, out):
@@ -207,7 +219,8 @@ class _Producer(SketchTap):
 
     def features(self, probe) -> int:
         """Flattened positions per unit of one sample (D)."""
-        return int(math.prod(probe["feature_shapes"][self.name])) // max(1, self.units)
+        return (int(math.prod(probe["feature_shapes"][self.name])) * self.fold
+                // max(1, self.units))
 
     def unit_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
         """([units, fan_in], [units] or None): the weights each unit owns (UnitStats)."""
@@ -265,9 +278,13 @@ class _Heads(_Producer):
     def where(self) -> str:
         return f"the head outputs of {self.name} (the input of {self.name}.proj)"
 
+    @property
+    def probe_key(self) -> str:
+        return f"{self.name}.proj"          # rows: proj's output has its input's rows
+
     def features(self, probe) -> int:
-        tokens = probe["feature_shapes"][f"{self.name}.proj"][:-1]
-        return int(math.prod(tokens)) * self.head_dim
+        tokens = probe["feature_shapes"][self.probe_key][:-1]
+        return int(math.prod(tokens)) * self.fold * self.head_dim
 
     def install(self, model: nn.Module, on_tensor):
         def hook(mod, args):
@@ -297,6 +314,60 @@ class _Heads(_Producer):
         proj = self.attn.proj.weight.detach().float().cpu()          # [dim, H * hd]
         proj = proj.reshape(proj.shape[0], H, hd).transpose(0, 1).reshape(H, -1)
         return torch.cat([qkv, proj], dim=1), None
+
+
+def _check_folds(model: nn.Module, producers: List[_Producer], probe: Dict[str, Any],
+                 inputs: Any, device) -> None:
+    """Set ``fold`` of every tap whose tensor has more than one row per sample (windowed
+    attention, MobileViT's patches: [B * fold, tokens, units]) after checking, on the first two
+    samples of ``inputs``, that the rows are sample-major (the first sample's rows come first),
+    so that its U samples are read from the right rows; else refuse naming the layer."""
+    rows = probe["feature_rows"]
+    folded = [p for p in producers if rows.get(p.probe_key, 1) > 1]
+    if not folded:
+        return
+    first = folded[0]
+    x = first_tensor(inputs)
+    if x is None or x.shape[0] < 2:
+        raise CalibrationDataError(
+            f"{first.where} folds {rows[first.probe_key]} rows per sample into the batch dim; "
+            "telling the samples' rows apart needs a first calibration batch of at least 2 "
+            "samples")
+    seen: Dict[Tuple[int, int], Tensor] = {}
+
+    def record(p: _Producer, n: int):
+        def on_tensor(z: Tensor) -> Tensor:
+            seen.setdefault((n, id(p)), z.detach())
+            return z
+        return on_tensor
+    for n in (1, 2):
+        hooks = [p.install(model, record(p, n)) for p in folded]
+        try:
+            with torch.no_grad():
+                call_model(model, map_tensors(inputs, lambda t: t[:n].to(device)))
+        finally:
+            for h in hooks:
+                h.remove()
+    for p in folded:
+        k = rows[p.probe_key]
+        one, two = seen.get((1, id(p))), seen.get((2, id(p)))
+        ok = (p.unit_dim == -1 and one is not None and two is not None and one.shape[0] == k
+              and two.shape[0] == 2 * k)
+        if ok:
+            one, two = one.float(), two.float()
+            atol = 1e-5 * max(1.0, float(one.abs().max()))
+            ok = torch.allclose(two[:k], one, rtol=1e-3, atol=atol)
+            if ok and torch.allclose(two[k:], one, rtol=1e-3, atol=atol):
+                raise CalibrationDataError(
+                    f"{p.where} folds {k} rows per sample into the batch dim, and the first two "
+                    "calibration samples give the same rows there, so their order cannot be "
+                    "checked: start the calibration data with two different samples")
+        if not ok:
+            raise UnsupportedModelError(
+                f"{p.where} has {k} rows per sample, folded into the batch dim in an order "
+                "fair_pruner cannot attribute to samples (it reads the first sample's rows "
+                f"first): keep it whole with ignore=[{p.name!r}]")
+        p.fold = k
 
 
 def _set_modes(model: nn.Module, bn_mode: str) -> None:
@@ -455,6 +526,7 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
                               torch.tensor(m.idxs), torch.tensor(m.root_idxs))
                 p.clone = m.module in probe["inplace"]
                 producers.append(p)
+        _check_folds(work, producers, probe, inputs0, device)
 
         # The U-Score classes are the labels the data holds (at most max_classes of them),
         # known only after pass 1: its sample buffers have room for the most there can be, and
@@ -673,7 +745,9 @@ def _probe(model: nn.Module, example: Any) -> Dict[str, Any]:
     positions, inplace, order = {}, set(), []
     for mod, t, v, _ in seen:
         units = t.shape[1] if not isinstance(mod, nn.Linear) else t.shape[-1]
-        positions[names[mod]] = t.numel() // max(1, t.shape[0] * units)
+        # Output positions per sample (the probe runs one sample): counting the rows too, as
+        # windowed attention folds its windows into the batch dim ([windows, tokens, dim]).
+        positions[names[mod]] = t.numel() // max(1, units)
         if t._version != v:
             inplace.add(names[mod])
         order.append(mod)
@@ -682,7 +756,8 @@ def _probe(model: nn.Module, example: Any) -> Dict[str, Any]:
             "order": order, "outputs": {mod: t for mod, t, _, _ in seen}, "names": names,
             "num_classes": nc, "calls": calls, "ambiguous": ambiguous,
             "nodes": [(mod, node) for mod, _, _, node in seen if node is not None],
-            "feature_shapes": {names[mod]: tuple(t.shape[1:]) for mod, t, _, _ in seen}}
+            "feature_shapes": {names[mod]: tuple(t.shape[1:]) for mod, t, _, _ in seen},
+            "feature_rows": {names[mod]: t.shape[0] for mod, t, _, _ in seen}}
 
 
 def _output_tensors(out: Any) -> List[Tensor]:
@@ -793,6 +868,11 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it, reduce=None
             inputs, labels = split_batch(batch)
             labels = _check_labels(labels, bi, run.num_classes)
             lab_list = labels.tolist()
+            x = first_tensor(inputs)
+            if x is not None and x.dim() >= 1 and x.shape[0] != len(lab_list):
+                raise CalibrationDataError(
+                    f"batch {bi} holds {x.shape[0]} samples and {len(lab_list)} labels: give "
+                    "one label per sample (the U-Score reads each sample's class)")
             label_hashes.append(hash(tuple(lab_list)))
             prints.append(_input_print(inputs))
             labels = labels.to(run.device)
@@ -889,7 +969,8 @@ def _u_samples(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: i
 
     def storing(p: _Producer):
         def on_tensor(z: Tensor) -> Tensor:
-            store_samples(p, p.sample_rows(z), rows_now, run.sampling)
+            store_samples(p, p.sample_rows(z, len(rows_now)), rows_now, run.sampling,
+                          len(rows_now))
             return z
         return on_tensor
 

@@ -99,8 +99,9 @@ class SketchTap:
         Returns a handle with ``remove()``."""
         raise NotImplementedError  # pragma: no cover - interface
 
-    def sample_rows(self, z: Tensor) -> Tensor:
-        """[rows, ...]: ``z`` with one row per entry of the batch's ``labels``."""
+    def sample_rows(self, z: Tensor, rows: Optional[int] = None) -> Tensor:
+        """[rows, ...]: ``z`` with one row per entry of the batch's ``labels`` (``rows`` of
+        them, when known)."""
         return z
 
     def to_units_last(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
@@ -137,6 +138,7 @@ def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable
 
     live: Dict[int, Tensor] = {}
     rows_now: List[Tuple[int, int, int]] = []
+    n_rows = [0]                          # the current batch's sample rows (its labels)
     sketched = {id(t) for t in sketch}
 
     def make(i: int, tap: SketchTap):
@@ -147,7 +149,8 @@ def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable
             live[i] = z
             if rows_now and id(tap) in sketched:
                 with torch.no_grad():
-                    store_samples(tap, tap.sample_rows(z.detach()), rows_now, sampling)
+                    store_samples(tap, tap.sample_rows(z.detach(), n_rows[0]), rows_now,
+                                  sampling, n_rows[0])
             return tap.downstream(z)
         return on_tensor
 
@@ -157,6 +160,7 @@ def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable
     try:
         for bi, batch in enumerate(batches):
             rows_now[:] = res.offer(batch.labels, seen)
+            n_rows[0] = len(batch.labels)
             seen += len(batch.labels)
             live.clear()
             with torch.enable_grad():
@@ -401,12 +405,19 @@ def sketch_features(p: "SketchTap", z: Tensor, projections: int, u_mode: str, se
 
 
 def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]],
-                  sampling: "Sampling") -> None:
+                  sampling: "Sampling", batch_rows: Optional[int] = None) -> None:
     """Project the selected rows of ``z`` (only those) into their (class, slot) sample places.
+    ``batch_rows``: the rows the batch holds (its labels); ``z`` must have exactly that many,
+    else the samples would be read from the wrong rows.
 
     Finiteness is not checked here: pass 1 checks every activation it stores through the fused
     unit statistics, and later passes replay the same samples.
     """
+    if batch_rows is not None and z.shape[0] != batch_rows:
+        raise UnsupportedModelError(
+            f"{p.where or p.name}: {z.shape[0]} rows where the batch holds {batch_rows} "
+            "samples (a layer that folds tokens or windows into the batch dim): its U samples "
+            "cannot be told apart. Keep it whole with ignore=[...]")
     if not rows:
         return
     if len(rows) != z.shape[0] or any(r[0] != i for i, r in enumerate(rows)):

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cost import CostBuilder, CostModel
-from .engine import copy_model, map_tensors
+from .engine import copy_model, first_tensor, map_tensors
 from .errors import UnsupportedModelError, env_float
 from .scorebook import GroupSpec, Member, model_fingerprint
 
@@ -1143,14 +1143,17 @@ def _all_tensors(out: Any) -> List[torch.Tensor]:
 
 
 def _measure(model: nn.Module, example: Any, call) -> tuple:
-    """(outputs, params, Conv/Linear MACs) of one forward: weight numel x output positions."""
+    """(outputs, params, Conv/Linear MACs per sample) of one forward: weight numel x output
+    positions per sample (rows included: windowed attention folds windows into the batch)."""
     macs, done = [0], set()
+    x = first_tensor(example)
+    rows = max(1, x.shape[0]) if x is not None and x.dim() >= 1 else 1
 
     def hook(m, i, o):
         if isinstance(o, torch.Tensor) and o.dim() >= 1 and o.shape[0] and m not in done:
             done.add(m)
             units = o.shape[-1] if isinstance(m, nn.Linear) else o.shape[1]
-            macs[0] += m.weight.numel() * (o.numel() // max(1, o.shape[0] * units))
+            macs[0] += m.weight.numel() * (o.numel() // max(1, units) // rows)
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
     try:

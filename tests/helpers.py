@@ -89,12 +89,13 @@ def assert_same(model, snap):
 
 
 def count_macs(model, x):
-    """Conv/Linear MACs of one forward on x (batch 1): weight numel x output positions."""
+    """Conv/Linear MACs per sample of one forward on x: weight numel x output positions
+    (rows included: windowed attention folds its windows into the batch dim)."""
     total = [0]
 
     def hook(m, i, o):
         units = o.shape[1] if isinstance(m, nn.Conv2d) else o.shape[-1]
-        total[0] += m.weight.numel() * (o.numel() // (o.shape[0] * units))
+        total[0] += m.weight.numel() * (o.numel() // units // x.shape[0])
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():

@@ -526,3 +526,18 @@ def test_activation_checkpointing_gives_the_same_book(model_type):
         for k in b.tensors:
             torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-5, atol=1e-6)
     assert fp.allocate(got, params=0.3).removed == fp.allocate(want, params=0.3).removed
+
+
+def test_token_rows_of_a_family_that_flattens_tokens():
+    """OPT's MLP runs on [B * T, d]: its sample rows are the same tokens as from [B, T, d]
+    (one per position with a next token), not the flat rows cut at the last feature."""
+    from fair_pruner.llm.calibrate import _Tap
+    tap = _Tap.__new__(_Tap)
+    tap.name = "model.layers.0.mlp.down_proj"
+    B, T, F_ = 3, 5, 7
+    z = torch.randn(B, T, F_)
+    want = z[:, :-1].reshape(-1, F_)
+    torch.testing.assert_close(tap.sample_rows(z, B * (T - 1)), want)
+    torch.testing.assert_close(tap.sample_rows(z.reshape(B * T, F_), B * (T - 1)), want)
+    with pytest.raises(fp.UnsupportedModelError, match="token rows"):
+        tap.sample_rows(z.reshape(B * T, F_), B * T)

@@ -394,3 +394,86 @@ def test_timm_swin_v2_is_refused_naming_the_layer():
                           num_heads=(2,), window_size=2, num_classes=5).eval()
     with pytest.raises(fp.UnsupportedModelError, match=r"layers\.0\.blocks\.0\.attn.*Swin-V2"):
         fp.score(m, _data(size=16), **OPTS)
+
+
+def test_timm_swin_costs_count_every_window():
+    """Window attention folds its windows into the batch dim: qkv / proj run on every token of
+    the image, and the cost model counts all of them (not one window's)."""
+    m = _timm_swin()
+    with pytest.warns(UserWarning, match="residual width"):
+        book = fp.score(m, _data(size=16), **OPTS)
+    plan = _make_plan(book, {}, meta={}, alpha=None, strategy="manual")
+    tokens = {"patch_embed": 16, "layers.0": 16, "layers.1": 4, "head": 1}
+    want = 0
+    for name, mod in m.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            key = next(k for k in tokens if name.startswith(k))
+            want += mod.weight.numel() * tokens[key]
+    assert plan.flops_after == want
+
+
+# --------------------------------------------------------------------------------------------
+# Layers that fold windows / patches into the batch dim ([B * k, tokens, dim])
+# --------------------------------------------------------------------------------------------
+
+class _Tokens(nn.Module):
+    """A tiny token MLP classifier: [B, 3, 8, 8] -> 16 tokens of 12 -> fc1 (24) -> fc2 -> logits.
+    ``fold``: fc1 / fc2 run on the tokens folded into the batch dim, as 4 windows of 4 tokens,
+    "sample" = [B * 4, 4, dim] sample-major, "window" = window-major [4 * B, 4, dim]."""
+
+    def __init__(self, fold=None):
+        super().__init__()
+        self.fold = fold
+        self.embed = nn.Linear(12, 12)
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        t = x.reshape(B, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, 16, 12)
+        t = self.embed(t)
+        if self.fold == "sample":
+            t = t.reshape(B * 4, 4, 12)
+        elif self.fold == "window":
+            t = t.reshape(B, 4, 4, 12).transpose(0, 1).reshape(4 * B, 4, 12)
+        t = t + self.fc2(torch.relu(self.fc1(t)))
+        if self.fold == "sample":
+            t = t.reshape(B, 16, 12)
+        elif self.fold == "window":
+            t = t.reshape(4, B, 4, 12).transpose(0, 1).reshape(B, 16, 12)
+        return self.head(t.mean(1))
+
+
+def _tokens(fold):
+    torch.manual_seed(0)
+    m = _Tokens(fold).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def test_rows_folded_sample_major_give_the_unfolded_book():
+    data = [(x * 3, y % 3) for x, y in _data(n=30, size=8)]
+    books = {f: fp.score(_tokens(f), data, ignore=["embed", "fc2"], **OPTS)
+             for f in (None, "sample")}
+    a, b = books[None].groups, books["sample"].groups
+    assert [g.name for g in a] == [g.name for g in b] == ["fc1"]
+    assert float(a[0].u.abs().max()) > 0                   # something to compare
+    torch.testing.assert_close(b[0].u, a[0].u, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b[0].r, a[0].r, rtol=1e-5, atol=1e-6)
+    # and the plan's costs count every token in both
+    pa = _make_plan(books[None], {}, meta={}, alpha=None, strategy="manual")
+    pb = _make_plan(books["sample"], {}, meta={}, alpha=None, strategy="manual")
+    assert pa.flops_after == pb.flops_after == 16 * (12 * 12 + 12 * 24 + 24 * 12) + 3 * 12
+
+
+def test_rows_folded_in_another_order_are_refused_naming_the_layer():
+    data = [(x * 3, y % 3) for x, y in _data(n=30, size=8)]
+    with pytest.raises(fp.UnsupportedModelError, match=r"the output of fc1 has 4 rows per "
+                       r"sample.*ignore=\['fc1'\]"):
+        fp.score(_tokens("window"), data, ignore=["embed", "fc2"], **OPTS)
+    one = [(x[:1], y[:1]) for x, y in data]
+    with pytest.raises(fp.CalibrationDataError, match="at least 2 samples"):
+        fp.score(_tokens("sample"), one, ignore=["embed", "fc2"], **OPTS)

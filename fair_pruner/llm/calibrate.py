@@ -244,8 +244,17 @@ class _Tap(SketchTap):
         self.handle = self.fam.install_tap(model, on_tensor)
         return self.handle
 
-    def sample_rows(self, z: Tensor) -> Tensor:
-        """[B * (T - 1), channels]: one row per token that has a next token (its label)."""
+    def sample_rows(self, z: Tensor, rows: Optional[int] = None) -> Tensor:
+        """[B * (T - 1), channels]: one row per token that has a next token (its label), from
+        z [B, T, channels] or, where the family flattens the tokens (OPT's MLP), [B * T,
+        channels] with B = (B * T) - rows."""
+        if z.dim() == 2:
+            B = z.shape[0] - rows if rows is not None else 0
+            if B <= 0 or z.shape[0] % B:
+                raise UnsupportedModelError(
+                    f"{self.where}: {z.shape[0]} token rows for {rows} labelled tokens; cannot "
+                    "tell the sequences apart")
+            z = z.reshape(B, z.shape[0] // B, z.shape[-1])
         return z[:, :-1].reshape(-1, z.shape[-1])
 
     def to_units_last(self, z: Tensor) -> Tensor:
