@@ -330,6 +330,17 @@ def kept_residual(model: nn.Module) -> List[nn.Module]:
             out.extend(last_linear(m.mlp))
         elif where == _TIMM_SWIN and name == "PatchMerging":
             out.append(m.reduction)
+        elif type(m) is _TIMM_ATTENTION_CL:
+            out.append(m.proj)
+            if m.rel_pos is not None and hasattr(m.rel_pos, "mlp"):
+                out.extend(c for c in m.rel_pos.mlp.modules() if isinstance(c, nn.Linear))
+        elif where == _TIMM_MAXXVIT and name == "MaxxVit":
+            out.extend([c for c in m.stem.modules() if isinstance(c, nn.Conv2d)][-1:])
+        elif where == _TIMM_MAXXVIT and name == "MbConvBlock":
+            out.append(m.conv3_1x1)
+            out.extend(c for c in m.shortcut.modules() if isinstance(c, nn.Conv2d))
+        elif where == _TIMM_MAXXVIT and name == "PartitionAttentionCl":
+            out.extend(last_linear(m.mlp))
         elif where == _TV_MAXVIT and name == "MaxVit":
             out.extend([c for c in m.stem.modules() if isinstance(c, nn.Conv2d)][-1:])
         elif where == _TV_MAXVIT and name == "MBConv":
@@ -429,11 +440,85 @@ def _to_timm_window(m: nn.Module) -> None:
     m.norm, m.gate = nn.Identity(), None
 
 
+_TIMM_MAXXVIT = "timm.models.maxxvit"
+_TIMM_ATTENTION_CL = None
+# timm's relative position biases: the attribute holding the head count / bias shape and the
+# per-head parameters ((module path, attribute, dim) below the rel_pos module)
+_TIMM_REL_POS = {"RelPosBias": (("", "relative_position_bias_table", 1),),
+                 "RelPosBiasTf": (("", "relative_position_bias_table", 0),),
+                 "RelPosMlp": (("mlp.fc2", "weight", 0), ("mlp.fc2", "bias", 0))}
+
+
+def _timm_attention_cl_class():
+    """``TimmAttentionCl``: timm MaxViT's channels-last ``AttentionCl`` (same forward, which
+    reads ``num_heads`` and ``dim_head``) with the attributes :func:`head_attention` reads
+    (``head_dim``, ``attn_dim``, no ``norm`` / ``gate``), its q/k/v rows head-major where timm
+    lays them out so (``head_first``: each head's q, k and v rows together), and its relative
+    position bias's per-head parameters, whose stored head count and bias shape follow a pruning.
+    Made on first use; ``fair_pruner.graph.TimmAttentionCl`` resolves it (pickling)."""
+    global _TIMM_ATTENTION_CL
+    if _TIMM_ATTENTION_CL is None:
+        from timm.models.maxxvit import AttentionCl as _Timm
+
+        class TimmAttentionCl(_Timm):
+            @property
+            def qkv_heads_first(self) -> bool:
+                return bool(self.head_first)
+
+            def head_params(self):
+                if self.rel_pos is None:
+                    return []
+                out = []
+                for path, attr, dim in _TIMM_REL_POS[type(self.rel_pos).__name__]:
+                    owner = self.rel_pos.get_submodule(path) if path else self.rel_pos
+                    if getattr(owner, attr, None) is not None:
+                        out.append((owner, attr, dim))
+                return out
+
+            def heads_pruned(self) -> None:
+                self.dim_head = self.head_dim
+                rp = self.rel_pos
+                if rp is None:
+                    return
+                if hasattr(rp, "num_heads"):
+                    rp.num_heads = self.num_heads
+                shape = list(rp.bias_shape)
+                shape[0 if type(rp).__name__ == "RelPosBiasTf" else -1] = self.num_heads
+                rp.bias_shape = tuple(shape)
+        TimmAttentionCl.__module__ = __name__
+        TimmAttentionCl.__qualname__ = "TimmAttentionCl"
+        _TIMM_ATTENTION_CL = TimmAttentionCl
+    return _TIMM_ATTENTION_CL
+
+
+def _timm_attention_cl(m: nn.Module) -> bool:
+    """timm MaxViT's AttentionCl with its heads laid out as its forward reads them and a
+    relative position bias fair_pruner knows (or none)."""
+    cls = type(m)
+    if not (cls.__module__ == _TIMM_MAXXVIT and cls.__name__ == "AttentionCl"):
+        return False
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    H, hd = getattr(m, "num_heads", 0), getattr(m, "dim_head", 0)
+    rp = getattr(m, "rel_pos", None)
+    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H >= 1 and hd >= 1
+            and qkv.out_features == 3 * H * hd and proj.in_features == H * hd
+            and (rp is None or type(rp).__name__ in _TIMM_REL_POS)
+            and getattr(rp, "prefix_tokens", 0) == 0)
+
+
+def _to_timm_attention_cl(m: nn.Module) -> None:
+    m.__class__ = _timm_attention_cl_class()
+    m.head_dim, m.attn_dim = m.dim_head, m.num_heads * m.dim_head
+    m.norm, m.gate = nn.Identity(), None
+
+
 def __getattr__(name: str):
     if name == "ShuffleResidual":
         return _shuffle_block_class()
     if name == "TimmWindowAttention":
         return _timm_window_class()
+    if name == "TimmAttentionCl":
+        return _timm_attention_cl_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -456,7 +541,7 @@ def _replacement(parent: nn.Module, attr: str, m: nn.Module):
 
 def needs_conversion(model: nn.Module) -> bool:
     """Whether :func:`convert_blocks` would change ``model``."""
-    return any(_tv_shuffle_block(m) or _timm_window_attention(m)
+    return any(_tv_shuffle_block(m) or _timm_window_attention(m) or _timm_attention_cl(m)
                for m in model.modules()) or any(
         _replacement(parent, attr, m) is not None
         for parent in model.modules() for attr, m in parent.named_children())
@@ -480,6 +565,8 @@ def convert_blocks(model: nn.Module) -> nn.Module:
             m.__class__ = _shuffle_block_class()
         elif _timm_window_attention(m):
             _to_timm_window(m)
+        elif _timm_attention_cl(m):
+            _to_timm_attention_cl(m)
     return model
 
 
@@ -517,7 +604,7 @@ def head_attention(m: nn.Module) -> bool:
     """A multi-head attention whose heads fair_pruner removes exactly: timm's ViT / DeiT
     ``Attention`` (``timm.layers.Attention``), the converted torchvision blocks
     (:class:`SelfAttention`, :class:`WindowAttention`, :class:`PartitionAttention`) and timm
-    Swin's converted ``TimmWindowAttention``. All share
+    Swin's ``TimmWindowAttention`` and MaxViT's ``TimmAttentionCl`` (class-swapped). All share
     ``qkv`` [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj`` [dim, attn_dim] and
     ``num_heads`` / ``attn_dim`` read in the forward; timm's options that mix heads (a norm over
     all heads' outputs, ``scale_norm``) or add producers (``gated``) are excluded. A unit is one
@@ -526,6 +613,7 @@ def head_attention(m: nn.Module) -> bool:
     cls = type(m)
     if not (isinstance(m, (SelfAttention, WindowAttention, PartitionAttention))
             or (_TIMM_WINDOW_CLASS is not None and cls is _TIMM_WINDOW_CLASS)
+            or (_TIMM_ATTENTION_CL is not None and cls is _TIMM_ATTENTION_CL)
             or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
@@ -540,18 +628,22 @@ def head_attention(m: nn.Module) -> bool:
 
 def head_spec(name: str, m: nn.Module) -> GroupSpec:
     """The group of ``m``'s heads (:func:`head_attention`): unit h is qkv rows
-    {s * attn_dim + h * head_dim + d} (s = q, k, v) and proj input columns {h * head_dim + d}."""
+    {s * attn_dim + h * head_dim + d} (s = q, k, v; or {h * 3 * head_dim + j} where the rows
+    are head-major, ``qkv_heads_first``) and proj input columns {h * head_dim + d}."""
     H, hd = m.num_heads, m.head_dim
     A = H * hd
+    head_of = ((lambda c: c // (3 * hd)) if getattr(m, "qkv_heads_first", False)
+               else (lambda c: (c % A) // hd))
     return GroupSpec(name=name, size=H, root=name, members=[
         Member(f"{name}.qkv", "producer", list(range(3 * A)),
-               [(c % A) // hd for c in range(3 * A)]),
+               [head_of(c) for c in range(3 * A)]),
         Member(f"{name}.proj", "consumer", list(range(A)), [c // hd for c in range(A)])])
 
 
 def head_tensors(m: nn.Module) -> List[tuple]:
     """(module, attribute, dim, layout) of every parameter of ``m`` (:func:`head_attention`)
-    indexed by head: layout "qkv" (q|k|v sections of heads x head_dim: 3 * head_dim per head),
+    indexed by head: layout "qkv" (q|k|v sections of heads x head_dim, or head-major: 3 *
+    head_dim per head),
     "features" (heads x head_dim) or "heads" (one entry per head, ``head_params()``)."""
     out = [(m.qkv, "weight", 0, "qkv"), (m.qkv, "bias", 0, "qkv"),
            (m.proj, "weight", 1, "features")]
@@ -567,8 +659,10 @@ def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
     A = H * hd
     keep = [h for h in range(H) if h not in gone]
     cols = torch.tensor([h * hd + d for h in keep for d in range(hd)], dtype=torch.long)
-    idx = {"qkv": torch.cat([cols + s * A for s in range(3)]), "features": cols,
-           "heads": torch.tensor(keep, dtype=torch.long)}
+    rows = (torch.tensor([h * 3 * hd + j for h in keep for j in range(3 * hd)], dtype=torch.long)
+            if getattr(m, "qkv_heads_first", False)
+            else torch.cat([cols + s * A for s in range(3)]))
+    idx = {"qkv": rows, "features": cols, "heads": torch.tensor(keep, dtype=torch.long)}
     for owner, attr, dim, layout in head_tensors(m):
         p = getattr(owner, attr)
         setattr(owner, attr, nn.Parameter(
@@ -577,6 +671,8 @@ def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
         if isinstance(owner, nn.Linear) and attr == "weight":
             setattr(owner, "out_features" if dim == 0 else "in_features", idx[layout].numel())
     m.num_heads, m.attn_dim = len(keep), len(keep) * hd
+    if hasattr(m, "heads_pruned"):       # sizes the module stores besides num_heads
+        m.heads_pruned()
 
 
 def check_model_types(model: nn.Module) -> None:
@@ -591,16 +687,17 @@ def check_model_types(model: nn.Module) -> None:
             "score a model without nn.LSTM / nn.GRU / nn.RNN layers")
     windows = [(n, m) for n, m in model.named_modules()
                if type(m).__name__ in WINDOW_ATTENTION and type(m).__module__.startswith(
-                   ("torchvision.", "timm."))]
+                   ("torchvision.", "timm."))
+               and not head_attention(getattr(m, "attn", None))]  # timm MaxViT, converted
     if windows:
         n, m = windows[0]
         raise UnsupportedModelError(
             f"{len(windows)} window-attention layers, e.g. {n} ({type(m).__module__}."
             f"{type(m).__name__}): their head count is fixed in the module and their window "
             "reshapes make Torch-Pruning's dependency search run for hours, so timm's "
-            "MaxViT / CoAtNet and Swin-V2 are not pruned yet (torchvision's Swin / Swin-V2 / "
-            "MaxViT and timm's Swin are; so are the heads of torchvision's ViT and timm's ViT "
-            "/ DeiT)")
+            "Swin-V2 (and MaxViT attention with an unknown position bias) are not pruned yet "
+            "(torchvision's Swin / Swin-V2 / MaxViT and timm's Swin / MaxViT are; so are the "
+            "heads of torchvision's ViT and timm's ViT / DeiT)")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -477,3 +477,54 @@ def test_rows_folded_in_another_order_are_refused_naming_the_layer():
     one = [(x[:1], y[:1]) for x, y in data]
     with pytest.raises(fp.CalibrationDataError, match="at least 2 samples"):
         fp.score(_tokens("sample"), one, ignore=["embed", "fc2"], **OPTS)
+
+
+# --------------------------------------------------------------------------------------------
+# timm's MaxViT: AttentionCl class-swapped to graph.TimmAttentionCl (same forward)
+# --------------------------------------------------------------------------------------------
+
+def _timm_maxvit(rel_pos: str, head_first: bool, seed=0):
+    from timm.models import maxxvit as mx
+    torch.manual_seed(seed)
+    cfg = mx.MaxxVitCfg(embed_dim=(16, 32), depths=(1, 1), block_type=("M", "M"),
+                        stem_width=8,
+                        transformer_cfg=mx.MaxxVitTransformerCfg(
+                            dim_head=8, head_first=head_first, rel_pos_type=rel_pos,
+                            rel_pos_dim=16, window_size=(2, 2), grid_size=(2, 2)))
+    m = mx.MaxxVit(cfg, img_size=32, num_classes=5).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():      # layer scales of 1e-6, zero biases: jitter everything
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    from helpers import randomize_bn
+    return randomize_bn(m)
+
+
+@pytest.mark.parametrize("rel_pos,head_first", [("bias", True), ("mlp", True),
+                                                ("bias_tf", False)])
+def test_timm_maxvit_prunes_heads_and_neurons_exactly(rel_pos, head_first):
+    from helpers import assert_same, snapshot
+    m = _timm_maxvit(rel_pos, head_first)
+    snap = snapshot(m)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        y0 = m(x)
+    with pytest.warns(UserWarning, match="residual width"):
+        book = fp.score(m, _data(size=32), **OPTS)
+    assert_same(m, snap)
+    heads = [g for g in book.groups if g.kind == "head"]
+    assert len(heads) == 4 and {g.size for g in heads} == {2, 4}   # block + grid, 2 stages
+    removed = {g.name: [0, g.size - 1][:g.size // 2] for g in heads}
+    for g in book.groups:
+        if g.kind != "head" and g.size > 2:
+            removed[g.name] = list(range(0, g.size, 3))
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    att = pruned.get_submodule(heads[-1].name)
+    assert type(att).__name__ == "TimmAttentionCl" and att.num_heads == heads[-1].size - 2
+    assert att.qkv.out_features == 3 * 8 * att.num_heads
+    rp = att.rel_pos
+    assert (rp.bias_shape[0] if rel_pos == "bias_tf" else rp.bias_shape[-1]) == att.num_heads
+    _assert_exact(pruned, ref, plan, x)
+    with torch.no_grad():                      # the caller's model still gives its output
+        torch.testing.assert_close(m(x), y0)
