@@ -31,7 +31,7 @@ from . import ops
 from . import distributed as dist
 from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, copy_model,
                      finish_u, first_tensor, gradient_pass, len_or_none, logits_of, map_tensors,
-                     preserved, split_batch, store_samples, working_model)
+                     preserved, split_batch, store_samples, stored_dim, working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
                     check_model_types, check_traced, convert_blocks, find_groups,
@@ -807,9 +807,7 @@ def _output_layers(model, probe, num_classes) -> List[nn.Module]:
 def _proj_dim(p: _Producer, probe, projections: int, u_mode: str) -> Tuple[int, int]:
     """(D, P): flattened positions per unit and the number of sketch coordinates."""
     D = p.features(probe)
-    if D == 1 or u_mode == "pooled":
-        return D, 1
-    return D, projections
+    return D, stored_dim(D, projections, u_mode)
 
 
 def _u_bytes(p: _Producer, probe, K, S, P, u_mode) -> int:

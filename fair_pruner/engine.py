@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .distributed import is_sharded
+from .distributed import active as distributed_active, is_sharded
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 
 
@@ -81,13 +81,16 @@ class SketchTap:
     def grow_samples(self, rows: int, shape: Tuple[int, int, int], dtype: torch.dtype,
                      device) -> None:
         """Give ``buf`` [K, rows, C, P] (and ``filled`` [K, rows]) at least ``rows`` slots per
-        class, keeping what is stored. New slots are zeros, never uninitialised memory:
-        quantiles read each class's first counts[k] rows, and finish_u checks they were all
-        stored."""
+        class, keeping what is stored. New slots are left unwritten in one process (zero-filling
+        a ResNet-18's 640 MB of buffers at 32 samples per class cost a third of its forward +
+        backward): only stored slots are ever read (quantiles read each class's first
+        counts[k] rows, and finish_u checks ``filled`` for them). Under torch.distributed they
+        are zeros, as the ranks' buffers are summed slot by slot."""
         if self.buf is not None and self.buf.shape[1] >= rows:
             return
         K, C, P = shape
-        buf = torch.zeros((K, rows, C, P), dtype=dtype, device=device)
+        alloc = torch.zeros if distributed_active() else torch.empty
+        buf = alloc((K, rows, C, P), dtype=dtype, device=device)
         filled = torch.zeros((K, rows), dtype=torch.bool)
         if self.buf is not None:
             buf[:, :self.buf.shape[1]] = self.buf
@@ -389,8 +392,19 @@ def working_model(model: nn.Module, device) -> Tuple[nn.Module, torch.device]:
     return (model if device == model_device else copy_model(model).to(device)), device
 
 
+def stored_dim(D: int, projections: int, u_mode: str) -> int:
+    """Coordinates stored per unit and sample for D features: 1 (a scalar, or ``pooled``), the
+    D features themselves where D <= P (projected onto the P directions only in
+    :func:`finish_u`: storing P > D projections of a D-vector costs P / D times the memory and
+    the writes), else the P projections."""
+    if D == 1 or u_mode == "pooled":
+        return 1
+    return D if D <= projections else projections
+
+
 def sketch_features(p: "SketchTap", z: Tensor, projections: int, u_mode: str, seed: int) -> Tensor:
-    """[B, C, P] sketch coordinates of each sample: projections of its map, or its scalar."""
+    """[B, C, stored_dim] what is stored of each sample: its scalar, its D features (D <= P,
+    projected later), or its projections onto P seeded directions (sliced W1)."""
     zz = p.to_units_last(z.detach())
     D = zz.shape[-1]
     if D == 1:
@@ -401,6 +415,8 @@ def sketch_features(p: "SketchTap", z: Tensor, projections: int, u_mode: str, se
         g = torch.Generator().manual_seed(module_seed(seed, p.name))
         theta = torch.randn(D, projections, generator=g)
         p.directions = F.normalize(theta, dim=0).to(device=z.device)
+    if D <= projections:
+        return zz
     return torch.matmul(zz.to(p.directions.dtype), p.directions)
 
 
@@ -467,13 +483,18 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
     # Q = S quantiles whatever the buffer's rows (it holds max(counts) <= S of them): the U-Score
     # does not depend on how the buffer grew.
     q = res.per_class
+    dirs = p.directions
+    raw = dirs is not None and buf.shape[3] > 1 and buf.shape[3] == dirs.shape[0] <= dirs.shape[1]
+    width = dirs.shape[1] if raw else buf.shape[3]       # coordinates per unit once projected
     # Bound the fp32 sketch memory: units in chunks.
     C = buf.shape[2]
-    step = max(1, int((256 << 20)
-                      // max(1, buf.shape[0] * max(buf.shape[1], q) * buf.shape[3] * 4)))
+    step = max(1, int((256 << 20) // max(1, buf.shape[0] * max(buf.shape[1], q) * width * 4)))
     out = []
     for s in range(0, C, step):
-        sk = ops.class_quantiles(buf[:, :, s:s + step], c, q)
+        part = buf[:, :, s:s + step]
+        if raw:             # stored D <= P features: their projections onto the directions
+            part = torch.matmul(part.to(dirs.dtype), dirs)
+        sk = ops.class_quantiles(part, c, q)
         out.append(ops.pairwise_w1_max(sk))
     p.u = torch.cat(out).double().cpu()
     p.buf = p.filled = None

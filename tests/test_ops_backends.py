@@ -89,6 +89,23 @@ def test_class_quantiles_match_reference(backend):
     check()
 
 
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_class_quantiles_of_a_slice_with_contiguous_columns(backend, dtype):
+    """Outer dims sliced (the kernel's row-copy path: units x projections contiguous), a
+    partial last column block (U * P = 133), NaN / inf in some columns."""
+    fn = _need(backend, "class_quantiles")
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(4, 13, 19, 7, generator=g)
+    big[2, 3, 5, 1], big[1, 4, 18, 6], big[3, 2, 0, 0] = float("nan"), float("inf"), -float("inf")
+    x = big.to(dtype)[1:, 2:]
+    assert x.stride(3) == 1 and x.stride(2) == 7 and not x.is_contiguous()
+    counts = torch.tensor([11, 1, 6])
+    for q in (1, 4, 11, 17):
+        torch.testing.assert_close(fn(x, counts, q), ops.class_quantiles_ref(x, counts, q),
+                                   rtol=0, atol=0, equal_nan=True)
+
+
 def test_class_quantiles_level_rule():
     x = torch.arange(10.0).flip(0).reshape(1, 10, 1, 1)
     out = ops.class_quantiles(x, torch.tensor([10]), 4)

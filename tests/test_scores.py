@@ -233,3 +233,59 @@ def test_reservoir_stores_a_slot_once_per_batch_and_keeps_the_last_sample():
     for row, k, s in rows:                                 # the row stored is the final owner
         assert res.final[2 + row] == (k, s)
     assert sorted(res.final.values()) == [(0, 0), (0, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 13), (1, 1), (5, 0), (0, 4), (33, 301)])
+def test_weight_norm_signals_match_the_float64_reference(dtype, shape):
+    """l1 / l2 accumulate in float64 without a float64 copy of the weights: equal to summing
+    |w|^p of the float64 weights (and bias), on odd, empty and non-contiguous weights."""
+    from fair_pruner.signals import UnitStats, WeightNorm
+    g = torch.Generator().manual_seed(3)
+    full = (torch.randn(shape[1], shape[0], generator=g) * 3).to(dtype)
+    w = full.t()                                             # non-contiguous [units, fan_in]
+    z = torch.zeros(shape[0], dtype=torch.float64)
+    for bias in (None, torch.randn(shape[0], generator=g).to(dtype)):
+        st = UnitStats("m", w, bias, z, z, z, z)
+        ref_w = w.double() if bias is None else torch.cat([w.double(), bias.double()[:, None]], 1)
+        for p in (1, 2, 3):
+            got = WeightNorm(p)(st)
+            want = ref_w.abs().pow(p).sum(dim=1)
+            assert got.dtype == torch.float64 and got.shape == (shape[0],)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_units_with_few_positions_store_features_and_project_at_the_end(monkeypatch):
+    """A unit with D <= projections positions keeps its D values per sample and is projected
+    onto the same seeded directions when its U-Score is computed: the same U as projecting
+    every sample as it arrives, at D / P of the memory."""
+    from fair_pruner import engine
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=4).eval()
+    data = batches(torch.randn(40, 3, 8, 8), torch.arange(40) % 4, 10)
+    kw = dict(samples_per_class=5, projections=96, progress=False)   # conv maps: D = 8 x 8
+    stored = []
+    real = engine.store_samples
+
+    def spy(p, z, rows, sampling, batch_rows=None):
+        real(p, z, rows, sampling, batch_rows)
+        if p.buf is not None:
+            stored.append((p.name, p.buf.shape[-1]))
+    monkeypatch.setattr(engine, "store_samples", spy)
+    import fair_pruner.calibrate as cal
+    monkeypatch.setattr(cal, "store_samples", spy)
+    deferred = fp.score(model, data, **kw)
+    widths = dict(stored)
+    assert any(1 < w < 96 for w in widths.values()), widths      # some unit kept raw features
+    orig = engine.sketch_features
+
+    def project_now(p, z, projections, u_mode, seed):
+        out = orig(p, z, projections, u_mode, seed)
+        if p.directions is not None and out.shape[-1] == p.directions.shape[0] != 1:
+            out = torch.matmul(out.to(p.directions.dtype), p.directions)
+        return out
+    monkeypatch.setattr(engine, "sketch_features", project_now)
+    eager = fp.score(model, data, **kw)
+    for a, b in zip(deferred.groups, eager.groups):
+        assert float(b.u.abs().max()) > 0
+        torch.testing.assert_close(a.u, b.u, rtol=1e-6, atol=1e-9)

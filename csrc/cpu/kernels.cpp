@@ -251,6 +251,20 @@ FP_MULTIVERSION void bitonic_rows(float* rows, int64_t N) {
   }
 }
 
+// row[0..w) = float(src[0..w)), row[w..kCols) = +inf; returns whether any value is NaN.
+template <typename T>
+FP_MULTIVERSION bool load_row(const T* src, int64_t w, float* row) {
+  int nan = 0;
+#pragma omp simd reduction(| : nan)
+  for (int64_t c = 0; c < w; ++c) {
+    const float v = f32(src[c]);
+    row[c] = v;
+    nan |= (v != v);
+  }
+  for (int64_t c = w; c < kCols; ++c) row[c] = std::numeric_limits<float>::infinity();
+  return nan != 0;
+}
+
 template <typename T>
 void class_quantiles_impl(const T* x, const int64_t* xs, const int64_t* counts, int64_t K,
                           int64_t S, int64_t U, int64_t P, int64_t Q, float* out) {
@@ -270,8 +284,14 @@ void class_quantiles_impl(const T* x, const int64_t* xs, const int64_t* counts, 
       int64_t Nn = 1;
       while (Nn < n) Nn <<= 1;
       bool has_nan = false;
+      // (unit, projection) columns are contiguous in the common layout: a plain row copy
+      const bool flat = xs[3] == 1 && xs[2] == P;
       for (int64_t s = 0; s < Nn; ++s) {
         float* row = rows.data() + s * kCols;
+        if (s < n && flat) {
+          has_nan |= load_row(x + k * xs[0] + s * xs[1] + c0, w, row);
+          continue;
+        }
         for (int64_t c = 0; c < kCols; ++c) {
           float v = std::numeric_limits<float>::infinity();
           if (s < n && c < w) {
