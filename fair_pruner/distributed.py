@@ -225,6 +225,10 @@ class ReplayedReservoir:
 # --------------------------------------------------------------------------------------------
 
 def _fsdp_module_class():
+    import sys
+    if "torch.distributed.fsdp" not in sys.modules:
+        # no model can be FSDP2-sharded before FSDP is imported (importing it costs ~0.75 s)
+        return None
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:         # torch built without distributed

@@ -709,13 +709,31 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def _torch_pruning():
+    """``import torch_pruning``, without letting it import timm (and through timm, torchvision)
+    when timm is not imported yet: only its FLOP counter (``tp.utils.count_ops``, unused here)
+    reads timm, and the import cost 1.5-1.9 s of a 2.9 s first ``fp.score`` call. A timm model
+    means timm is already imported, and Torch-Pruning then sees it as usual."""
+    import sys
+    if "torch_pruning" in sys.modules or "timm" in sys.modules:
+        import torch_pruning
+        return torch_pruning
+    sys.modules["timm"] = None          # makes `import timm` raise ImportError, for this import
+    try:
+        import torch_pruning
+    finally:
+        if sys.modules.get("timm", 0) is None:
+            del sys.modules["timm"]
+    return torch_pruning
+
+
 def build_dependency_graph(model: nn.Module, example_inputs: Any):
     """Torch-Pruning DependencyGraph of ``model`` traced on ``example_inputs``.
 
     Tracing follows autograd, so frozen parameters are made trainable for the trace and their
     flags restored before returning (the model ends exactly as it was).
     """
-    import torch_pruning as tp
+    tp = _torch_pruning()
 
     frozen = [p for p in model.parameters() if not p.requires_grad]
     with torch.enable_grad(), warnings.catch_warnings():

@@ -1,9 +1,10 @@
 """Numeric hot paths of FAIR-Pruner: one ``torch.library`` op each, one kernel per device.
 
-Every op is a custom op in the ``fair_pruner`` namespace (``torch.ops.fair_pruner.*``). Its body
+Every op is a ``torch.library`` op in the ``fair_pruner`` namespace (``torch.ops.fair_pruner.*``). Its body
 is the pure-PyTorch reference below (the CPU fallback and the test oracle, on any device); a
 compiled backend registers its function as the op's kernel for one device type through PyTorch's
-dispatcher (``register_kernel``), the torchao / bitsandbytes shape:
+dispatcher (``torch.library.Library.impl`` for its dispatch key), the torchao / bitsandbytes
+shape:
 
 * ``cpp``    - C++/OpenMP (``fair_pruner._C``, ``csrc/cpu``): the ``cpu`` kernel of every op.
 * ``cuda``   - CUDA C++ (``fair_pruner._cuda``, ``csrc/cuda``): the ``cuda`` kernel of
@@ -111,7 +112,7 @@ def _choose(device_type: str) -> None:
                 continue
             for op, fn in mod.KERNELS.items():
                 if (op, device_type) not in _ACTIVE:
-                    _OPS[op].register_kernel(device_type, fn)
+                    _LIB.impl(op, fn, _DISPATCH_KEYS[device_type])
                     _ACTIVE[(op, device_type)] = b
         _CHOSEN.add(device_type)
 
@@ -322,73 +323,55 @@ _REFERENCE: Dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------------------------
-# The custom ops: the reference is each op's body; backends add per-device kernels.
-# Argument checks live in the public wrappers below so every kernel gets them.
+# The ops: the reference is each op's body (CompositeExplicitAutograd: every device); backends
+# add per-device kernels (the CPU / CUDA dispatch keys take precedence). Argument checks live in
+# the public wrappers below so every kernel gets them.
+#
+# Registered through torch.library.Library rather than the @custom_op decorator: a custom op's
+# first call imports torch._dynamo (~1 s, a third of a first small fp.score call); these ops
+# dispatch straight to their kernels. They are not differentiable (called on detached tensors).
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fair_pruner::unit_stats", mutates_args=())
-def _unit_stats_op(z: Tensor, g: Tensor, dim: int) -> Tensor:
-    return unit_stats_ref(z, g, dim)
+_LIB = torch.library.Library("fair_pruner", "DEF")
+_SCHEMAS = {
+    "unit_stats": ("unit_stats(Tensor z, Tensor g, int dim) -> Tensor", unit_stats_ref,
+                   lambda z, g, dim: z.new_empty((4, z.shape[dim]), dtype=torch.float32)),
+    "class_quantiles": ("class_quantiles(Tensor x, Tensor counts, int q) -> Tensor",
+                        class_quantiles_ref,
+                        lambda x, counts, q: x.new_empty((x.shape[0], x.shape[2], x.shape[3], q),
+                                                         dtype=torch.float32)),
+    "pairwise_w1_max": ("pairwise_w1_max(Tensor sk) -> Tensor", pairwise_w1_max_ref,
+                        lambda sk: sk.new_empty((sk.shape[1],), dtype=torch.float32)),
+    "tod_overlap": ("tod_overlap(Tensor u, Tensor r, Tensor offsets) -> Tensor", tod_overlap_ref,
+                    lambda u, r, offsets: u.new_empty((u.shape[0] + offsets.shape[0] - 1,),
+                                                      dtype=torch.int64)),
+    "tod_select": ("tod_select(Tensor overlap, Tensor offsets, Tensor alphas, float cap) -> "
+                   "Tensor", tod_select_ref,
+                   lambda overlap, offsets, alphas, cap: overlap.new_empty(
+                       (offsets.shape[0] - 1, alphas.shape[0]), dtype=torch.int64)),
+    "gram": ("gram(Tensor x) -> Tensor", gram_ref,
+             lambda x: x.new_empty((x.shape[-1], x.shape[-1]), dtype=torch.float32)),
+}
+def _below_autograd(name: str):
+    """The Autograd kernel of op ``name``: statistics, not differentiable, so the op runs below
+    autograd and its output never requires grad, whatever its inputs."""
+    def kernel(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _OPS[name](*args)
+    return kernel
 
 
-@_unit_stats_op.register_fake
-def _(z, g, dim):
-    return z.new_empty((4, z.shape[dim]), dtype=torch.float32)
-
-
-@torch.library.custom_op("fair_pruner::class_quantiles", mutates_args=())
-def _class_quantiles_op(x: Tensor, counts: Tensor, q: int) -> Tensor:
-    return class_quantiles_ref(x, counts, q)
-
-
-@_class_quantiles_op.register_fake
-def _(x, counts, q):
-    return x.new_empty((x.shape[0], x.shape[2], x.shape[3], q), dtype=torch.float32)
-
-
-@torch.library.custom_op("fair_pruner::pairwise_w1_max", mutates_args=())
-def _pairwise_w1_max_op(sk: Tensor) -> Tensor:
-    return pairwise_w1_max_ref(sk)
-
-
-@_pairwise_w1_max_op.register_fake
-def _(sk):
-    return sk.new_empty((sk.shape[1],), dtype=torch.float32)
-
-
-@torch.library.custom_op("fair_pruner::tod_overlap", mutates_args=())
-def _tod_overlap_op(u: Tensor, r: Tensor, offsets: Tensor) -> Tensor:
-    return tod_overlap_ref(u, r, offsets)
-
-
-@_tod_overlap_op.register_fake
-def _(u, r, offsets):
-    return u.new_empty((u.shape[0] + offsets.shape[0] - 1,), dtype=torch.int64)
-
-
-@torch.library.custom_op("fair_pruner::tod_select", mutates_args=())
-def _tod_select_op(overlap: Tensor, offsets: Tensor, alphas: Tensor, cap: float) -> Tensor:
-    return tod_select_ref(overlap, offsets, alphas, cap)
-
-
-@_tod_select_op.register_fake
-def _(overlap, offsets, alphas, cap):
-    return overlap.new_empty((offsets.shape[0] - 1, alphas.shape[0]), dtype=torch.int64)
-
-
-@torch.library.custom_op("fair_pruner::gram", mutates_args=())
-def _gram_op(x: Tensor) -> Tensor:
-    return gram_ref(x)
-
-
-@_gram_op.register_fake
-def _(x):
-    return x.new_empty((x.shape[-1], x.shape[-1]), dtype=torch.float32)
-
-
-_OPS = {"gram": _gram_op, "unit_stats": _unit_stats_op, "class_quantiles": _class_quantiles_op,
-        "pairwise_w1_max": _pairwise_w1_max_op, "tod_overlap": _tod_overlap_op,
-        "tod_select": _tod_select_op}
+for _name, (_schema, _ref, _fake) in _SCHEMAS.items():
+    _LIB.define(_schema)
+    _LIB.impl(_name, _ref, "CompositeExplicitAutograd")
+    _LIB.impl(_name, _below_autograd(_name), "Autograd")
+    torch.library.register_fake(f"fair_pruner::{_name}", _fake, lib=_LIB)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# op name -> its OpOverload (torch.ops.fair_pruner.<name>.default)
+_OPS = {name: getattr(torch.ops.fair_pruner, name).default for name in _SCHEMAS}
+_unit_stats_op, _class_quantiles_op = _OPS["unit_stats"], _OPS["class_quantiles"]
+_pairwise_w1_max_op, _tod_overlap_op = _OPS["pairwise_w1_max"], _OPS["tod_overlap"]
+_tod_select_op, _gram_op = _OPS["tod_select"], _OPS["gram"]
 
 
 def is_real(x) -> bool:

@@ -317,3 +317,29 @@ def test_missing_extension_falls_back_to_reference():
                "ops.unit_stats(torch.randn(3, 4), torch.randn(3, 4), 1)\n",
                FAIR_PRUNER_BACKEND="cpp")      # forcing a missing backend is an error
     assert res.returncode != 0 and "FAIR_PRUNER_BACKEND=cpp" in res.stderr, res.stderr[-2000:]
+
+
+def test_ops_are_not_differentiable_and_a_first_score_stays_light():
+    """The ops run below autograd (their outputs never require grad), and a first fp.score of
+    a small CNN in a fresh process pulls in neither torch._dynamo (a @custom_op's first call
+    would), nor timm / torchvision (Torch-Pruning's FLOP counter), nor FSDP."""
+    z = torch.randn(5, 7, requires_grad=True)
+    assert not ops.unit_stats(z, torch.randn(5, 7), 1).requires_grad
+    x = torch.randn(3, 4, 5, 2, requires_grad=True)
+    assert not ops.class_quantiles(x, torch.tensor([4, 2, 1]), 3).requires_grad
+    res = _run(
+        "import sys, torch, torch.nn as nn\n"
+        "import fair_pruner as fp\n"
+        "m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),"
+        " nn.Linear(8, 4)).eval()\n"
+        "data = [(torch.randn(16, 3, 8, 8), torch.arange(16) % 4)]\n"
+        "book = fp.score(m, data, progress=False, samples_per_class=4, projections=8)\n"
+        "fp.prune(m, fp.allocate(book, params=0.3))\n"
+        "print([k for k in ('torch._dynamo', 'timm', 'torchvision', 'torch.distributed.fsdp')"
+        " if k in sys.modules])\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
+    # and Torch-Pruning still sees timm when the caller has imported it
+    res = _run("import timm, torch\nfrom fair_pruner import graph\ntp = graph._torch_pruning()\n"
+               "from torch_pruning.utils import op_counter\nprint(op_counter.has_timm)\n")
+    assert res.returncode == 0 and res.stdout.strip().endswith("True"), res.stderr[-2000:]
