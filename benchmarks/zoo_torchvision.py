@@ -4,7 +4,7 @@ would hope (issue 12): pruned == masked, plan params / MACs == the pruned model'
     python benchmarks/zoo_torchvision.py                  # every classification model
     python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
     python benchmarks/zoo_torchvision.py --json out.json
-    python benchmarks/zoo_torchvision.py --timm           # 68 timm models (timm==1.0.31)
+    python benchmarks/zoo_torchvision.py --timm           # 69 timm models (timm==1.0.31)
     python benchmarks/zoo_torchvision.py --budget --bn-from-data --json budget.json
                           # fp.score's defaults at 224x224: time and peak RSS vs fwd + bwd
 
@@ -36,7 +36,8 @@ SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "timm:levit_128s":
          "timm:swin_tiny_patch4_window7_224": 224, "timm:xcit_nano_12_p16_224": 64,
          "timm:efficientformer_l1": 224,
          "timm:swin_small_patch4_window7_224": 224, "timm:swinv2_tiny_window8_256": 256,
-         "timm:maxvit_rmlp_pico_rw_256": 256, "timm:maxvit_tiny_tf_224": 224}
+         "timm:maxvit_rmlp_pico_rw_256": 256, "timm:maxvit_tiny_tf_224": 224,
+         "timm:gcvit_xxtiny": 224}
 
 # Diverse timm families (pretrained=False): residual, inverted residual, NAS, dense, grouped,
 # ghost, CSP, RepVGG-style, ConvNeXt (v1 / v2), transformers and hybrids.
@@ -59,10 +60,12 @@ TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_0
         # (layer scale), ViT-S
         "vit_base_patch16_224", "deit_small_patch16_224", "deit3_small_patch16_224",
         "vit_small_patch16_224",
-        # added 2026-12-03 with timm Swin heads (graph.TimmWindowAttention); Swin-V2 refused
+        # added 2026-12-03 with timm Swin / Swin-V2 heads (graph.TimmWindowAttention(V2))
         "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swinv2_tiny_window8_256",
         # and timm MaxViT heads (graph.TimmAttentionCl: three position biases, both qkv layouts)
-        "maxvit_tiny_rw_224", "maxvit_rmlp_pico_rw_256", "maxvit_tiny_tf_224"]
+        "maxvit_tiny_rw_224", "maxvit_rmlp_pico_rw_256", "maxvit_tiny_tf_224",
+        # a window attention still refused (GCViT's global query)
+        "gcvit_xxtiny"]
 
 BUILD = r'''
 import json, sys, time, warnings

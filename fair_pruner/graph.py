@@ -330,6 +330,15 @@ def kept_residual(model: nn.Module) -> List[nn.Module]:
             out.extend(last_linear(m.mlp))
         elif where == _TIMM_SWIN and name == "PatchMerging":
             out.append(m.reduction)
+        elif type(m) is _TIMM_WINDOW_V2_CLASS:
+            out.append(m.proj)
+            out.extend(c for c in m.cpb_mlp.modules() if isinstance(c, nn.Linear))
+        elif where == _TIMM_SWIN_V2 and name == "SwinTransformerV2":
+            out.extend([c for c in m.patch_embed.modules() if isinstance(c, nn.Conv2d)][:1])
+        elif where == _TIMM_SWIN_V2 and name == "SwinTransformerV2Block":
+            out.extend(last_linear(m.mlp))
+        elif where == _TIMM_SWIN_V2 and name == "PatchMerging":
+            out.append(m.reduction)
         elif type(m) is _TIMM_ATTENTION_CL:
             out.append(m.proj)
             if m.rel_pos is not None and hasattr(m.rel_pos, "mlp"):
@@ -512,7 +521,85 @@ def _to_timm_attention_cl(m: nn.Module) -> None:
     m.norm, m.gate = nn.Identity(), None
 
 
+_TIMM_SWIN_V2 = "timm.models.swin_transformer_v2"
+_TIMM_WINDOW_V2_CLASS = None
+
+
+def _timm_window_v2_class():
+    """``TimmWindowAttentionV2``: timm Swin-V2's ``WindowAttention`` with the same numbers but
+    its head outputs reshaped to their own width (timm reshapes them to the input width, which
+    a pruned head count breaks) and its q/k/v bias added after ``qkv`` is called as a module
+    (timm's ``F.linear`` on its weight hides it from hooks and MAC counts). Per-head parameters:
+    ``logit_scale``, the rows of the position-bias MLP's last Linear, and the head's slices of
+    ``q_bias`` / ``v_bias`` (``k_bias`` is a zero buffer, remade at the new width)."""
+    global _TIMM_WINDOW_V2_CLASS
+    if _TIMM_WINDOW_V2_CLASS is None:
+        from timm.models.swin_transformer_v2 import WindowAttention as _Timm
+
+        class TimmWindowAttentionV2(_Timm):
+            def head_params(self):
+                out = [(self, "logit_scale", 0), (self.cpb_mlp[-1], "weight", 0)]
+                if self.q_bias is not None:
+                    out += [(self, "q_bias", 0, "features"), (self, "v_bias", 0, "features")]
+                return out
+
+            def heads_pruned(self) -> None:
+                if self.q_bias is not None:
+                    self.register_buffer("k_bias", torch.zeros_like(self.q_bias.detach()),
+                                         persistent=False)
+
+            def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+                B_, N, _ = x.shape
+                qkv = self.qkv(x)
+                if self.q_bias is not None:
+                    qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv.unbind(0)
+                attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+                attn = attn * torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
+                table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+                area = self.window_size[0] * self.window_size[1]
+                bias = table[self.relative_position_index.view(-1)].view(area, area, -1)
+                attn = attn + 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous()).unsqueeze(0)
+                if mask is not None:
+                    num_win = mask.shape[0]
+                    attn = attn.view(-1, num_win, self.num_heads, N, N) + \
+                        mask.unsqueeze(1).unsqueeze(0)
+                    attn = attn.view(-1, self.num_heads, N, N)
+                attn = self.attn_drop(self.softmax(attn))
+                x = (attn @ v).transpose(1, 2).reshape(B_, N, -1)
+                return self.proj_drop(self.proj(x))
+        TimmWindowAttentionV2.__module__ = __name__
+        TimmWindowAttentionV2.__qualname__ = "TimmWindowAttentionV2"
+        _TIMM_WINDOW_V2_CLASS = TimmWindowAttentionV2
+    return _TIMM_WINDOW_V2_CLASS
+
+
+def _timm_window_v2_attention(m: nn.Module) -> bool:
+    """timm Swin-V2 window attention whose q/k/v rows split evenly into its heads."""
+    cls = type(m)
+    if not (cls.__module__ == _TIMM_SWIN_V2 and cls.__name__ == "WindowAttention"):
+        return False
+    qkv, proj, H = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", 0)
+    mlp, ls = getattr(m, "cpb_mlp", None), getattr(m, "logit_scale", None)
+    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H >= 1
+            and qkv.bias is None and qkv.out_features % (3 * H) == 0
+            and proj.in_features * 3 == qkv.out_features
+            and isinstance(mlp, nn.Sequential) and isinstance(mlp[-1], nn.Linear)
+            and mlp[-1].out_features == H and mlp[-1].bias is None
+            and isinstance(ls, torch.Tensor) and ls.shape[0] == H)
+
+
+def _to_timm_window_v2(m: nn.Module) -> None:
+    m.__class__ = _timm_window_v2_class()
+    m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    m.attn_dim = m.num_heads * m.head_dim
+    m.norm, m.gate = nn.Identity(), None
+
+
 def __getattr__(name: str):
+    if name == "TimmWindowAttentionV2":
+        return _timm_window_v2_class()
     if name == "ShuffleResidual":
         return _shuffle_block_class()
     if name == "TimmWindowAttention":
@@ -542,7 +629,7 @@ def _replacement(parent: nn.Module, attr: str, m: nn.Module):
 def needs_conversion(model: nn.Module) -> bool:
     """Whether :func:`convert_blocks` would change ``model``."""
     return any(_tv_shuffle_block(m) or _timm_window_attention(m) or _timm_attention_cl(m)
-               for m in model.modules()) or any(
+               or _timm_window_v2_attention(m) for m in model.modules()) or any(
         _replacement(parent, attr, m) is not None
         for parent in model.modules() for attr, m in parent.named_children())
 
@@ -567,6 +654,8 @@ def convert_blocks(model: nn.Module) -> nn.Module:
             _to_timm_window(m)
         elif _timm_attention_cl(m):
             _to_timm_attention_cl(m)
+        elif _timm_window_v2_attention(m):
+            _to_timm_window_v2(m)
     return model
 
 
@@ -604,7 +693,8 @@ def head_attention(m: nn.Module) -> bool:
     """A multi-head attention whose heads fair_pruner removes exactly: timm's ViT / DeiT
     ``Attention`` (``timm.layers.Attention``), the converted torchvision blocks
     (:class:`SelfAttention`, :class:`WindowAttention`, :class:`PartitionAttention`) and timm
-    Swin's ``TimmWindowAttention`` and MaxViT's ``TimmAttentionCl`` (class-swapped). All share
+    Swin's ``TimmWindowAttention`` / ``TimmWindowAttentionV2`` and MaxViT's ``TimmAttentionCl``
+    (class-swapped). All share
     ``qkv`` [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj`` [dim, attn_dim] and
     ``num_heads`` / ``attn_dim`` read in the forward; timm's options that mix heads (a norm over
     all heads' outputs, ``scale_norm``) or add producers (``gated``) are excluded. A unit is one
@@ -614,6 +704,7 @@ def head_attention(m: nn.Module) -> bool:
     if not (isinstance(m, (SelfAttention, WindowAttention, PartitionAttention))
             or (_TIMM_WINDOW_CLASS is not None and cls is _TIMM_WINDOW_CLASS)
             or (_TIMM_ATTENTION_CL is not None and cls is _TIMM_ATTENTION_CL)
+            or (_TIMM_WINDOW_V2_CLASS is not None and cls is _TIMM_WINDOW_V2_CLASS)
             or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
@@ -644,11 +735,12 @@ def head_tensors(m: nn.Module) -> List[tuple]:
     """(module, attribute, dim, layout) of every parameter of ``m`` (:func:`head_attention`)
     indexed by head: layout "qkv" (q|k|v sections of heads x head_dim, or head-major: 3 *
     head_dim per head),
-    "features" (heads x head_dim) or "heads" (one entry per head, ``head_params()``)."""
+    "features" (heads x head_dim) or "heads" (one entry per head); ``head_params()`` adds
+    (owner, attribute, dim) in the "heads" layout, or (owner, attribute, dim, layout)."""
     out = [(m.qkv, "weight", 0, "qkv"), (m.qkv, "bias", 0, "qkv"),
            (m.proj, "weight", 1, "features")]
-    out += [(o, a, d, "heads") for o, a, d in (m.head_params() if hasattr(m, "head_params")
-                                               else ())]
+    for t in (m.head_params() if hasattr(m, "head_params") else ()):
+        out.append(tuple(t) if len(t) == 4 else (*t, "heads"))    # (owner, attr, dim[, layout])
     return [t for t in out if getattr(t[0], t[1]) is not None]
 
 
@@ -694,10 +786,10 @@ def check_model_types(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{len(windows)} window-attention layers, e.g. {n} ({type(m).__module__}."
             f"{type(m).__name__}): their head count is fixed in the module and their window "
-            "reshapes make Torch-Pruning's dependency search run for hours, so timm's "
-            "Swin-V2 (and MaxViT attention with an unknown position bias) are not pruned yet "
-            "(torchvision's Swin / Swin-V2 / MaxViT and timm's Swin / MaxViT are; so are the "
-            "heads of torchvision's ViT and timm's ViT / DeiT)")
+            "reshapes make Torch-Pruning's dependency search run for hours, so this window "
+            "attention is not pruned yet (torchvision's Swin / Swin-V2 / MaxViT and timm's "
+            "Swin / Swin-V2 / MaxViT are; so are the heads of torchvision's ViT and timm's "
+            "ViT / DeiT)")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -603,15 +603,15 @@ def test_channel_shuffle_node_has_the_inverse_gradient():
 
 
 def test_window_attention_models_refused_before_the_search():
-    """timm's Swin-V2 (its own window attention) is refused at once; torchvision's Swin and
-    MaxViT and timm's Swin are converted and pruned (tests/test_vit_heads.py)."""
+    """timm's GCViT (its own window attention) is refused at once; torchvision's Swin and
+    MaxViT and timm's Swin / Swin-V2 / MaxViT are converted and pruned (tests/test_vit_heads.py)."""
     import time
     timm = pytest.importorskip("timm")
-    model = _Spy(timm.create_model("swinv2_tiny_window8_256", pretrained=False,
-                                   num_classes=4, img_size=64).eval())
+    model = _Spy(timm.create_model("gcvit_xxtiny", pretrained=False, num_classes=4,
+                                   img_size=64).eval())
     t0 = time.perf_counter()
     msg = _refused(model, _loader((3, 64, 64), n=8), "window-attention layers")
-    assert "Swin-V2" in msg and model.calls == 0
+    assert "WindowAttentionGlobal" in msg and model.calls == 0
     assert time.perf_counter() - t0 < 60        # was: hours inside Torch-Pruning's search
 
 

@@ -388,14 +388,6 @@ def test_timm_swin_prunes_heads_and_neurons_exactly(tmp_path, fused):
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
-def test_timm_swin_v2_is_refused_naming_the_layer():
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
-    m = SwinTransformerV2(img_size=16, patch_size=4, embed_dim=16, depths=(2,),
-                          num_heads=(2,), window_size=2, num_classes=5).eval()
-    with pytest.raises(fp.UnsupportedModelError, match=r"layers\.0\.blocks\.0\.attn.*Swin-V2"):
-        fp.score(m, _data(size=16), **OPTS)
-
-
 def test_timm_swin_costs_count_every_window():
     """Window attention folds its windows into the batch dim: qkv / proj run on every token of
     the image, and the cost model counts all of them (not one window's)."""
@@ -528,3 +520,41 @@ def test_timm_maxvit_prunes_heads_and_neurons_exactly(rel_pos, head_first):
     _assert_exact(pruned, ref, plan, x)
     with torch.no_grad():                      # the caller's model still gives its output
         torch.testing.assert_close(m(x), y0)
+
+
+def _timm_swin_v2(seed=0):
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    torch.manual_seed(seed)
+    m = SwinTransformerV2(img_size=16, patch_size=4, embed_dim=16, depths=(2, 2),
+                          num_heads=(2, 4), window_size=2, num_classes=5).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():      # zero q / v biases, post-norms: jitter everything
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def test_timm_swin_v2_converted_and_pruned_exactly():
+    from helpers import assert_same, snapshot
+    m = _timm_swin_v2()
+    conv = graph.convert_blocks(fp.engine.copy_model(m))
+    assert type(conv.layers[0].blocks[1].attn).__name__ == "TimmWindowAttentionV2"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), m(x), rtol=1e-5, atol=1e-5)
+    snap = snapshot(m)
+    with pytest.warns(UserWarning, match="residual width"):
+        book = fp.score(m, _data(size=16), **OPTS)
+    assert_same(m, snap)
+    heads = [g for g in book.groups if g.kind == "head"]
+    assert len(heads) == 4 and {g.size for g in heads} == {2, 4}
+    removed = {g.name: [0, g.size - 1][:g.size // 2] for g in heads}
+    for g in book.groups:
+        if g.kind != "head" and g.size > 2:
+            removed[g.name] = list(range(0, g.size, 3))
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    att = pruned.get_submodule(heads[-1].name)
+    assert att.num_heads == 2 and att.q_bias.shape[0] == att.k_bias.shape[0] == 2 * att.head_dim
+    assert att.logit_scale.shape[0] == 2 and att.cpb_mlp[-1].out_features == 2
+    _assert_exact(pruned, ref, plan, x)
