@@ -329,11 +329,14 @@ def _check_folds(model: nn.Module, producers: List[_Producer], probe: Dict[str, 
         return
     first = folded[0]
     x = first_tensor(inputs)
-    if x is None or x.shape[0] < 2:
+    if x is None or x.dim() < 2:
         raise CalibrationDataError(
             f"{first.where} folds {rows[first.probe_key]} rows per sample into the batch dim; "
-            "telling the samples' rows apart needs a first calibration batch of at least 2 "
-            "samples")
+            "telling the samples' rows apart needs batched tensor inputs")
+    if x.shape[0] < 2:          # a batch of one: the sample and its mirror image as the pair
+        inputs = map_tensors(inputs, lambda t: torch.cat([t[:1], t[:1].flip(-1)])
+                             if t.is_floating_point() and t.dim() >= 2 else t[:1].repeat(
+                                 2, *([1] * (t.dim() - 1))))
     seen: Dict[Tuple[int, int], Tensor] = {}
 
     def record(p: _Producer, n: int):
@@ -361,8 +364,9 @@ def _check_folds(model: nn.Module, producers: List[_Producer], probe: Dict[str, 
             if ok and torch.allclose(two[k:], one, rtol=1e-3, atol=atol):
                 raise CalibrationDataError(
                     f"{p.where} folds {k} rows per sample into the batch dim, and the first two "
-                    "calibration samples give the same rows there, so their order cannot be "
-                    "checked: start the calibration data with two different samples")
+                    "calibration samples (or, in a batch of one, the first and its mirror "
+                    "image) give the same rows there, so their order cannot be checked: start "
+                    "the calibration data with two different samples")
         if not ok:
             raise UnsupportedModelError(
                 f"{p.where} has {k} rows per sample, folded into the batch dim in an order "

@@ -466,9 +466,16 @@ def test_rows_folded_in_another_order_are_refused_naming_the_layer():
     with pytest.raises(fp.UnsupportedModelError, match=r"the output of fc1 has 4 rows per "
                        r"sample.*ignore=\['fc1'\]"):
         fp.score(_tokens("window"), data, ignore=["embed", "fc2"], **OPTS)
-    one = [(x[:1], y[:1]) for x, y in data]
-    with pytest.raises(fp.CalibrationDataError, match="at least 2 samples"):
-        fp.score(_tokens("sample"), one, ignore=["embed", "fc2"], **OPTS)
+    # batches of one sample: the check pairs the first sample with its mirror image
+    one = [(x[i:i + 1], y[i:i + 1]) for x, y in data for i in range(len(y))]
+    book = fp.score(_tokens("sample"), one, ignore=["embed", "fc2"], **OPTS)
+    ref = fp.score(_tokens(None), one, ignore=["embed", "fc2"], **OPTS)
+    torch.testing.assert_close(book.groups[0].u, ref.groups[0].u, rtol=1e-5, atol=1e-6)
+    with pytest.raises(fp.UnsupportedModelError, match="rows per sample"):
+        fp.score(_tokens("window"), one, ignore=["embed", "fc2"], **OPTS)
+    same = [(torch.ones(2, 3, 8, 8), torch.tensor([0, 1]))] + data
+    with pytest.raises(fp.CalibrationDataError, match="two different samples"):
+        fp.score(_tokens("sample"), same, ignore=["embed", "fc2"], **OPTS)
 
 
 # --------------------------------------------------------------------------------------------
