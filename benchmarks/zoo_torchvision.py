@@ -4,7 +4,7 @@ would hope (issue 12): pruned == masked, plan params / MACs == the pruned model'
     python benchmarks/zoo_torchvision.py                  # every classification model
     python benchmarks/zoo_torchvision.py -k resnet,regnet # names containing any of these
     python benchmarks/zoo_torchvision.py --json out.json
-    python benchmarks/zoo_torchvision.py --timm           # 69 timm models (timm==1.0.31)
+    python benchmarks/zoo_torchvision.py --timm           # 70 timm models (timm==1.0.31)
     python benchmarks/zoo_torchvision.py --budget --bn-from-data --json budget.json
                           # fp.score's defaults at 224x224: time and peak RSS vs fwd + bwd
 
@@ -37,7 +37,7 @@ SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "timm:levit_128s":
          "timm:efficientformer_l1": 224,
          "timm:swin_small_patch4_window7_224": 224, "timm:swinv2_tiny_window8_256": 256,
          "timm:maxvit_rmlp_pico_rw_256": 256, "timm:maxvit_tiny_tf_224": 224,
-         "timm:gcvit_xxtiny": 224}
+         "timm:gcvit_xxtiny": 224, "timm:coatnet_nano_rw_224": 224}
 
 # Diverse timm families (pretrained=False): residual, inverted residual, NAS, dense, grouped,
 # ghost, CSP, RepVGG-style, ConvNeXt (v1 / v2), transformers and hybrids.
@@ -65,7 +65,9 @@ TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_0
         # and timm MaxViT heads (graph.TimmAttentionCl: three position biases, both qkv layouts)
         "maxvit_tiny_rw_224", "maxvit_rmlp_pico_rw_256", "maxvit_tiny_tf_224",
         # a window attention still refused (GCViT's global query)
-        "gcvit_xxtiny"]
+        "gcvit_xxtiny",
+        # CoAtNet: NCHW attention with 1x1-conv q/k/v (graph.TimmAttention2d)
+        "coatnet_nano_rw_224"]
 
 BUILD = r'''
 import json, sys, time, warnings

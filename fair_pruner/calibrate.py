@@ -283,7 +283,8 @@ class _Heads(_Producer):
         return f"{self.name}.proj"          # rows: proj's output has its input's rows
 
     def features(self, probe) -> int:
-        tokens = probe["feature_shapes"][self.probe_key][:-1]
+        shape = probe["feature_shapes"][self.probe_key]
+        tokens = shape[1:] if self.unit_dim == 1 else shape[:-1]     # NCHW (CoAtNet) or NLC
         return int(math.prod(tokens)) * self.fold * self.head_dim
 
     def install(self, model: nn.Module, on_tensor):
@@ -295,11 +296,13 @@ class _Heads(_Producer):
     def to_units_last(self, z: Tensor) -> Tensor:
         """[B, H, N * head_dim]."""
         B = z.shape[0]
+        if self.unit_dim == 1:               # [B, H * head_dim, *positions]: heads first
+            return z.reshape(B, self.units, -1)
         zz = z.reshape(B, -1, self.units, self.head_dim).transpose(1, 2)
         return zz.reshape(B, self.units, -1)
 
     def accumulate(self, z: Tensor, g: Tensor, batch, bi: int) -> None:
-        st = ops.unit_stats(z, g, -1).double()            # [4, H * head_dim]
+        st = ops.unit_stats(z, g, self.unit_dim % z.dim()).double()   # [4, H * head_dim]
         self._add(st.reshape(4, self.units, self.head_dim).sum(-1), z, g, bi)
         self.positions += z.numel() // self.units     # a head's means: over tokens x features
 
@@ -308,11 +311,13 @@ class _Heads(_Producer):
         biases) and its proj columns."""
         H, hd = self.units, self.head_dim
         w = self.attn.qkv.weight.detach().float().cpu()
+        w = w.reshape(w.shape[0], -1)                # a 1x1 conv's [out, in, 1, 1] too
         if self.attn.qkv.bias is not None:
             w = torch.cat([w, self.attn.qkv.bias.detach().float().cpu()[:, None]], dim=1)
         qkv = (w.reshape(H, -1) if getattr(self.attn, "qkv_heads_first", False)
                else w.reshape(3, H, hd, -1).transpose(0, 1).reshape(H, -1))
         proj = self.attn.proj.weight.detach().float().cpu()          # [dim, H * hd]
+        proj = proj.reshape(proj.shape[0], -1)
         proj = proj.reshape(proj.shape[0], H, hd).transpose(0, 1).reshape(H, -1)
         return torch.cat([qkv, proj], dim=1), None
 

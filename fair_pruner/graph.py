@@ -339,10 +339,14 @@ def kept_residual(model: nn.Module) -> List[nn.Module]:
             out.extend(last_linear(m.mlp))
         elif where == _TIMM_SWIN_V2 and name == "PatchMerging":
             out.append(m.reduction)
-        elif type(m) is _TIMM_ATTENTION_CL:
+        elif isinstance(m, _TimmMaxxHeads):
             out.append(m.proj)
             if m.rel_pos is not None and hasattr(m.rel_pos, "mlp"):
                 out.extend(c for c in m.rel_pos.mlp.modules() if isinstance(c, nn.Linear))
+        elif where == _TIMM_MAXXVIT and name == "TransformerBlock2d":      # CoAtNet
+            out.extend([c for c in m.mlp.modules() if isinstance(c, nn.Conv2d)][-1:])
+            for part in (m.shortcut, m.norm1):
+                out.extend(c for c in part.modules() if isinstance(c, nn.Conv2d))
         elif where == _TIMM_MAXXVIT and name == "MaxxVit":
             out.extend([c for c in m.stem.modules() if isinstance(c, nn.Conv2d)][-1:])
         elif where == _TIMM_MAXXVIT and name == "MbConvBlock":
@@ -450,7 +454,6 @@ def _to_timm_window(m: nn.Module) -> None:
 
 
 _TIMM_MAXXVIT = "timm.models.maxxvit"
-_TIMM_ATTENTION_CL = None
 # timm's relative position biases: the attribute holding the head count / bias shape and the
 # per-head parameters ((module path, attribute, dim) below the rel_pos module)
 _TIMM_REL_POS = {"RelPosBias": (("", "relative_position_bias_table", 1),),
@@ -458,65 +461,93 @@ _TIMM_REL_POS = {"RelPosBias": (("", "relative_position_bias_table", 1),),
                  "RelPosMlp": (("mlp.fc2", "weight", 0), ("mlp.fc2", "bias", 0))}
 
 
+class _TimmMaxxHeads:
+    """What timm MaxViT / CoAtNet attention (``AttentionCl``, ``Attention2d``) needs beyond its
+    own forward, which reads ``num_heads`` and ``dim_head``: the attributes
+    :func:`head_attention` reads (``head_dim``, ``attn_dim``, no ``norm`` / ``gate``, set at
+    conversion), its q/k/v rows head-major where timm lays them out so (``head_first``: each
+    head's q, k and v rows together), and its relative position bias's per-head parameters,
+    whose stored head count and bias shape follow a pruning."""
+
+    @property
+    def qkv_heads_first(self) -> bool:
+        return bool(self.head_first)
+
+    def head_params(self):
+        if self.rel_pos is None:
+            return []
+        out = []
+        for path, attr, dim in _TIMM_REL_POS[type(self.rel_pos).__name__]:
+            owner = self.rel_pos.get_submodule(path) if path else self.rel_pos
+            if getattr(owner, attr, None) is not None:
+                out.append((owner, attr, dim))
+        return out
+
+    def heads_pruned(self) -> None:
+        self.dim_head = self.head_dim
+        rp = self.rel_pos
+        if rp is None:
+            return
+        if hasattr(rp, "num_heads"):
+            rp.num_heads = self.num_heads
+        shape = list(rp.bias_shape)
+        shape[0 if type(rp).__name__ == "RelPosBiasTf" else -1] = self.num_heads
+        rp.bias_shape = tuple(shape)
+
+
+_TIMM_MAXX_CLASSES: Dict[str, type] = {}      # "AttentionCl" / "Attention2d" -> our subclass
+
+
+def _timm_maxx_class(kind: str) -> type:
+    """``TimmAttentionCl`` (MaxViT's channels-last attention) or ``TimmAttention2d``
+    (CoAtNet's NCHW attention, 1x1 convs): timm's class with :class:`_TimmMaxxHeads`. Made on
+    first use; ``fair_pruner.graph.TimmAttentionCl`` / ``TimmAttention2d`` resolve them
+    (pickling)."""
+    if kind not in _TIMM_MAXX_CLASSES:
+        from timm.models import maxxvit
+        cls = type(f"Timm{kind}", (_TimmMaxxHeads, getattr(maxxvit, kind)), {})
+        cls.__module__, cls.__qualname__ = __name__, f"Timm{kind}"
+        _TIMM_MAXX_CLASSES[kind] = cls
+    return _TIMM_MAXX_CLASSES[kind]
+
+
 def _timm_attention_cl_class():
-    """``TimmAttentionCl``: timm MaxViT's channels-last ``AttentionCl`` (same forward, which
-    reads ``num_heads`` and ``dim_head``) with the attributes :func:`head_attention` reads
-    (``head_dim``, ``attn_dim``, no ``norm`` / ``gate``), its q/k/v rows head-major where timm
-    lays them out so (``head_first``: each head's q, k and v rows together), and its relative
-    position bias's per-head parameters, whose stored head count and bias shape follow a pruning.
-    Made on first use; ``fair_pruner.graph.TimmAttentionCl`` resolves it (pickling)."""
-    global _TIMM_ATTENTION_CL
-    if _TIMM_ATTENTION_CL is None:
-        from timm.models.maxxvit import AttentionCl as _Timm
+    return _timm_maxx_class("AttentionCl")
 
-        class TimmAttentionCl(_Timm):
-            @property
-            def qkv_heads_first(self) -> bool:
-                return bool(self.head_first)
 
-            def head_params(self):
-                if self.rel_pos is None:
-                    return []
-                out = []
-                for path, attr, dim in _TIMM_REL_POS[type(self.rel_pos).__name__]:
-                    owner = self.rel_pos.get_submodule(path) if path else self.rel_pos
-                    if getattr(owner, attr, None) is not None:
-                        out.append((owner, attr, dim))
-                return out
+def _pointwise(m: Any) -> bool:
+    """A Linear, or a Conv2d that is one (1x1 kernel, stride 1, no padding, one group)."""
+    if isinstance(m, nn.Linear):
+        return True
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
+            and m.padding in ((0, 0), "valid") and m.dilation == (1, 1) and m.groups == 1)
 
-            def heads_pruned(self) -> None:
-                self.dim_head = self.head_dim
-                rp = self.rel_pos
-                if rp is None:
-                    return
-                if hasattr(rp, "num_heads"):
-                    rp.num_heads = self.num_heads
-                shape = list(rp.bias_shape)
-                shape[0 if type(rp).__name__ == "RelPosBiasTf" else -1] = self.num_heads
-                rp.bias_shape = tuple(shape)
-        TimmAttentionCl.__module__ = __name__
-        TimmAttentionCl.__qualname__ = "TimmAttentionCl"
-        _TIMM_ATTENTION_CL = TimmAttentionCl
-    return _TIMM_ATTENTION_CL
+
+def _width(m: nn.Module, out: bool) -> int:
+    if isinstance(m, nn.Linear):
+        return m.out_features if out else m.in_features
+    return m.out_channels if out else m.in_channels
 
 
 def _timm_attention_cl(m: nn.Module) -> bool:
-    """timm MaxViT's AttentionCl with its heads laid out as its forward reads them and a
-    relative position bias fair_pruner knows (or none)."""
+    """timm MaxViT's AttentionCl / CoAtNet's Attention2d with its heads laid out as its forward
+    reads them and a relative position bias fair_pruner knows (or none)."""
     cls = type(m)
-    if not (cls.__module__ == _TIMM_MAXXVIT and cls.__name__ == "AttentionCl"):
+    if not (cls.__module__ == _TIMM_MAXXVIT and cls.__name__ in ("AttentionCl", "Attention2d")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
     H, hd = getattr(m, "num_heads", 0), getattr(m, "dim_head", 0)
     rp = getattr(m, "rel_pos", None)
-    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H >= 1 and hd >= 1
-            and qkv.out_features == 3 * H * hd and proj.in_features == H * hd
+    layer = nn.Linear if cls.__name__ == "AttentionCl" else nn.Conv2d
+    return (isinstance(qkv, layer) and isinstance(proj, layer) and _pointwise(qkv)
+            and _pointwise(proj) and H >= 1 and hd >= 1
+            and _width(qkv, True) == 3 * H * hd and _width(proj, False) == H * hd
             and (rp is None or type(rp).__name__ in _TIMM_REL_POS)
             and getattr(rp, "prefix_tokens", 0) == 0)
 
 
 def _to_timm_attention_cl(m: nn.Module) -> None:
-    m.__class__ = _timm_attention_cl_class()
+    m.__class__ = _timm_maxx_class(type(m).__name__)
     m.head_dim, m.attn_dim = m.dim_head, m.num_heads * m.dim_head
     m.norm, m.gate = nn.Identity(), None
 
@@ -604,8 +635,8 @@ def __getattr__(name: str):
         return _shuffle_block_class()
     if name == "TimmWindowAttention":
         return _timm_window_class()
-    if name == "TimmAttentionCl":
-        return _timm_attention_cl_class()
+    if name in ("TimmAttentionCl", "TimmAttention2d"):
+        return _timm_maxx_class(name[4:])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -703,16 +734,16 @@ def head_attention(m: nn.Module) -> bool:
     cls = type(m)
     if not (isinstance(m, (SelfAttention, WindowAttention, PartitionAttention))
             or (_TIMM_WINDOW_CLASS is not None and cls is _TIMM_WINDOW_CLASS)
-            or (_TIMM_ATTENTION_CL is not None and cls is _TIMM_ATTENTION_CL)
+            or isinstance(m, _TimmMaxxHeads)
             or (_TIMM_WINDOW_V2_CLASS is not None and cls is _TIMM_WINDOW_V2_CLASS)
             or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
     H, hd = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
-    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+    return (_pointwise(qkv) and _pointwise(proj) and type(qkv) is type(proj)
             and isinstance(H, int) and isinstance(hd, int) and H >= 1
             and getattr(m, "attn_dim", None) == H * hd
-            and qkv.out_features == 3 * H * hd and proj.in_features == H * hd
+            and _width(qkv, True) == 3 * H * hd and _width(proj, False) == H * hd
             and isinstance(getattr(m, "norm", None), nn.Identity)
             and getattr(m, "gate", "absent") is None)
 
@@ -762,6 +793,8 @@ def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
             requires_grad=p.requires_grad))
         if isinstance(owner, nn.Linear) and attr == "weight":
             setattr(owner, "out_features" if dim == 0 else "in_features", idx[layout].numel())
+        elif isinstance(owner, nn.Conv2d) and attr == "weight":
+            setattr(owner, "out_channels" if dim == 0 else "in_channels", idx[layout].numel())
     m.num_heads, m.attn_dim = len(keep), len(keep) * hd
     if hasattr(m, "heads_pruned"):       # sizes the module stores besides num_heads
         m.heads_pruned()

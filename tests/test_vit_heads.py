@@ -565,3 +565,49 @@ def test_timm_swin_v2_converted_and_pruned_exactly():
     assert att.num_heads == 2 and att.q_bias.shape[0] == att.k_bias.shape[0] == 2 * att.head_dim
     assert att.logit_scale.shape[0] == 2 and att.cpb_mlp[-1].out_features == 2
     _assert_exact(pruned, ref, plan, x)
+
+
+def _timm_coatnet(head_first: bool, seed=0):
+    from timm.models import maxxvit as mx
+    torch.manual_seed(seed)
+    cfg = mx.MaxxVitCfg(embed_dim=(16, 32), depths=(1, 2), block_type=("C", "T"), stem_width=8,
+                        transformer_cfg=mx.MaxxVitTransformerCfg(
+                            dim_head=8, head_first=head_first, rel_pos_type="bias"))
+    m = mx.MaxxVit(cfg, img_size=32, num_classes=5).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    from helpers import randomize_bn
+    return randomize_bn(m)
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+def test_timm_coatnet_conv_attention_heads_pruned_exactly(head_first):
+    """CoAtNet's NCHW attention (q/k/v and the output projection are 1x1 convs): heads are
+    units as for the Linear attentions (graph.TimmAttention2d), the residual width kept whole."""
+    from helpers import assert_same, snapshot
+    m = _timm_coatnet(head_first)
+    snap = snapshot(m)
+    x = torch.randn(3, 3, 32, 32)
+    with pytest.warns(UserWarning, match="residual width"):
+        book = fp.score(m, _data(size=32), **OPTS)
+    assert_same(m, snap)
+    heads = [g for g in book.groups if g.kind == "head"]
+    assert len(heads) == 2 and {g.size for g in heads} == {4}
+    assert all(float(g.u.abs().max()) > 0 for g in heads)
+    removed = {heads[0].name: [1], heads[1].name: [0, 3]}
+    for g in book.groups:
+        if g.kind != "head" and g.size > 2:
+            removed[g.name] = list(range(0, g.size, 3))
+    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    att = pruned.get_submodule(heads[1].name)
+    assert type(att).__name__ == "TimmAttention2d" and att.num_heads == 2
+    assert att.qkv.out_channels == 3 * 8 * 2 and att.proj.in_channels == 16
+    assert att.rel_pos.relative_position_bias_table.shape[1] == 2
+    _assert_exact(pruned, ref, plan, x)
+    for mod in list(pruned.modules()) + list(ref.modules()):
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = not mod.fused_attn               # timm's other attention path
+    _assert_exact(pruned, ref, plan, x)
