@@ -322,23 +322,17 @@ def kept_residual(model: nn.Module) -> List[nn.Module]:
             out.extend(last_linear(m.mlp))
         elif where == _TV_SWIN and name in ("PatchMerging", "PatchMergingV2"):
             out.append(m.reduction)
-        elif type(m) is _TIMM_WINDOW_CLASS:
+        elif isinstance(m, (_TimmWindowHeads, _TimmWindowV2Heads)):       # timm Swin (V2)
             out.append(m.proj)
-        elif where == _TIMM_SWIN and name == "SwinTransformer":
-            out.extend([c for c in m.patch_embed.modules() if isinstance(c, nn.Conv2d)][:1])
-        elif where == _TIMM_SWIN and name == "SwinTransformerBlock":
-            out.extend(last_linear(m.mlp))
-        elif where == _TIMM_SWIN and name == "PatchMerging":
-            out.append(m.reduction)
-        elif type(m) is _TIMM_WINDOW_V2_CLASS:
-            out.append(m.proj)
-            out.extend(c for c in m.cpb_mlp.modules() if isinstance(c, nn.Linear))
-        elif where == _TIMM_SWIN_V2 and name == "SwinTransformerV2":
-            out.extend([c for c in m.patch_embed.modules() if isinstance(c, nn.Conv2d)][:1])
-        elif where == _TIMM_SWIN_V2 and name == "SwinTransformerV2Block":
-            out.extend(last_linear(m.mlp))
-        elif where == _TIMM_SWIN_V2 and name == "PatchMerging":
-            out.append(m.reduction)
+            if hasattr(m, "cpb_mlp"):
+                out.extend(c for c in m.cpb_mlp.modules() if isinstance(c, nn.Linear))
+        elif where in (_TIMM_SWIN, _TIMM_SWIN_V2):
+            if name in ("SwinTransformer", "SwinTransformerV2"):
+                out.extend([c for c in m.patch_embed.modules() if isinstance(c, nn.Conv2d)][:1])
+            elif name in ("SwinTransformerBlock", "SwinTransformerV2Block"):
+                out.extend(last_linear(m.mlp))
+            elif name == "PatchMerging":
+                out.append(m.reduction)
         elif isinstance(m, _TimmMaxxHeads):
             out.append(m.proj)
             if m.rel_pos is not None and hasattr(m.rel_pos, "mlp"):
@@ -411,63 +405,77 @@ def _shuffle_block_class():
     return _SHUFFLE_CLASS
 
 
+# timm attention fair_pruner prunes by head after a class swap (same module, same weights): a
+# subclass of timm's class with the mixin below holding what the head machinery reads.
 _TIMM_SWIN = "timm.models.swin_transformer"
-_TIMM_WINDOW_CLASS = None
-
-
-def _timm_window_class():
-    """``TimmWindowAttention``: timm Swin's ``WindowAttention`` (same forward, which reads the
-    head count from ``num_heads`` and the head width from ``qkv``'s rows) with the attributes
-    :func:`head_attention` reads: ``head_dim``, ``attn_dim``, ``norm`` / ``gate`` (none) and its
-    per-head parameter, the relative position bias table's columns. Made on first use (timm is
-    optional); ``fair_pruner.graph.TimmWindowAttention`` resolves it, so a pruned model pickles."""
-    global _TIMM_WINDOW_CLASS
-    if _TIMM_WINDOW_CLASS is None:
-        from timm.models.swin_transformer import WindowAttention as _Timm
-
-        class TimmWindowAttention(_Timm):
-            def head_params(self):
-                return [(self, "relative_position_bias_table", 1)]
-        TimmWindowAttention.__module__ = __name__
-        TimmWindowAttention.__qualname__ = "TimmWindowAttention"
-        _TIMM_WINDOW_CLASS = TimmWindowAttention
-    return _TIMM_WINDOW_CLASS
-
-
-def _timm_window_attention(m: nn.Module) -> bool:
-    """timm Swin (V1) window attention whose q/k/v rows split evenly into its heads."""
-    cls = type(m)
-    if not (cls.__module__ == _TIMM_SWIN and cls.__name__ == "WindowAttention"):
-        return False
-    qkv, proj, H = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", 0)
-    table = getattr(m, "relative_position_bias_table", None)
-    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H >= 1
-            and qkv.out_features % (3 * H) == 0 and proj.in_features * 3 == qkv.out_features
-            and isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == H)
-
-
-def _to_timm_window(m: nn.Module) -> None:
-    m.__class__ = _timm_window_class()
-    m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-    m.attn_dim = m.num_heads * m.head_dim
-    m.norm, m.gate = nn.Identity(), None
-
-
+_TIMM_SWIN_V2 = "timm.models.swin_transformer_v2"
 _TIMM_MAXXVIT = "timm.models.maxxvit"
-# timm's relative position biases: the attribute holding the head count / bias shape and the
-# per-head parameters ((module path, attribute, dim) below the rel_pos module)
+# timm's relative position biases: the per-head parameters ((module path, attribute, dim)
+# below the rel_pos module)
 _TIMM_REL_POS = {"RelPosBias": (("", "relative_position_bias_table", 1),),
                  "RelPosBiasTf": (("", "relative_position_bias_table", 0),),
                  "RelPosMlp": (("mlp.fc2", "weight", 0), ("mlp.fc2", "bias", 0))}
 
 
-class _TimmMaxxHeads:
-    """What timm MaxViT / CoAtNet attention (``AttentionCl``, ``Attention2d``) needs beyond its
-    own forward, which reads ``num_heads`` and ``dim_head``: the attributes
-    :func:`head_attention` reads (``head_dim``, ``attn_dim``, no ``norm`` / ``gate``, set at
-    conversion), its q/k/v rows head-major where timm lays them out so (``head_first``: each
-    head's q, k and v rows together), and its relative position bias's per-head parameters,
-    whose stored head count and bias shape follow a pruning."""
+class _TimmHeads:
+    """Base of the class-swapped timm attentions. The attributes :func:`head_attention` reads
+    (``head_dim``, ``attn_dim``, no ``norm`` / ``gate``) are set by :func:`_swap_timm`."""
+
+
+class _TimmWindowHeads(_TimmHeads):
+    """timm Swin's ``WindowAttention`` (V1): its forward reads the head count from
+    ``num_heads`` and the head width from ``qkv``'s rows, so only its per-head parameter is
+    added: the relative position bias table's columns."""
+
+    def head_params(self):
+        return [(self, "relative_position_bias_table", 1)]
+
+
+class _TimmWindowV2Heads(_TimmHeads):
+    """timm Swin-V2's ``WindowAttention`` with the same numbers, but its head outputs reshaped
+    to their own width (timm reshapes them to the input width, which a pruned head count
+    breaks) and its q/k/v bias added after ``qkv`` is called as a module (timm's ``F.linear``
+    on its weight hides it from hooks and MAC counts). Per-head parameters: ``logit_scale``,
+    the rows of the position-bias MLP's last Linear, and the head's slices of ``q_bias`` /
+    ``v_bias`` (``k_bias`` is a zero buffer, remade at the new width)."""
+
+    def head_params(self):
+        out = [(self, "logit_scale", 0), (self.cpb_mlp[-1], "weight", 0)]
+        if self.q_bias is not None:
+            out += [(self, "q_bias", 0, "features"), (self, "v_bias", 0, "features")]
+        return out
+
+    def heads_pruned(self) -> None:
+        if self.q_bias is not None:
+            self.register_buffer("k_bias", torch.zeros_like(self.q_bias.detach()),
+                                 persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B * windows, N, dim], mask [windows, N, N] or None -> [B * windows, N, dim]."""
+        B_, N, _ = x.shape
+        qkv = self.qkv(x)
+        if self.q_bias is not None:
+            qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        area = self.window_size[0] * self.window_size[1]
+        bias = table[self.relative_position_index.view(-1)].view(area, area, -1)
+        attn = attn + 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous()).unsqueeze(0)
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = (attn.view(-1, num_win, self.num_heads, N, N)
+                    + mask.unsqueeze(1).unsqueeze(0)).view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B_, N, -1)))
+
+
+class _TimmMaxxHeads(_TimmHeads):
+    """timm MaxViT's ``AttentionCl`` / CoAtNet's ``Attention2d`` (their forward reads
+    ``num_heads`` and ``dim_head``): q/k/v rows head-major where timm lays them out so
+    (``head_first``: each head's q, k and v rows together), and the relative position bias's
+    per-head parameters, whose stored head count and bias shape follow a pruning."""
 
     @property
     def qkv_heads_first(self) -> bool:
@@ -495,24 +503,26 @@ class _TimmMaxxHeads:
         rp.bias_shape = tuple(shape)
 
 
-_TIMM_MAXX_CLASSES: Dict[str, type] = {}      # "AttentionCl" / "Attention2d" -> our subclass
+# our class name -> (timm module, timm class, mixin)
+_TIMM_SWAPS = {
+    "TimmWindowAttention": (_TIMM_SWIN, "WindowAttention", _TimmWindowHeads),
+    "TimmWindowAttentionV2": (_TIMM_SWIN_V2, "WindowAttention", _TimmWindowV2Heads),
+    "TimmAttentionCl": (_TIMM_MAXXVIT, "AttentionCl", _TimmMaxxHeads),
+    "TimmAttention2d": (_TIMM_MAXXVIT, "Attention2d", _TimmMaxxHeads),
+}
+_TIMM_CLASSES: Dict[str, type] = {}
 
 
-def _timm_maxx_class(kind: str) -> type:
-    """``TimmAttentionCl`` (MaxViT's channels-last attention) or ``TimmAttention2d``
-    (CoAtNet's NCHW attention, 1x1 convs): timm's class with :class:`_TimmMaxxHeads`. Made on
-    first use; ``fair_pruner.graph.TimmAttentionCl`` / ``TimmAttention2d`` resolve them
-    (pickling)."""
-    if kind not in _TIMM_MAXX_CLASSES:
-        from timm.models import maxxvit
-        cls = type(f"Timm{kind}", (_TimmMaxxHeads, getattr(maxxvit, kind)), {})
-        cls.__module__, cls.__qualname__ = __name__, f"Timm{kind}"
-        _TIMM_MAXX_CLASSES[kind] = cls
-    return _TIMM_MAXX_CLASSES[kind]
-
-
-def _timm_attention_cl_class():
-    return _timm_maxx_class("AttentionCl")
+def _timm_class(name: str) -> type:
+    """Our subclass ``name`` of the timm class in :data:`_TIMM_SWAPS`, made on first use (timm is
+    optional); ``fair_pruner.graph.<name>`` resolves it, so a pruned model pickles."""
+    if name not in _TIMM_CLASSES:
+        import importlib
+        where, base, mixin = _TIMM_SWAPS[name]
+        cls = type(name, (mixin, getattr(importlib.import_module(where), base)), {})
+        cls.__module__, cls.__qualname__ = __name__, name
+        _TIMM_CLASSES[name] = cls
+    return _TIMM_CLASSES[name]
 
 
 def _pointwise(m: Any) -> bool:
@@ -529,114 +539,51 @@ def _width(m: nn.Module, out: bool) -> int:
     return m.out_channels if out else m.in_channels
 
 
-def _timm_attention_cl(m: nn.Module) -> bool:
-    """timm MaxViT's AttentionCl / CoAtNet's Attention2d with its heads laid out as its forward
-    reads them and a relative position bias fair_pruner knows (or none)."""
+def _timm_swap(m: nn.Module) -> Optional[str]:
+    """The name of our class for timm attention ``m`` whose heads fair_pruner removes exactly
+    (q/k/v rows that split evenly into heads, per-head parameters it knows), else None."""
     cls = type(m)
-    if not (cls.__module__ == _TIMM_MAXXVIT and cls.__name__ in ("AttentionCl", "Attention2d")):
-        return False
+    where, base = cls.__module__, cls.__name__
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-    H, hd = getattr(m, "num_heads", 0), getattr(m, "dim_head", 0)
-    rp = getattr(m, "rel_pos", None)
-    layer = nn.Linear if cls.__name__ == "AttentionCl" else nn.Conv2d
-    return (isinstance(qkv, layer) and isinstance(proj, layer) and _pointwise(qkv)
-            and _pointwise(proj) and H >= 1 and hd >= 1
-            and _width(qkv, True) == 3 * H * hd and _width(proj, False) == H * hd
-            and (rp is None or type(rp).__name__ in _TIMM_REL_POS)
-            and getattr(rp, "prefix_tokens", 0) == 0)
+    H = getattr(m, "num_heads", 0)
+    if not (isinstance(H, int) and H >= 1 and _pointwise(qkv) and _pointwise(proj)
+            and type(qkv) is type(proj) and _width(qkv, True) == 3 * _width(proj, False)
+            and _width(qkv, True) % (3 * H) == 0):
+        return None
+    if where in (_TIMM_SWIN, _TIMM_SWIN_V2) and base == "WindowAttention":
+        if not isinstance(qkv, nn.Linear):
+            return None
+        if where == _TIMM_SWIN:
+            table = getattr(m, "relative_position_bias_table", None)
+            ok = isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == H
+            return "TimmWindowAttention" if ok else None
+        mlp, ls = getattr(m, "cpb_mlp", None), getattr(m, "logit_scale", None)
+        ok = (qkv.bias is None and isinstance(mlp, nn.Sequential)
+              and isinstance(mlp[-1], nn.Linear) and mlp[-1].out_features == H
+              and mlp[-1].bias is None and isinstance(ls, torch.Tensor) and ls.shape[0] == H)
+        return "TimmWindowAttentionV2" if ok else None
+    if where == _TIMM_MAXXVIT and base in ("AttentionCl", "Attention2d"):
+        rp = getattr(m, "rel_pos", None)
+        layer = nn.Linear if base == "AttentionCl" else nn.Conv2d
+        ok = (isinstance(qkv, layer) and _width(qkv, True) == 3 * H * getattr(m, "dim_head", 0)
+              and (rp is None or type(rp).__name__ in _TIMM_REL_POS)
+              and getattr(rp, "prefix_tokens", 0) == 0)
+        return f"Timm{base}" if ok else None
+    return None
 
 
-def _to_timm_attention_cl(m: nn.Module) -> None:
-    m.__class__ = _timm_maxx_class(type(m).__name__)
-    m.head_dim, m.attn_dim = m.dim_head, m.num_heads * m.dim_head
-    m.norm, m.gate = nn.Identity(), None
-
-
-_TIMM_SWIN_V2 = "timm.models.swin_transformer_v2"
-_TIMM_WINDOW_V2_CLASS = None
-
-
-def _timm_window_v2_class():
-    """``TimmWindowAttentionV2``: timm Swin-V2's ``WindowAttention`` with the same numbers but
-    its head outputs reshaped to their own width (timm reshapes them to the input width, which
-    a pruned head count breaks) and its q/k/v bias added after ``qkv`` is called as a module
-    (timm's ``F.linear`` on its weight hides it from hooks and MAC counts). Per-head parameters:
-    ``logit_scale``, the rows of the position-bias MLP's last Linear, and the head's slices of
-    ``q_bias`` / ``v_bias`` (``k_bias`` is a zero buffer, remade at the new width)."""
-    global _TIMM_WINDOW_V2_CLASS
-    if _TIMM_WINDOW_V2_CLASS is None:
-        from timm.models.swin_transformer_v2 import WindowAttention as _Timm
-
-        class TimmWindowAttentionV2(_Timm):
-            def head_params(self):
-                out = [(self, "logit_scale", 0), (self.cpb_mlp[-1], "weight", 0)]
-                if self.q_bias is not None:
-                    out += [(self, "q_bias", 0, "features"), (self, "v_bias", 0, "features")]
-                return out
-
-            def heads_pruned(self) -> None:
-                if self.q_bias is not None:
-                    self.register_buffer("k_bias", torch.zeros_like(self.q_bias.detach()),
-                                         persistent=False)
-
-            def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
-                B_, N, _ = x.shape
-                qkv = self.qkv(x)
-                if self.q_bias is not None:
-                    qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                qkv = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-                q, k, v = qkv.unbind(0)
-                attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-                attn = attn * torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
-                table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-                area = self.window_size[0] * self.window_size[1]
-                bias = table[self.relative_position_index.view(-1)].view(area, area, -1)
-                attn = attn + 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous()).unsqueeze(0)
-                if mask is not None:
-                    num_win = mask.shape[0]
-                    attn = attn.view(-1, num_win, self.num_heads, N, N) + \
-                        mask.unsqueeze(1).unsqueeze(0)
-                    attn = attn.view(-1, self.num_heads, N, N)
-                attn = self.attn_drop(self.softmax(attn))
-                x = (attn @ v).transpose(1, 2).reshape(B_, N, -1)
-                return self.proj_drop(self.proj(x))
-        TimmWindowAttentionV2.__module__ = __name__
-        TimmWindowAttentionV2.__qualname__ = "TimmWindowAttentionV2"
-        _TIMM_WINDOW_V2_CLASS = TimmWindowAttentionV2
-    return _TIMM_WINDOW_V2_CLASS
-
-
-def _timm_window_v2_attention(m: nn.Module) -> bool:
-    """timm Swin-V2 window attention whose q/k/v rows split evenly into its heads."""
-    cls = type(m)
-    if not (cls.__module__ == _TIMM_SWIN_V2 and cls.__name__ == "WindowAttention"):
-        return False
-    qkv, proj, H = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", 0)
-    mlp, ls = getattr(m, "cpb_mlp", None), getattr(m, "logit_scale", None)
-    return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H >= 1
-            and qkv.bias is None and qkv.out_features % (3 * H) == 0
-            and proj.in_features * 3 == qkv.out_features
-            and isinstance(mlp, nn.Sequential) and isinstance(mlp[-1], nn.Linear)
-            and mlp[-1].out_features == H and mlp[-1].bias is None
-            and isinstance(ls, torch.Tensor) and ls.shape[0] == H)
-
-
-def _to_timm_window_v2(m: nn.Module) -> None:
-    m.__class__ = _timm_window_v2_class()
-    m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+def _swap_timm(m: nn.Module, name: str) -> None:
+    m.__class__ = _timm_class(name)
+    m.head_dim = _width(m.qkv, True) // (3 * m.num_heads)
     m.attn_dim = m.num_heads * m.head_dim
     m.norm, m.gate = nn.Identity(), None
 
 
 def __getattr__(name: str):
-    if name == "TimmWindowAttentionV2":
-        return _timm_window_v2_class()
     if name == "ShuffleResidual":
         return _shuffle_block_class()
-    if name == "TimmWindowAttention":
-        return _timm_window_class()
-    if name in ("TimmAttentionCl", "TimmAttention2d"):
-        return _timm_maxx_class(name[4:])
+    if name in _TIMM_SWAPS:
+        return _timm_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -659,8 +606,7 @@ def _replacement(parent: nn.Module, attr: str, m: nn.Module):
 
 def needs_conversion(model: nn.Module) -> bool:
     """Whether :func:`convert_blocks` would change ``model``."""
-    return any(_tv_shuffle_block(m) or _timm_window_attention(m) or _timm_attention_cl(m)
-               or _timm_window_v2_attention(m) for m in model.modules()) or any(
+    return any(_tv_shuffle_block(m) or _timm_swap(m) for m in model.modules()) or any(
         _replacement(parent, attr, m) is not None
         for parent in model.modules() for attr, m in parent.named_children())
 
@@ -681,12 +627,8 @@ def convert_blocks(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if _tv_shuffle_block(m):
             m.__class__ = _shuffle_block_class()
-        elif _timm_window_attention(m):
-            _to_timm_window(m)
-        elif _timm_attention_cl(m):
-            _to_timm_attention_cl(m)
-        elif _timm_window_v2_attention(m):
-            _to_timm_window_v2(m)
+        elif _timm_swap(m):
+            _swap_timm(m, _timm_swap(m))
     return model
 
 
@@ -733,9 +675,7 @@ def head_attention(m: nn.Module) -> bool:
     (``head_params()``)."""
     cls = type(m)
     if not (isinstance(m, (SelfAttention, WindowAttention, PartitionAttention))
-            or (_TIMM_WINDOW_CLASS is not None and cls is _TIMM_WINDOW_CLASS)
-            or isinstance(m, _TimmMaxxHeads)
-            or (_TIMM_WINDOW_V2_CLASS is not None and cls is _TIMM_WINDOW_V2_CLASS)
+            or isinstance(m, _TimmHeads)
             or (cls.__module__ in _TIMM_ATTENTION and cls.__name__ == "Attention")):
         return False
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)

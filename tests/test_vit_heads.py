@@ -21,10 +21,7 @@ def _vit(seed=0, **kw):
                 num_classes=5, qkv_bias=True)
     opts.update(kw)
     m = timm.models.vision_transformer.VisionTransformer(**opts).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)
     return m
 
 
@@ -36,6 +33,25 @@ def _data(n=30, classes=5, seed=2, size=24):
 
 
 OPTS = dict(samples_per_class=4, projections=8, progress=False)
+
+
+def _heads_and_every_third_unit(book):
+    """A plan removing the first (and, of 4 or more, the last) head of every head group and
+    every third unit of the other groups larger than 2."""
+    removed = {g.name: [0, g.size - 1][:g.size // 2] for g in book.groups if g.kind == "head"}
+    for g in book.groups:
+        if g.kind != "head" and g.size > 2:
+            removed[g.name] = list(range(0, g.size, 3))
+    return _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+
+
+def _jitter(m, seed):
+    """Add N(0, 0.2) noise to every parameter, in place: zero-initialised heads, biases and
+    tables and tiny layer scales would let an inexact removal pass unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def _assert_exact(pruned, ref, plan, x):
@@ -170,10 +186,7 @@ def _tv_vit(seed=0):
     torch.manual_seed(seed)
     m = tv.models.VisionTransformer(image_size=24, patch_size=8, num_layers=2, num_heads=4,
                                     hidden_dim=32, mlp_dim=48, num_classes=5).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():          # its classifier is zero-initialised: every output would be 0
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)  # its classifier is zero-initialised: every output would be 0
     return m
 
 
@@ -253,10 +266,7 @@ def _tv_swin(v2: bool, seed=0):
     kw = dict(block=sw.SwinTransformerBlockV2, downsample_layer=sw.PatchMergingV2) if v2 else {}
     m = sw.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                            window_size=[2, 2], num_classes=5, **kw).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():      # zero biases, a zero-init bias table: jitter everything
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)  # zero biases, a zero-init bias table: jitter everything
     return m
 
 
@@ -303,10 +313,7 @@ def _tv_maxvit(seed=0):
     m = tv.models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2,
                          block_channels=[16, 32], block_layers=[1, 1], head_dim=8,
                          stochastic_depth_prob=0.0, num_classes=5).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)
     from helpers import randomize_bn
     return randomize_bn(m)
 
@@ -339,10 +346,7 @@ def _timm_swin(seed=0):
     torch.manual_seed(seed)
     m = SwinTransformer(img_size=16, patch_size=4, embed_dim=16, depths=(2, 2),
                         num_heads=(2, 4), window_size=2, num_classes=5).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():      # zero biases, a near-zero bias table: jitter everything
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)  # zero biases, a near-zero bias table: jitter everything
     return m
 
 
@@ -439,10 +443,7 @@ class _Tokens(nn.Module):
 def _tokens(fold):
     torch.manual_seed(0)
     m = _Tokens(fold).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, 1)
     return m
 
 
@@ -491,10 +492,7 @@ def _timm_maxvit(rel_pos: str, head_first: bool, seed=0):
                             dim_head=8, head_first=head_first, rel_pos_type=rel_pos,
                             rel_pos_dim=16, window_size=(2, 2), grid_size=(2, 2)))
     m = mx.MaxxVit(cfg, img_size=32, num_classes=5).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():      # layer scales of 1e-6, zero biases: jitter everything
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)  # layer scales of 1e-6, zero biases: jitter everything
     from helpers import randomize_bn
     return randomize_bn(m)
 
@@ -513,11 +511,7 @@ def test_timm_maxvit_prunes_heads_and_neurons_exactly(rel_pos, head_first):
     assert_same(m, snap)
     heads = [g for g in book.groups if g.kind == "head"]
     assert len(heads) == 4 and {g.size for g in heads} == {2, 4}   # block + grid, 2 stages
-    removed = {g.name: [0, g.size - 1][:g.size // 2] for g in heads}
-    for g in book.groups:
-        if g.kind != "head" and g.size > 2:
-            removed[g.name] = list(range(0, g.size, 3))
-    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    plan = _heads_and_every_third_unit(book)
     pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
     att = pruned.get_submodule(heads[-1].name)
     assert type(att).__name__ == "TimmAttentionCl" and att.num_heads == heads[-1].size - 2
@@ -534,10 +528,7 @@ def _timm_swin_v2(seed=0):
     torch.manual_seed(seed)
     m = SwinTransformerV2(img_size=16, patch_size=4, embed_dim=16, depths=(2, 2),
                           num_heads=(2, 4), window_size=2, num_classes=5).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():      # zero q / v biases, post-norms: jitter everything
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)  # zero q / v biases, post-norms: jitter everything
     return m
 
 
@@ -555,11 +546,7 @@ def test_timm_swin_v2_converted_and_pruned_exactly():
     assert_same(m, snap)
     heads = [g for g in book.groups if g.kind == "head"]
     assert len(heads) == 4 and {g.size for g in heads} == {2, 4}
-    removed = {g.name: [0, g.size - 1][:g.size // 2] for g in heads}
-    for g in book.groups:
-        if g.kind != "head" and g.size > 2:
-            removed[g.name] = list(range(0, g.size, 3))
-    plan = _make_plan(book, removed, meta={}, alpha=None, strategy="manual")
+    plan = _heads_and_every_third_unit(book)
     pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
     att = pruned.get_submodule(heads[-1].name)
     assert att.num_heads == 2 and att.q_bias.shape[0] == att.k_bias.shape[0] == 2 * att.head_dim
@@ -574,10 +561,7 @@ def _timm_coatnet(head_first: bool, seed=0):
                         transformer_cfg=mx.MaxxVitTransformerCfg(
                             dim_head=8, head_first=head_first, rel_pos_type="bias"))
     m = mx.MaxxVit(cfg, img_size=32, num_classes=5).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _jitter(m, seed + 1)
     from helpers import randomize_bn
     return randomize_bn(m)
 
