@@ -572,6 +572,21 @@ def _timm_swap(m: nn.Module) -> Optional[str]:
     return None
 
 
+def restore_timm_classes(model: nn.Module) -> nn.Module:
+    """Give every class-swapped timm attention of ``model`` its timm class back where timm's
+    own forward serves the pruned heads (Swin V1, MaxViT, CoAtNet: they read ``num_heads``), so
+    that a pruned model pickles and loads with timm alone; Swin-V2 keeps
+    ``TimmWindowAttentionV2`` (timm's forward assumes the full width). In place; returns
+    ``model``."""
+    for m in model.modules():
+        if isinstance(m, _TimmHeads) and "forward" not in type(m).__mro__[1].__dict__:
+            m.__class__ = type(m).__bases__[1]
+            for attr in ("head_dim", "attn_dim", "gate"):
+                m.__dict__.pop(attr, None)
+            m._modules.pop("norm", None)
+    return model
+
+
 def _swap_timm(m: nn.Module, name: str) -> None:
     m.__class__ = _timm_class(name)
     m.head_dim = _width(m.qkv, True) // (3 * m.num_heads)

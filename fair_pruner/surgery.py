@@ -16,7 +16,7 @@ from .errors import BookMismatchError, FairPrunerError, UnsupportedModelError
 from .calibrate import consumer_columns
 from .engine import copy_model
 from .graph import (build_dependency_graph, channels_by_role, convert_blocks, head_attention,
-                    mask_units, prune_units)
+                    mask_units, prune_units, restore_timm_classes)
 from .plan import Plan
 from .reconstruct import METHODS, resolve, set_bias, update
 
@@ -136,7 +136,7 @@ def prune(model: nn.Module, plan: Plan, inplace: bool = False, **options) -> nn.
     target.training = was_training
     target._fair_pruner_added_params = sum(p.numel() for n, p in target.named_parameters()
                                            if n in added)
-    return target
+    return restore_timm_classes(target)      # loadable with timm alone where timm's forward fits
 
 
 def mask(model: nn.Module, plan: Plan, book=None, **options) -> nn.Module:
