@@ -503,12 +503,33 @@ class _TimmMaxxHeads(_TimmHeads):
         rp.bias_shape = tuple(shape)
 
 
+class _TimmEfficientFormerHeads(_TimmHeads):
+    """timm EfficientFormer's ``Attention``: each head's q/k/v rows together (q and k of
+    ``key_dim``, v of ``val_dim``, the width a head gives ``proj``), a per-head row of
+    ``attention_biases``; its stored widths and eval-mode bias cache follow a pruning."""
+    qkv_heads_first = True
+
+    @property
+    def qkv_rows_per_head(self) -> int:
+        return 2 * self.key_dim + self.val_dim
+
+    def head_params(self):
+        return [(self, "attention_biases", 0)]
+
+    def heads_pruned(self) -> None:
+        self.key_attn_dim = self.key_dim * self.num_heads
+        self.val_attn_dim = self.val_dim * self.num_heads
+        self.attention_bias_cache = {}
+
+
+_TIMM_EFFICIENTFORMER = "timm.models.efficientformer"
 # our class name -> (timm module, timm class, mixin)
 _TIMM_SWAPS = {
     "TimmWindowAttention": (_TIMM_SWIN, "WindowAttention", _TimmWindowHeads),
     "TimmWindowAttentionV2": (_TIMM_SWIN_V2, "WindowAttention", _TimmWindowV2Heads),
     "TimmAttentionCl": (_TIMM_MAXXVIT, "AttentionCl", _TimmMaxxHeads),
     "TimmAttention2d": (_TIMM_MAXXVIT, "Attention2d", _TimmMaxxHeads),
+    "TimmEfficientFormerAttention": (_TIMM_EFFICIENTFORMER, "Attention", _TimmEfficientFormerHeads),
 }
 _TIMM_CLASSES: Dict[str, type] = {}
 
@@ -546,6 +567,14 @@ def _timm_swap(m: nn.Module) -> Optional[str]:
     where, base = cls.__module__, cls.__name__
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
     H = getattr(m, "num_heads", 0)
+    if where == _TIMM_EFFICIENTFORMER and base == "Attention":
+        kd, vd = getattr(m, "key_dim", 0), getattr(m, "val_dim", 0)
+        ab = getattr(m, "attention_biases", None)
+        ok = (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H >= 1
+              and kd >= 1 and vd >= 1 and qkv.out_features == H * (2 * kd + vd)
+              and proj.in_features == H * vd and isinstance(ab, torch.Tensor)
+              and ab.shape[0] == H)
+        return "TimmEfficientFormerAttention" if ok else None
     if not (isinstance(H, int) and H >= 1 and _pointwise(qkv) and _pointwise(proj)
             and type(qkv) is type(proj) and _width(qkv, True) == 3 * _width(proj, False)
             and _width(qkv, True) % (3 * H) == 0):
@@ -589,7 +618,8 @@ def restore_timm_classes(model: nn.Module) -> nn.Module:
 
 def _swap_timm(m: nn.Module, name: str) -> None:
     m.__class__ = _timm_class(name)
-    m.head_dim = _width(m.qkv, True) // (3 * m.num_heads)
+    m.head_dim = (m.val_dim if isinstance(m, _TimmEfficientFormerHeads)
+                  else _width(m.qkv, True) // (3 * m.num_heads))
     m.attn_dim = m.num_heads * m.head_dim
     m.norm, m.gate = nn.Identity(), None
 
@@ -698,9 +728,16 @@ def head_attention(m: nn.Module) -> bool:
     return (_pointwise(qkv) and _pointwise(proj) and type(qkv) is type(proj)
             and isinstance(H, int) and isinstance(hd, int) and H >= 1
             and getattr(m, "attn_dim", None) == H * hd
-            and _width(qkv, True) == 3 * H * hd and _width(proj, False) == H * hd
+            and _width(qkv, True) == H * qkv_rows_per_head(m) and _width(proj, False) == H * hd
+            and (qkv_rows_per_head(m) == 3 * hd or getattr(m, "qkv_heads_first", False))
             and isinstance(getattr(m, "norm", None), nn.Identity)
             and getattr(m, "gate", "absent") is None)
+
+
+def qkv_rows_per_head(m: nn.Module) -> int:
+    """q/k/v rows of one head of ``m`` (:func:`head_attention`): 3 * head_dim, or what the
+    attention says where q / k are narrower than v (EfficientFormer: 2 * key_dim + val_dim)."""
+    return int(getattr(m, "qkv_rows_per_head", 3 * m.head_dim))
 
 
 def head_spec(name: str, m: nn.Module) -> GroupSpec:
@@ -709,11 +746,12 @@ def head_spec(name: str, m: nn.Module) -> GroupSpec:
     are head-major, ``qkv_heads_first``) and proj input columns {h * head_dim + d}."""
     H, hd = m.num_heads, m.head_dim
     A = H * hd
-    head_of = ((lambda c: c // (3 * hd)) if getattr(m, "qkv_heads_first", False)
+    R = qkv_rows_per_head(m)
+    head_of = ((lambda c: c // R) if getattr(m, "qkv_heads_first", False)
                else (lambda c: (c % A) // hd))
     return GroupSpec(name=name, size=H, root=name, members=[
-        Member(f"{name}.qkv", "producer", list(range(3 * A)),
-               [head_of(c) for c in range(3 * A)]),
+        Member(f"{name}.qkv", "producer", list(range(H * R)),
+               [head_of(c) for c in range(H * R)]),
         Member(f"{name}.proj", "consumer", list(range(A)), [c // hd for c in range(A)])])
 
 
@@ -737,7 +775,8 @@ def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
     A = H * hd
     keep = [h for h in range(H) if h not in gone]
     cols = torch.tensor([h * hd + d for h in keep for d in range(hd)], dtype=torch.long)
-    rows = (torch.tensor([h * 3 * hd + j for h in keep for j in range(3 * hd)], dtype=torch.long)
+    R = qkv_rows_per_head(m)
+    rows = (torch.tensor([h * R + j for h in keep for j in range(R)], dtype=torch.long)
             if getattr(m, "qkv_heads_first", False)
             else torch.cat([cols + s * A for s in range(3)]))
     idx = {"qkv": rows, "features": cols, "heads": torch.tensor(keep, dtype=torch.long)}
@@ -1163,7 +1202,7 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
     for gi, spec in enumerate(groups):
         attn = model.get_submodule(spec.root_module)
         if head_attention(attn):
-            width = {"qkv": 3 * attn.head_dim, "features": attn.head_dim, "heads": 1}
+            width = {"qkv": qkv_rows_per_head(attn), "features": attn.head_dim, "heads": 1}
             for owner, attr, d, layout in head_tensors(attn):
                 b.dim((f"{name_of[owner]}.{attr}".lstrip("."), d),
                       getattr(owner, attr).shape[d], gi, width[layout])

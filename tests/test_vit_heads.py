@@ -597,3 +597,30 @@ def test_timm_coatnet_conv_attention_heads_pruned_exactly(head_first):
         if hasattr(mod, "fused_attn"):
             mod.fused_attn = not mod.fused_attn               # timm's other attention path
     _assert_exact(pruned, ref, plan, x)
+
+
+def test_timm_efficientformer_heads_with_narrow_keys_pruned_exactly():
+    """EfficientFormer's attention: per head q and k of key_dim rows, v of val_dim (4x wider),
+    head-major, a row of attention biases per head, an eval-mode bias cache (cleared)."""
+    from timm.models import efficientformer as ef
+    from helpers import assert_same, randomize_bn, snapshot
+    torch.manual_seed(0)
+    m = ef.EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(8, 16, 24, 32), num_vit=1,
+                           num_classes=5).eval()               # attention biases for 224x224
+    _jitter(m, 1)
+    m = randomize_bn(m)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        m(x)                                   # fills the bias cache, as in any eval use
+    snap = snapshot(m)
+    book = fp.score(m, _data(size=224), **OPTS)
+    assert_same(m, snap)
+    heads = [g for g in book.groups if g.kind == "head"]
+    assert len(heads) == 1 and heads[0].size == 8
+    plan = _make_plan(book, {heads[0].name: [1, 4, 6]}, meta={}, alpha=None, strategy="manual")
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    att = pruned.get_submodule(heads[0].name)
+    assert type(att) is ef.Attention and att.num_heads == 5           # timm's class again
+    assert att.qkv.out_features == 5 * (2 * 32 + 128) and att.proj.in_features == 5 * 128
+    assert att.attention_biases.shape[0] == 5
+    _assert_exact(pruned, ref, plan, x)
