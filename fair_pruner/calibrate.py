@@ -316,8 +316,7 @@ class _Heads(_Producer):
             w = torch.cat([w, self.attn.qkv.bias.detach().float().cpu()[:, None]], dim=1)
         qkv = (w.reshape(H, -1) if getattr(self.attn, "qkv_heads_first", False)
                else w.reshape(3, H, hd, -1).transpose(0, 1).reshape(H, -1))
-        proj = self.attn.proj.weight.detach().float().cpu()          # [dim, H * hd]
-        proj = proj.reshape(proj.shape[0], -1)
+        proj = self.attn.proj.weight.detach().float().cpu()     # [dim, H * hd] (, 1, 1)
         proj = proj.reshape(proj.shape[0], H, hd).transpose(0, 1).reshape(H, -1)
         return torch.cat([qkv, proj], dim=1), None
 

@@ -415,7 +415,7 @@ def sketch_features(p: "SketchTap", z: Tensor, projections: int, u_mode: str, se
         g = torch.Generator().manual_seed(module_seed(seed, p.name))
         theta = torch.randn(D, projections, generator=g)
         p.directions = F.normalize(theta, dim=0).to(device=z.device)
-    if D <= projections:
+    if stored_dim(D, projections, u_mode) == D:        # projected in finish_u
         return zz
     return torch.matmul(zz.to(p.directions.dtype), p.directions)
 

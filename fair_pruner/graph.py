@@ -410,6 +410,7 @@ def _shuffle_block_class():
 _TIMM_SWIN = "timm.models.swin_transformer"
 _TIMM_SWIN_V2 = "timm.models.swin_transformer_v2"
 _TIMM_MAXXVIT = "timm.models.maxxvit"
+_TIMM_EFFICIENTFORMER = "timm.models.efficientformer"
 # timm's relative position biases: the per-head parameters ((module path, attribute, dim)
 # below the rel_pos module)
 _TIMM_REL_POS = {"RelPosBias": (("", "relative_position_bias_table", 1),),
@@ -522,7 +523,6 @@ class _TimmEfficientFormerHeads(_TimmHeads):
         self.attention_bias_cache = {}
 
 
-_TIMM_EFFICIENTFORMER = "timm.models.efficientformer"
 # our class name -> (timm module, timm class, mixin)
 _TIMM_SWAPS = {
     "TimmWindowAttention": (_TIMM_SWIN, "WindowAttention", _TimmWindowHeads),
@@ -603,12 +603,15 @@ def _timm_swap(m: nn.Module) -> Optional[str]:
 
 def restore_timm_classes(model: nn.Module) -> nn.Module:
     """Give every class-swapped timm attention of ``model`` its timm class back where timm's
-    own forward serves the pruned heads (Swin V1, MaxViT, CoAtNet: they read ``num_heads``), so
+    own forward serves the pruned heads (Swin V1, MaxViT, CoAtNet, EfficientFormer: they read
+    ``num_heads`` and the widths heads_pruned updates), so
     that a pruned model pickles and loads with timm alone; Swin-V2 keeps
     ``TimmWindowAttentionV2`` (timm's forward assumes the full width). In place; returns
     ``model``."""
     for m in model.modules():
-        if isinstance(m, _TimmHeads) and "forward" not in type(m).__mro__[1].__dict__:
+        # (mixin, timm class) are the bases (_timm_class); timm's forward serves the pruned
+        # heads unless the mixin replaces it
+        if isinstance(m, _TimmHeads) and "forward" not in type(m).__bases__[0].__dict__:
             m.__class__ = type(m).__bases__[1]
             for attr in ("head_dim", "attn_dim", "gate"):
                 m.__dict__.pop(attr, None)
@@ -618,8 +621,7 @@ def restore_timm_classes(model: nn.Module) -> nn.Module:
 
 def _swap_timm(m: nn.Module, name: str) -> None:
     m.__class__ = _timm_class(name)
-    m.head_dim = (m.val_dim if isinstance(m, _TimmEfficientFormerHeads)
-                  else _width(m.qkv, True) // (3 * m.num_heads))
+    m.head_dim = _width(m.proj, False) // m.num_heads      # what one head gives proj
     m.attn_dim = m.num_heads * m.head_dim
     m.norm, m.gate = nn.Identity(), None
 
@@ -672,8 +674,8 @@ def convert_blocks(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if _tv_shuffle_block(m):
             m.__class__ = _shuffle_block_class()
-        elif _timm_swap(m):
-            _swap_timm(m, _timm_swap(m))
+        elif (swap := _timm_swap(m)) is not None:
+            _swap_timm(m, swap)
     return model
 
 
@@ -710,11 +712,12 @@ _TIMM_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")
 def head_attention(m: nn.Module) -> bool:
     """A multi-head attention whose heads fair_pruner removes exactly: timm's ViT / DeiT
     ``Attention`` (``timm.layers.Attention``), the converted torchvision blocks
-    (:class:`SelfAttention`, :class:`WindowAttention`, :class:`PartitionAttention`) and timm
-    Swin's ``TimmWindowAttention`` / ``TimmWindowAttentionV2`` and MaxViT's ``TimmAttentionCl``
-    (class-swapped). All share
-    ``qkv`` [3 * attn_dim, dim] laid out (q|k|v, head, head_dim), ``proj`` [dim, attn_dim] and
-    ``num_heads`` / ``attn_dim`` read in the forward; timm's options that mix heads (a norm over
+    (:class:`SelfAttention`, :class:`WindowAttention`, :class:`PartitionAttention`) and the
+    class-swapped timm ones (:data:`_TIMM_SWAPS`: Swin, Swin-V2, MaxViT, CoAtNet,
+    EfficientFormer). All share a pointwise (Linear or 1x1 conv) ``qkv`` of
+    :func:`qkv_rows_per_head` rows per head, laid out (q|k|v, head, head_dim) or head-major
+    (``qkv_heads_first``), a ``proj`` [dim, attn_dim] and ``num_heads`` / ``attn_dim`` read in
+    the forward; timm's options that mix heads (a norm over
     all heads' outputs, ``scale_norm``) or add producers (``gated``) are excluded. A unit is one
     head: its q/k/v rows, its proj input columns and its entries of any per-head parameter
     (``head_params()``)."""
@@ -742,8 +745,8 @@ def qkv_rows_per_head(m: nn.Module) -> int:
 
 def head_spec(name: str, m: nn.Module) -> GroupSpec:
     """The group of ``m``'s heads (:func:`head_attention`): unit h is qkv rows
-    {s * attn_dim + h * head_dim + d} (s = q, k, v; or {h * 3 * head_dim + j} where the rows
-    are head-major, ``qkv_heads_first``) and proj input columns {h * head_dim + d}."""
+    {s * attn_dim + h * head_dim + d} (s = q, k, v; or {h * R + j}, R = qkv_rows_per_head, where
+    the rows are head-major, ``qkv_heads_first``) and proj input columns {h * head_dim + d}."""
     H, hd = m.num_heads, m.head_dim
     A = H * hd
     R = qkv_rows_per_head(m)
@@ -757,9 +760,9 @@ def head_spec(name: str, m: nn.Module) -> GroupSpec:
 
 def head_tensors(m: nn.Module) -> List[tuple]:
     """(module, attribute, dim, layout) of every parameter of ``m`` (:func:`head_attention`)
-    indexed by head: layout "qkv" (q|k|v sections of heads x head_dim, or head-major: 3 *
-    head_dim per head),
-    "features" (heads x head_dim) or "heads" (one entry per head); ``head_params()`` adds
+    indexed by head: layout "qkv" (q|k|v sections of heads x head_dim, or head-major:
+    :func:`qkv_rows_per_head` rows per head), "features" (heads x head_dim) or "heads" (one
+    entry per head); ``head_params()`` adds
     (owner, attribute, dim) in the "heads" layout, or (owner, attribute, dim, layout)."""
     out = [(m.qkv, "weight", 0, "qkv"), (m.qkv, "bias", 0, "qkv"),
            (m.proj, "weight", 1, "features")]

@@ -352,6 +352,8 @@ _SCHEMAS = {
     "gram": ("gram(Tensor x) -> Tensor", gram_ref,
              lambda x: x.new_empty((x.shape[-1], x.shape[-1]), dtype=torch.float32)),
 }
+
+
 def _below_autograd(name: str):
     """The Autograd kernel of op ``name``: statistics, not differentiable, so the op runs below
     autograd and its output never requires grad, whatever its inputs."""
