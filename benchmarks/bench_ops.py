@@ -96,6 +96,11 @@ def cases(quick: bool = False, device: str = "cpu") -> List[Case]:
     out.append((f"pairwise_w1_max K=64 U={llm_units if not quick else 512} P=1 Q=32 (LLM)",
                 "pairwise_w1_max", _sketches(64, llm_units if not quick else 512, 1, 32),
                 lambda a: _nbytes(a[0])))
+    # The U-Score of one ResNet-18 layer at 32 samples/class: fused vs the two ops back to back.
+    u_units = 512 if not quick else 32
+    for op in ("class_w1_max", "quantiles+w1"):
+        out.append((f"{op} K=10 S=32 U={u_units} P=128 Q=32", op, _samples(10, 32, u_units, 128),
+                    lambda a: _nbytes(a[0])))
     G, n = (32, 14336) if not quick else (4, 1000)
     out.append((f"tod_overlap+select G={G} n={n}", "tod", _tod(G, n),
                 lambda a: _nbytes(a[0], a[1]) + a[0].numel() * 8))
@@ -112,11 +117,15 @@ def _runner(op: str, backend: str) -> Callable:
             al = torch.tensor([0.05], dtype=torch.float64, device=u.device)
             return sel(ov(u, r, off), off, al, 0.99)
         return tod
+    if op == "quantiles+w1":
+        quant = ops.implementations("class_quantiles")[backend]
+        w1 = ops.implementations("pairwise_w1_max")[backend]
+        return lambda x, counts, q: w1(quant(x, counts, q))
     return ops.implementations(op)[backend]
 
 
 def backends_for(op: str, device: str) -> List[str]:
-    name = "tod_overlap" if op == "tod" else op
+    name = {"tod": "tod_overlap", "quantiles+w1": "class_quantiles"}.get(op, op)
     avail = ops.implementations(name)
     want = ("torch", "cpp") if device == "cpu" else ("torch", "triton", "cuda")
     return [b for b in want if b in avail]

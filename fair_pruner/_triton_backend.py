@@ -10,6 +10,13 @@ from .kernels.taylor import unit_stats
 from .kernels.tod import tod_overlap, tod_select
 from .kernels.w1 import pairwise_w1_max
 
+
+
+def class_w1_max(x, counts, q):
+    """The fused U-Score op as the two Triton kernels back to back (the sketch is formed)."""
+    return pairwise_w1_max(class_quantiles(x, counts, q))
+
+
 KERNELS = {"unit_stats": unit_stats, "class_quantiles": class_quantiles,
-           "pairwise_w1_max": pairwise_w1_max, "tod_overlap": tod_overlap,
-           "tod_select": tod_select}
+           "pairwise_w1_max": pairwise_w1_max, "class_w1_max": class_w1_max,
+           "tod_overlap": tod_overlap, "tod_select": tod_select}

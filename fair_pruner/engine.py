@@ -455,6 +455,9 @@ def store_samples(p: "SketchTap", z: Tensor, rows: List[Tuple[int, int, int]],
         p.filled[k.cpu(), s.cpu()] = True
 
 
+FUSED_TILE_BYTES = 64 << 20
+
+
 def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
     """Turn the producer's class samples into its U-Score and free them."""
     counts = torch.tensor(res.counts())
@@ -489,13 +492,18 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
     # Bound the fp32 sketch memory: units in chunks.
     C = buf.shape[2]
     step = max(1, int((256 << 20) // max(1, buf.shape[0] * max(buf.shape[1], q) * width * 4)))
+    # One op where a tile of units' sketches (<= K Q max(P, 64) floats per thread) is small:
+    # the fused kernel never writes the [K, U, P, Q] sketch; else the two ops.
+    fused = buf.shape[0] * q * max(width, 64) * 4 <= FUSED_TILE_BYTES
     out = []
     for s in range(0, C, step):
         part = buf[:, :, s:s + step]
         if raw:             # stored D <= P features: their projections onto the directions
             part = torch.matmul(part.to(dirs.dtype), dirs)
-        sk = ops.class_quantiles(part, c, q)
-        out.append(ops.pairwise_w1_max(sk))
+        if fused:
+            out.append(ops.class_w1_max(part, c, q))
+        else:
+            out.append(ops.pairwise_w1_max(ops.class_quantiles(part, c, q)))
     p.u = torch.cat(out).double().cpu()
     p.buf = p.filled = None
     if not torch.isfinite(p.u).all():

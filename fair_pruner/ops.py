@@ -37,13 +37,14 @@ from torch import Tensor
 from .errors import FairPrunerError, TargetError
 
 __all__ = [
-    "unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select", "gram",
-    "implementations", "active_backend", "positions_3d", "BACKENDS", "OP_NAMES",
+    "unit_stats", "class_quantiles", "pairwise_w1_max", "class_w1_max", "tod_overlap",
+    "tod_select", "gram", "implementations", "active_backend", "positions_3d", "BACKENDS", "OP_NAMES",
 ]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 # Ops with compiled kernels; ``gram`` runs its reference everywhere (a BLAS / cuBLAS GEMM).
-OP_NAMES = ("unit_stats", "class_quantiles", "pairwise_w1_max", "tod_overlap", "tod_select")
+OP_NAMES = ("unit_stats", "class_quantiles", "pairwise_w1_max", "class_w1_max", "tod_overlap",
+            "tod_select")
 # Per device type, fastest first; the reference ("torch") is the op's own body.
 _PREFERENCE = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 # Backend -> module exposing KERNELS: {op name: function with the reference's signature}.
@@ -220,6 +221,13 @@ def pairwise_w1_max_ref(sk: Tensor) -> Tensor:
     return best
 
 
+def class_w1_max_ref(x: Tensor, counts: Tensor, q: int) -> Tensor:
+    """fp32 [U]: the U-Score of class samples x [K, S, U, P] (K >= 2), that is
+    ``pairwise_w1_max_ref(class_quantiles_ref(x, counts, q))``; the compiled kernel computes it
+    without the [K, U, P, Q] sketch in memory."""
+    return pairwise_w1_max_ref(class_quantiles_ref(x, counts, q))
+
+
 def max_over_class_blocks(sk: Tensor, kernel: Callable[[Tensor], Tensor], max_k: int) -> Tensor:
     """``kernel(sk)`` (the max over class pairs) for any K, calling ``kernel`` on <= ``max_k``
     classes at a time: every pair of classes lies in the union of two blocks of ``max_k // 2``."""
@@ -318,7 +326,8 @@ def gram_ref(x: Tensor) -> Tensor:
 
 _REFERENCE: Dict[str, Callable] = {
     "unit_stats": unit_stats_ref, "class_quantiles": class_quantiles_ref,
-    "pairwise_w1_max": pairwise_w1_max_ref, "tod_overlap": tod_overlap_ref,
+    "pairwise_w1_max": pairwise_w1_max_ref, "class_w1_max": class_w1_max_ref,
+    "tod_overlap": tod_overlap_ref,
     "tod_select": tod_select_ref, "gram": gram_ref}
 
 
@@ -342,6 +351,10 @@ _SCHEMAS = {
                                                          dtype=torch.float32)),
     "pairwise_w1_max": ("pairwise_w1_max(Tensor sk) -> Tensor", pairwise_w1_max_ref,
                         lambda sk: sk.new_empty((sk.shape[1],), dtype=torch.float32)),
+    # Where a device has no fused kernel, the two ops' own kernels (not their references).
+    "class_w1_max": ("class_w1_max(Tensor x, Tensor counts, int q) -> Tensor",
+                     lambda x, counts, q: _pairwise_w1_max_op(_class_quantiles_op(x, counts, q)),
+                     lambda x, counts, q: x.new_empty((x.shape[2],), dtype=torch.float32)),
     "tod_overlap": ("tod_overlap(Tensor u, Tensor r, Tensor offsets) -> Tensor", tod_overlap_ref,
                     lambda u, r, offsets: u.new_empty((u.shape[0] + offsets.shape[0] - 1,),
                                                       dtype=torch.int64)),
@@ -374,6 +387,7 @@ _OPS = {name: getattr(torch.ops.fair_pruner, name).default for name in _SCHEMAS}
 _unit_stats_op, _class_quantiles_op = _OPS["unit_stats"], _OPS["class_quantiles"]
 _pairwise_w1_max_op, _tod_overlap_op = _OPS["pairwise_w1_max"], _OPS["tod_overlap"]
 _tod_select_op, _gram_op = _OPS["tod_select"], _OPS["gram"]
+_class_w1_max_op = _OPS["class_w1_max"]
 
 
 def is_real(x) -> bool:
@@ -431,23 +445,27 @@ def unit_stats(z: Tensor, g: Tensor, dim: int) -> Tensor:
     return _unit_stats_op(z, g, dim % z.dim())
 
 
-def class_quantiles(x: Tensor, counts: Tensor, q: int) -> Tensor:
-    """fp32 [K, U, P, Q] quantile sketches of class samples x [K, S, U, P] (see the reference)."""
+def _check_samples(op: str, x: Tensor, counts, q) -> None:
     if x.dim() != 4:
-        raise ValueError(f"class_quantiles: expected [K, S, U, P] samples, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: expected [K, S, U, P] samples, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"class_quantiles: expected float samples, got {x.dtype}")
+        raise ValueError(f"{op}: expected float samples, got {x.dtype}")
     counts = torch.as_tensor(counts)
     if counts.is_floating_point() or counts.dtype == torch.bool:
-        raise ValueError(f"class_quantiles: counts must be integers, got {counts.dtype}")
-    counts = counts.to(device=x.device, dtype=torch.int64)
+        raise ValueError(f"{op}: counts must be integers, got {counts.dtype}")
     if counts.dim() != 1 or counts.numel() != x.shape[0]:
-        raise ValueError("class_quantiles: counts must have one entry per class")
+        raise ValueError(f"{op}: counts must have one entry per class")
     if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-        raise ValueError(f"class_quantiles: q must be an int >= 1, got {q!r}")
+        raise ValueError(f"{op}: q must be an int >= 1, got {q!r}")
     if x.shape[0] and (int(counts.min()) < 1 or int(counts.max()) > x.shape[1]):
-        raise ValueError(f"class_quantiles: counts must lie in [1, {x.shape[1]}]")
+        raise ValueError(f"{op}: counts must lie in [1, {x.shape[1]}]")
+
+
+def class_quantiles(x: Tensor, counts: Tensor, q: int) -> Tensor:
+    """fp32 [K, U, P, Q] quantile sketches of class samples x [K, S, U, P] (see the reference)."""
+    _check_samples("class_quantiles", x, counts, q)
     _choose(x.device.type)
+    counts = torch.as_tensor(counts).to(device=x.device, dtype=torch.int64)
     return _class_quantiles_op(x, counts, int(q))
 
 
@@ -461,6 +479,18 @@ def pairwise_w1_max(sk: Tensor) -> Tensor:
         raise ValueError(f"pairwise_w1_max: expected float sketches, got {sk.dtype}")
     _choose(sk.device.type)
     return _pairwise_w1_max_op(sk)
+
+
+def class_w1_max(x: Tensor, counts: Tensor, q: int) -> Tensor:
+    """fp32 [U]: ``pairwise_w1_max(class_quantiles(x, counts, q))`` for class samples
+    x [K, S, U, P], K >= 2 (the U-Score of each unit), in one op: the CPU kernel sorts and
+    compares one tile of units at a time and never holds the [K, U, P, Q] sketch."""
+    _check_samples("class_w1_max", x, counts, q)
+    if x.shape[0] < 2:
+        raise ValueError("class_w1_max: need at least two classes")
+    _choose(x.device.type)
+    return _class_w1_max_op(x, torch.as_tensor(counts).to(device=x.device, dtype=torch.int64),
+                            int(q))
 
 
 def tod_overlap(u: Tensor, r: Tensor, offsets: Tensor) -> Tensor:

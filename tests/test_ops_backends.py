@@ -125,6 +125,49 @@ def test_pairwise_w1_max_matches_reference(backend):
     check()
 
 
+@pytest.mark.parametrize("backend", ["cpp"])
+def test_class_w1_max_matches_reference_and_the_two_ops(backend):
+    """The fused U-Score op against the reference (the two references composed) and, bit for
+    bit, against the same backend's class_quantiles then pairwise_w1_max."""
+    fn = _need(backend, "class_w1_max")
+    quant, w1 = _need(backend, "class_quantiles"), _need(backend, "pairwise_w1_max")
+
+    @HYP
+    @given(samples())
+    def check(case):
+        x, counts, q = case
+        if x.shape[0] < 2:
+            x, counts = torch.cat([x, x]), torch.cat([counts, counts.flip(0)])
+        got = fn(x, counts, q)
+        torch.testing.assert_close(got, ops.class_w1_max_ref(x, counts, q), rtol=2e-5,
+                                   atol=1e-6, equal_nan=True)
+        assert torch.equal(got.isnan(), w1(quant(x, counts, q)).isnan())
+        torch.testing.assert_close(got, w1(quant(x, counts, q)), rtol=0, atol=0, equal_nan=True)
+    check()
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("P", [1, 3, 64, 130])
+def test_class_w1_max_tiles(backend, dtype, P):
+    """Units in tiles of 64 // P (P < 64) or one unit over several column blocks (P > 64, a
+    partial last block), U not a multiple of the tile, unequal class counts, a NaN unit, sliced
+    (non-contiguous) samples."""
+    fn = _need(backend, "class_w1_max")
+    g = torch.Generator().manual_seed(P)
+    big = torch.randn(5, 21, 47, P, generator=g)
+    big[3, 3, 40, 0] = float("nan")             # class 2 (13 samples), sample 2, unit 38
+    x = big.to(dtype)[1:, 1:, 2:]                  # K 4, S 20, U 45
+    counts = torch.tensor([20, 1, 13, 7])
+    got = fn(x, counts, 9)
+    two = ops.pairwise_w1_max(ops.class_quantiles(x, counts, 9))
+    torch.testing.assert_close(got, two, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got, ops.class_w1_max_ref(x, counts, 9), rtol=2e-5, atol=1e-6,
+                               equal_nan=True)
+    assert got.isnan().tolist() == [u == 38 for u in range(45)]
+    assert fn(x[:, :, :0], counts, 9).shape == (0,)
+
+
 @pytest.mark.parametrize("K,max_k", [(2, 4), (5, 4), (9, 4), (11, 6), (100, 100), (101, 100)])
 def test_max_over_class_blocks_equals_all_pairs(K, max_k):
     """How the CUDA backend serves K > 100 classes with its <= 100-class kernel."""
@@ -269,6 +312,10 @@ def test_bad_inputs_raise_clear_errors():
         ops.unit_stats(z.long(), z.long(), 0)
     with pytest.raises(ValueError, match="two classes"):
         ops.pairwise_w1_max(torch.randn(1, 2, 1, 3))
+    with pytest.raises(ValueError, match="two classes"):
+        ops.class_w1_max(torch.randn(1, 2, 1, 3), torch.tensor([2]), 2)
+    with pytest.raises(ValueError, match=r"counts must lie in \[1, 2\]"):
+        ops.class_w1_max(torch.randn(2, 2, 1, 3), torch.tensor([2, 3]), 2)
     with pytest.raises(ValueError, match="offsets"):
         ops.tod_overlap(torch.randn(3), torch.randn(3), torch.tensor([0, 2]))
     if "cpp" in ops.implementations("tod_overlap"):

@@ -99,6 +99,29 @@ at::Tensor class_quantiles_cpu(const at::Tensor& x, const at::Tensor& counts_in,
   return out;
 }
 
+at::Tensor class_w1_max_cpu(const at::Tensor& x, const at::Tensor& counts_in, int64_t q) {
+  check_cpu(x, "class_w1_max", "x");
+  TORCH_CHECK(x.dim() == 4, "class_w1_max: expected x [K, S, U, P], got ", x.sizes());
+  TORCH_CHECK(q >= 1, "class_w1_max: q must be >= 1");
+  const int64_t K = x.size(0), S = x.size(1), U = x.size(2), P = x.size(3);
+  TORCH_CHECK(K >= 2, "class_w1_max: need at least two classes");
+  at::Tensor counts = counts_in.to(at::kCPU, at::kLong).contiguous();
+  TORCH_CHECK(counts.numel() == K, "class_w1_max: counts must have one entry per class");
+  const int64_t* cnt = counts.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK(cnt[k] >= 1 && cnt[k] <= S, "class_w1_max: counts must lie in [1, ", S, "]");
+  at::Tensor out = at::empty({U}, x.options().dtype(at::kFloat));
+  // no coordinates: the mean over an empty (P, Q) is 0 / 0, as in the two ops
+  if (P == 0) return out.fill_(std::numeric_limits<float>::quiet_NaN());
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_w1_max",
+                                  [&] {
+    class_w1_max<scalar_t>(x.const_data_ptr<scalar_t>(), xs, cnt, K, S, U, P, q,
+                           out.mutable_data_ptr<float>());
+  });
+  return out;
+}
+
 at::Tensor pairwise_w1_max_cpu(const at::Tensor& sk) {
   check_cpu(sk, "pairwise_w1_max", "sk");
   TORCH_CHECK(sk.dim() == 4, "pairwise_w1_max: expected sk [K, U, P, Q], got ", sk.sizes());
@@ -171,6 +194,7 @@ TORCH_LIBRARY(fair_pruner_cpp, m) {
   m.def("unit_stats(Tensor z, Tensor g, int dim) -> Tensor");
   m.def("class_quantiles(Tensor x, Tensor counts, int q) -> Tensor");
   m.def("pairwise_w1_max(Tensor sk) -> Tensor");
+  m.def("class_w1_max(Tensor x, Tensor counts, int q) -> Tensor");
   m.def("tod_overlap(Tensor u, Tensor r, Tensor offsets) -> Tensor");
   m.def("tod_select(Tensor overlap, Tensor offsets, Tensor alphas, float cap) -> Tensor");
 }
@@ -179,6 +203,7 @@ TORCH_LIBRARY_IMPL(fair_pruner_cpp, CPU, m) {
   m.impl("unit_stats", &fair_pruner::unit_stats_cpu);
   m.impl("class_quantiles", &fair_pruner::class_quantiles_cpu);
   m.impl("pairwise_w1_max", &fair_pruner::pairwise_w1_max_cpu);
+  m.impl("class_w1_max", &fair_pruner::class_w1_max_cpu);
   m.impl("tod_overlap", &fair_pruner::tod_overlap_cpu);
   m.impl("tod_select", &fair_pruner::tod_select_cpu);
 }

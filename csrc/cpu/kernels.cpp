@@ -265,6 +265,48 @@ FP_MULTIVERSION bool load_row(const T* src, int64_t w, float* row) {
   return nan != 0;
 }
 
+// Sorts columns [j0, j0 + w) (flat (unit, projection) index j = u P + p) of class k's first n
+// samples into rows [Nn, kCols] (Nn = n rounded up to a power of two, +inf padding, NaN last).
+template <typename T>
+void sort_block(const T* x, const int64_t* xs, int64_t k, int64_t n, int64_t P, int64_t j0,
+                int64_t w, float* rows, float* col) {
+  int64_t Nn = 1;
+  while (Nn < n) Nn <<= 1;
+  bool has_nan = false;
+  // (unit, projection) columns are contiguous in the common layout: a plain row copy
+  const bool flat = xs[3] == 1 && xs[2] == P;
+  for (int64_t s = 0; s < Nn; ++s) {
+    float* row = rows + s * kCols;
+    if (s < n && flat) {
+      has_nan |= load_row(x + k * xs[0] + s * xs[1] + j0, w, row);
+      continue;
+    }
+    for (int64_t c = 0; c < kCols; ++c) {
+      float v = std::numeric_limits<float>::infinity();
+      if (s < n && c < w) {
+        const int64_t j = j0 + c;
+        v = f32(x[k * xs[0] + s * xs[1] + (j / P) * xs[2] + (j % P) * xs[3]]);
+        has_nan |= std::isnan(v);
+      }
+      row[c] = v;
+    }
+  }
+  if (!has_nan) {
+    bitonic_rows(rows, Nn);
+  } else {  // NaN breaks min/max networks: sort those columns with torch's NaN-last order
+    for (int64_t c = 0; c < w; ++c) {
+      for (int64_t s = 0; s < n; ++s) col[s] = rows[s * kCols + c];
+      std::sort(col, col + n, nan_last_less);
+      for (int64_t s = 0; s < n; ++s) rows[s * kCols + c] = col[s];
+    }
+  }
+}
+
+// lev[i] = floor((n (2i + 1) - 1) / 2Q): the sorted-sample index of quantile level i.
+inline void quantile_levels(int64_t n, int64_t Q, int64_t* lev) {
+  for (int64_t i = 0; i < Q; ++i) lev[i] = (n * (2 * i + 1) - 1) / (2 * Q);
+}
+
 template <typename T>
 void class_quantiles_impl(const T* x, const int64_t* xs, const int64_t* counts, int64_t K,
                           int64_t S, int64_t U, int64_t P, int64_t Q, float* out) {
@@ -280,38 +322,8 @@ void class_quantiles_impl(const T* x, const int64_t* xs, const int64_t* counts, 
     for (int64_t it = b; it < e; ++it) {
       const int64_t k = it / nblk, c0 = (it % nblk) * kCols;
       const int64_t w = std::min(kCols, cols - c0);
-      const int64_t n = counts[k];
-      int64_t Nn = 1;
-      while (Nn < n) Nn <<= 1;
-      bool has_nan = false;
-      // (unit, projection) columns are contiguous in the common layout: a plain row copy
-      const bool flat = xs[3] == 1 && xs[2] == P;
-      for (int64_t s = 0; s < Nn; ++s) {
-        float* row = rows.data() + s * kCols;
-        if (s < n && flat) {
-          has_nan |= load_row(x + k * xs[0] + s * xs[1] + c0, w, row);
-          continue;
-        }
-        for (int64_t c = 0; c < kCols; ++c) {
-          float v = std::numeric_limits<float>::infinity();
-          if (s < n && c < w) {
-            const int64_t j = c0 + c;
-            v = f32(x[k * xs[0] + s * xs[1] + (j / P) * xs[2] + (j % P) * xs[3]]);
-            has_nan |= std::isnan(v);
-          }
-          row[c] = v;
-        }
-      }
-      if (!has_nan) {
-        bitonic_rows(rows.data(), Nn);
-      } else {  // NaN breaks min/max networks: sort those columns with torch's NaN-last order
-        for (int64_t c = 0; c < w; ++c) {
-          for (int64_t s = 0; s < n; ++s) col[s] = rows[s * kCols + c];
-          std::sort(col.begin(), col.begin() + n, nan_last_less);
-          for (int64_t s = 0; s < n; ++s) rows[s * kCols + c] = col[s];
-        }
-      }
-      for (int64_t i = 0; i < Q; ++i) lev[i] = (n * (2 * i + 1) - 1) / (2 * Q);
+      sort_block(x, xs, k, counts[k], P, c0, w, rows.data(), col.data());
+      quantile_levels(counts[k], Q, lev.data());
       for (int64_t c = 0; c < w; ++c) {
         float* o = out + (k * cols + c0 + c) * Q;
         for (int64_t i = 0; i < Q; ++i) o[i] = rows[lev[i] * kCols + c];
@@ -338,6 +350,30 @@ FP_MULTIVERSION void l1_to_rows(const float* xa, const float* rows, int64_t nb, 
   }
 }
 
+// max over class pairs a < b of mean_j |row_a[j] - row_b[j]| for K rows of length L, fetched in
+// chunks by load(k, c0, len, dst) into buf [K, kChunk]; acc: K x K scratch. NaN propagates.
+template <typename Load>
+float rows_w1_max(int64_t K, int64_t L, const Load& load, float* buf, float* acc) {
+  std::fill(acc, acc + K * K, 0.f);
+  for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, L - c0);
+    for (int64_t k = 0; k < K; ++k) load(k, c0, len, buf + k * kChunk);
+    for (int64_t a = 0; a + 1 < K; ++a) {
+      l1_to_rows(buf + a * kChunk, buf + (a + 1) * kChunk, K - a - 1, len, kChunk,
+                 acc + a * K + a + 1);
+    }
+  }
+  float best = 0.f;  // NaN-propagating max, as torch.maximum / amax
+  for (int64_t a = 0; a + 1 < K; ++a) {
+    for (int64_t c = a + 1; c < K; ++c) {
+      const float d = acc[a * K + c] / static_cast<float>(L);
+      if (std::isnan(d) || d > best) best = d;
+      if (std::isnan(best)) return best;
+    }
+  }
+  return best;
+}
+
 template <typename T>
 void pairwise_w1_max_impl(const T* sk, const int64_t* ss, int64_t K, int64_t U, int64_t P,
                           int64_t Q, float* out) {
@@ -347,35 +383,64 @@ void pairwise_w1_max_impl(const T* sk, const int64_t* ss, int64_t K, int64_t U, 
     std::vector<float> buf(K * kChunk);
     std::vector<float> acc(K * K);
     for (int64_t u = b; u < e; ++u) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
-        const int64_t len = std::min(kChunk, L - c0);
-        for (int64_t k = 0; k < K; ++k) {
-          const T* base = sk + k * ss[0] + u * ss[1];
-          float* dst = buf.data() + k * kChunk;
-          if (flat) {
-            for (int64_t j = 0; j < len; ++j) dst[j] = f32(base[c0 + j]);
-          } else {
-            for (int64_t j = 0; j < len; ++j) {
-              const int64_t f = c0 + j;
-              dst[j] = f32(base[(f / Q) * ss[2] + (f % Q) * ss[3]]);
-            }
+      auto load = [&](int64_t k, int64_t c0, int64_t len, float* dst) {
+        const T* base = sk + k * ss[0] + u * ss[1];
+        if (flat) {
+          for (int64_t j = 0; j < len; ++j) dst[j] = f32(base[c0 + j]);
+        } else {
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t f = c0 + j;
+            dst[j] = f32(base[(f / Q) * ss[2] + (f % Q) * ss[3]]);
           }
         }
-        for (int64_t a = 0; a + 1 < K; ++a) {
-          l1_to_rows(buf.data() + a * kChunk, buf.data() + (a + 1) * kChunk, K - a - 1, len,
-                     kChunk, acc.data() + a * K + a + 1);
+      };
+      out[u] = rows_w1_max(K, L, load, buf.data(), acc.data());
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// class_w1_max: pairwise_w1_max(class_quantiles(x)) without the [K, U, P, Q] sketch in memory
+// ---------------------------------------------------------------------------------------------
+
+// Units in tiles of up to kCols flat columns (one unit per tile when P >= kCols): each class's
+// columns of the tile are sorted as in class_quantiles, their quantiles written into a
+// thread-local [tile units, K, P, Q] sketch, and each unit's W1 max computed from it as in
+// pairwise_w1_max (same values, same summation order: bit-identical to the two ops).
+template <typename T>
+void class_w1_max_impl(const T* x, const int64_t* xs, const int64_t* counts, int64_t K,
+                       int64_t S, int64_t U, int64_t P, int64_t Q, float* out) {
+  if (U == 0 || K < 2) return;
+  const int64_t L = P * Q;
+  const int64_t ut = P >= kCols ? 1 : kCols / P;
+  const int64_t ntile = (U + ut - 1) / ut;
+  int64_t N = 1;
+  while (N < S) N <<= 1;
+  at::parallel_for(0, ntile, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> rows(N * kCols), col(S), sk(ut * K * L), buf(K * kChunk), acc(K * K);
+    std::vector<int64_t> lev(Q);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t u0 = t * ut, nu = std::min(ut, U - u0);
+      const int64_t tcols = nu * P;
+      for (int64_t k = 0; k < K; ++k) {
+        quantile_levels(counts[k], Q, lev.data());
+        for (int64_t c0 = 0; c0 < tcols; c0 += kCols) {
+          const int64_t w = std::min(kCols, tcols - c0);
+          sort_block(x, xs, k, counts[k], P, u0 * P + c0, w, rows.data(), col.data());
+          for (int64_t c = 0; c < w; ++c) {
+            const int64_t j = c0 + c;
+            float* o = sk.data() + ((j / P) * K + k) * L + (j % P) * Q;
+            for (int64_t i = 0; i < Q; ++i) o[i] = rows[lev[i] * kCols + c];
+          }
         }
       }
-      float best = 0.f;  // NaN-propagating max, as torch.maximum / amax
-      for (int64_t a = 0; a + 1 < K; ++a) {
-        for (int64_t c = a + 1; c < K; ++c) {
-          const float d = acc[a * K + c] / static_cast<float>(L);
-          if (std::isnan(d) || d > best) best = d;
-          if (std::isnan(best)) break;
-        }
+      for (int64_t v = 0; v < nu; ++v) {
+        const float* unit = sk.data() + v * K * L;
+        auto load = [&](int64_t k, int64_t c0, int64_t len, float* dst) {
+          std::memcpy(dst, unit + k * L + c0, len * sizeof(float));
+        };
+        out[u0 + v] = rows_w1_max(K, L, load, buf.data(), acc.data());
       }
-      out[u] = best;
     }
   });
 }
@@ -507,6 +572,12 @@ void pairwise_w1_max(const T* sk, const int64_t* ss, int64_t K, int64_t U, int64
 }
 
 template <typename T>
+void class_w1_max(const T* x, const int64_t* xs, const int64_t* counts, int64_t K, int64_t S,
+                  int64_t U, int64_t P, int64_t Q, float* out) {
+  class_w1_max_impl<T>(x, xs, counts, K, S, U, P, Q, out);
+}
+
+template <typename T>
 void tod_overlap(const T* u, const T* r, const int64_t* offsets, int64_t G, int64_t* out) {
   tod_overlap_impl<T>(u, r, offsets, G, out);
 }
@@ -556,7 +627,9 @@ void tod_select(const int64_t* overlap, const int64_t* offsets, int64_t G, const
   template void class_quantiles<T>(const T*, const int64_t*, const int64_t*, int64_t, int64_t, \
                                    int64_t, int64_t, int64_t, float*);                         \
   template void pairwise_w1_max<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, \
-                                   float*);
+                                   float*); \
+  template void class_w1_max<T>(const T*, const int64_t*, const int64_t*, int64_t, int64_t,    \
+                                int64_t, int64_t, int64_t, float*);
 FP_INSTANTIATE(float)
 FP_INSTANTIATE(double)
 FP_INSTANTIATE(c10::Half)

@@ -40,6 +40,12 @@ template <typename T>
 void pairwise_w1_max(const T* sk, const int64_t* ss, int64_t K, int64_t U, int64_t P, int64_t Q,
                      float* out);
 
+// x, counts as class_quantiles (K >= 2). out: fp32 [U] = pairwise_w1_max(class_quantiles(x,
+// counts, Q)), bit for bit, without materialising the sketch.
+template <typename T>
+void class_w1_max(const T* x, const int64_t* xs, const int64_t* counts, int64_t K, int64_t S,
+                  int64_t U, int64_t P, int64_t Q, float* out);
+
 // u, r: [N] scores of G ragged groups [offsets[g], offsets[g+1]). out: int64 [N + G], group
 // g's overlap curve for m = 0..n_g at out[offsets[g] + g + m] (see ops.tod_overlap).
 template <typename T>
