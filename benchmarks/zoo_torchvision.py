@@ -37,7 +37,9 @@ SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56, "timm:levit_128s":
          "timm:efficientformer_l1": 224,
          "timm:swin_small_patch4_window7_224": 224, "timm:swinv2_tiny_window8_256": 256,
          "timm:maxvit_rmlp_pico_rw_256": 256, "timm:maxvit_tiny_tf_224": 224,
-         "timm:gcvit_xxtiny": 224, "timm:coatnet_nano_rw_224": 224}
+         "timm:gcvit_xxtiny": 224, "timm:coatnet_nano_rw_224": 224,
+         "timm:vit_small_patch16_rope_224": 224, "timm:vit_medium_patch16_rope_reg1_gap_256": 256,
+         "timm:eva02_tiny_patch14_224": 224}
 
 # Diverse timm families (pretrained=False): residual, inverted residual, NAS, dense, grouped,
 # ghost, CSP, RepVGG-style, ConvNeXt (v1 / v2), transformers and hybrids.
@@ -67,7 +69,11 @@ TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnety_0
         # a window attention still refused (GCViT's global query)
         "gcvit_xxtiny",
         # CoAtNet: NCHW attention with 1x1-conv q/k/v (graph.TimmAttention2d)
-        "coatnet_nano_rw_224"]
+        "coatnet_nano_rw_224",
+        # added 2026-12-04 with timm EVA heads (graph.TimmEvaAttention: RoPE, q/v biases):
+        # timm's RoPE ViTs and EVA-02 (SwiGLU MLP)
+        "vit_small_patch16_rope_224", "vit_medium_patch16_rope_reg1_gap_256",
+        "eva02_tiny_patch14_224"]
 
 BUILD = r'''
 import json, sys, time, warnings

@@ -411,6 +411,8 @@ _TIMM_SWIN = "timm.models.swin_transformer"
 _TIMM_SWIN_V2 = "timm.models.swin_transformer_v2"
 _TIMM_MAXXVIT = "timm.models.maxxvit"
 _TIMM_EFFICIENTFORMER = "timm.models.efficientformer"
+_TIMM_EVA = "timm.models.eva"
+_TIMM_ATTENTION_MODULE = "timm.layers.attention"
 # timm's relative position biases: the per-head parameters ((module path, attribute, dim)
 # below the rel_pos module)
 _TIMM_REL_POS = {"RelPosBias": (("", "relative_position_bias_table", 1),),
@@ -420,7 +422,10 @@ _TIMM_REL_POS = {"RelPosBias": (("", "relative_position_bias_table", 1),),
 
 class _TimmHeads:
     """Base of the class-swapped timm attentions. The attributes :func:`head_attention` reads
-    (``head_dim``, ``attn_dim``, no ``norm`` / ``gate``) are set by :func:`_swap_timm`."""
+    (``head_dim``, ``attn_dim``, no ``norm`` / ``gate``) are set by :func:`_swap_timm`;
+    ``added_attrs`` are those timm's class does not have (removed again by
+    :func:`restore_timm_classes`)."""
+    added_attrs = ("head_dim", "attn_dim", "gate", "norm")
 
 
 class _TimmWindowHeads(_TimmHeads):
@@ -523,6 +528,64 @@ class _TimmEfficientFormerHeads(_TimmHeads):
         self.attention_bias_cache = {}
 
 
+class _TimmRopeHeads(_TimmHeads):
+    """timm's ``AttentionRope`` (the RoPE ViTs) with a fused ``qkv``: timm's forward reads
+    ``num_heads``, ``head_dim`` and ``attn_dim`` (all its own attributes), RoPE acts within a
+    head; its key/value head count and width follow a pruning (one q head per kv head)."""
+    added_attrs = ()
+
+    def heads_pruned(self) -> None:
+        self.num_kv_heads, self.kv_dim = self.num_heads, self.attn_dim
+
+
+class _TimmEvaHeads(_TimmHeads):
+    """timm EVA's ``EvaAttention`` (EVA-02 and timm's RoPE ViTs) with a fused ``qkv``: the same
+    numbers as timm's forward, but the head outputs reshaped to their own width (timm reshapes
+    them to the input width) and the q/k/v bias added after ``qkv`` is called as a module
+    (timm's ``F.linear`` on its weight hides it from hooks and MAC counts). RoPE and q/k norms
+    act within a head, the same for every head. Per-head parameters: the head's slices of
+    ``q_bias`` / ``v_bias`` (``k_bias`` is a zero buffer, remade at the new width)."""
+
+    def head_params(self):
+        if self.q_bias is None:
+            return []
+        return [(self, "q_bias", 0, "features"), (self, "v_bias", 0, "features")]
+
+    def heads_pruned(self) -> None:
+        if self.q_bias is not None:
+            self.register_buffer("k_bias", torch.zeros_like(self.q_bias.detach()),
+                                 persistent=False)
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """x [B, N, dim] (rope [N - prefix tokens, 2 head_dim] or None) -> [B, N, dim]."""
+        import importlib
+        ev = importlib.import_module(_TIMM_EVA)       # timm's own rope and mask helpers
+        B, N, _ = x.shape
+        qkv = self.qkv(x)
+        if self.q_bias is not None:
+            qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt, :], ev.apply_rot_embed_cat(q[:, :, npt:, :], rope,
+                                                                    half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt, :], ev.apply_rot_embed_cat(k[:, :, npt:, :], rope,
+                                                                    half=half)], dim=2).type_as(v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = ev.maybe_add_mask(attn, ev.resolve_self_attn_mask(N, attn, attn_mask,
+                                                                     is_causal=is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+        return self.proj_drop(self.proj(x))
+
+
 # our class name -> (timm module, timm class, mixin)
 _TIMM_SWAPS = {
     "TimmWindowAttention": (_TIMM_SWIN, "WindowAttention", _TimmWindowHeads),
@@ -530,6 +593,8 @@ _TIMM_SWAPS = {
     "TimmAttentionCl": (_TIMM_MAXXVIT, "AttentionCl", _TimmMaxxHeads),
     "TimmAttention2d": (_TIMM_MAXXVIT, "Attention2d", _TimmMaxxHeads),
     "TimmEfficientFormerAttention": (_TIMM_EFFICIENTFORMER, "Attention", _TimmEfficientFormerHeads),
+    "TimmEvaAttention": (_TIMM_EVA, "EvaAttention", _TimmEvaHeads),
+    "TimmAttentionRope": (_TIMM_ATTENTION_MODULE, "AttentionRope", _TimmRopeHeads),
 }
 _TIMM_CLASSES: Dict[str, type] = {}
 
@@ -591,6 +656,22 @@ def _timm_swap(m: nn.Module) -> Optional[str]:
               and isinstance(mlp[-1], nn.Linear) and mlp[-1].out_features == H
               and mlp[-1].bias is None and isinstance(ls, torch.Tensor) and ls.shape[0] == H)
         return "TimmWindowAttentionV2" if ok else None
+    if where == _TIMM_ATTENTION_MODULE and base == "AttentionRope":
+        ok = (isinstance(qkv, nn.Linear) and getattr(m, "q_proj", None) is None
+              and getattr(m, "num_kv_heads", 0) == H and getattr(m, "num_kv_groups", 1) == 1
+              and isinstance(getattr(m, "norm", None), nn.Identity)
+              and getattr(m, "gate", None) is None
+              and getattr(m, "head_dim", 0) * H == getattr(m, "attn_dim", -1) == _width(proj, False))
+        return "TimmAttentionRope" if ok else None
+    if where == _TIMM_EVA and base == "EvaAttention":
+        biases = [getattr(m, a, None) for a in ("q_bias", "k_bias", "v_bias")]
+        A = _width(proj, False)
+        ok = (isinstance(qkv, nn.Linear) and qkv.bias is None
+              and isinstance(getattr(m, "norm", None), nn.Identity)
+              and getattr(m, "gate", None) is None and getattr(m, "head_dim", 0) * H == A
+              and (all(b is None for b in biases) or all(
+                  isinstance(b, torch.Tensor) and b.shape == (A,) for b in biases)))
+        return "TimmEvaAttention" if ok else None
     if where == _TIMM_MAXXVIT and base in ("AttentionCl", "Attention2d"):
         rp = getattr(m, "rel_pos", None)
         layer = nn.Linear if base == "AttentionCl" else nn.Conv2d
@@ -612,10 +693,11 @@ def restore_timm_classes(model: nn.Module) -> nn.Module:
         # (mixin, timm class) are the bases (_timm_class); timm's forward serves the pruned
         # heads unless the mixin replaces it
         if isinstance(m, _TimmHeads) and "forward" not in type(m).__bases__[0].__dict__:
+            added = type(m).added_attrs
             m.__class__ = type(m).__bases__[1]
-            for attr in ("head_dim", "attn_dim", "gate"):
+            for attr in added:
                 m.__dict__.pop(attr, None)
-            m._modules.pop("norm", None)
+                m._modules.pop(attr, None)
     return model
 
 
@@ -623,7 +705,9 @@ def _swap_timm(m: nn.Module, name: str) -> None:
     m.__class__ = _timm_class(name)
     m.head_dim = _width(m.proj, False) // m.num_heads      # what one head gives proj
     m.attn_dim = m.num_heads * m.head_dim
-    m.norm, m.gate = nn.Identity(), None
+    if not isinstance(getattr(m, "norm", None), nn.Identity):   # _timm_swap checked timm's
+        m.norm = nn.Identity()
+    m.gate = None
 
 
 def __getattr__(name: str):
@@ -1432,9 +1516,13 @@ def _in_float64(model: nn.Module, example: Any, call) -> tuple:
     ``example`` in float64 when the model runs so; else both as they were."""
     def to64(t):
         return t.double() if t.is_floating_point() else t
-    tensors = list(model.parameters()) + list(model.buffers())
-    dtypes = [t.dtype for t in tensors]
-    if all(dt == torch.float64 or not dt.is_floating_point for dt in dtypes):
+    # (module, buffer name) -> dtype: .double() replaces buffers by new tensors (parameters
+    # keep their objects), so a failed conversion is undone through the modules
+    params = [(p, p.dtype) for p in model.parameters()]
+    buffers = {(mod, n): b.dtype for mod in model.modules() for n, b in mod._buffers.items()
+               if b is not None}
+    if all(dt == torch.float64 or not dt.is_floating_point
+           for dt in [d for _, d in params] + list(buffers.values())):
         return model, example
     model.double()
     ex64 = map_tensors(example, to64)
@@ -1442,8 +1530,11 @@ def _in_float64(model: nn.Module, example: Any, call) -> tuple:
         with torch.no_grad():
             call(model, ex64)
     except Exception:           # an op without a float64 kernel: check in the model's dtype
-        for t, dt in zip(tensors, dtypes):
-            t.data = t.data.to(dt)
+        for p, dt in params:
+            p.data = p.data.to(dt)
+        for (mod, n), dt in buffers.items():
+            if mod._buffers.get(n) is not None:
+                mod._buffers[n] = mod._buffers[n].to(dt)
         return model, example
     return model, ex64
 
@@ -1583,10 +1674,13 @@ def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
     del pruned, DG                  # one model copy at a time
     if _big(ref):                   # Torch-Pruning's graph holds reference cycles through
         gc.collect()                # the copy, freed only by gc (costly in a big process)
-    masked = mask_units(copy_model(ref), specs, removed)
-    if in64:
-        masked, ex = _in_float64(masked, example, call)
-    out_m = _measure(masked, ex, call)[0]
+    try:
+        masked = mask_units(copy_model(ref), specs, removed)
+        if in64:
+            masked, ex = _in_float64(masked, example, call)
+        out_m = _measure(masked, ex, call)[0]
+    except Exception as exc:        # the group's indices do not fit its consumers
+        return [f"the masked reference fails: {type(exc).__name__}: {str(exc)[:120]}"]
     del masked
     if params != want_p:
         errs.append(f"{params} parameters after pruning, the plan counts {want_p}")

@@ -763,3 +763,27 @@ def test_self_check_runs_once_per_structure(monkeypatch):
     for _ in range(2):
         _refused(_jitter(ConvNeXtV2Block().eval()), _loader((3, 6, 6)), "pw1.*not exact")
     assert len(calls) > 5                                        # never cached: checked twice
+
+
+def test_float64_check_that_cannot_run_leaves_the_copy_in_its_own_dtypes():
+    """graph._in_float64 on a model that fails in float64: parameters and buffers (which
+    .double() replaces by new tensors) are back in their dtypes, so the check runs as it was."""
+    from fair_pruner import graph
+
+    class Fp32Only(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("scale", torch.ones(2))
+            self.register_buffer("codes", torch.ones(2, dtype=torch.float16))
+
+        def forward(self, x):
+            if x.dtype != torch.float32:
+                raise RuntimeError("no float64 kernel")
+            return self.lin(x) * self.scale
+
+    m = Fp32Only()
+    out, ex = graph._in_float64(m, torch.randn(4, 3), lambda mod, x: mod(x))
+    assert out is m and ex.dtype == torch.float32
+    assert m.lin.weight.dtype == m.scale.dtype == torch.float32 and m.codes.dtype == torch.float16
+    m(ex)

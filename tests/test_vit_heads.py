@@ -624,3 +624,57 @@ def test_timm_efficientformer_heads_with_narrow_keys_pruned_exactly():
     assert att.qkv.out_features == 5 * (2 * 32 + 128) and att.proj.in_features == 5 * 128
     assert att.attention_biases.shape[0] == 5
     _assert_exact(pruned, ref, plan, x)
+
+
+def _timm_eva(seed=0, **kw):
+    from timm.models import eva
+    torch.manual_seed(seed)
+    opts = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2,
+                num_classes=5, use_rot_pos_emb=True, ref_feat_shape=(4, 4))
+    opts.update(kw)
+    m = eva.Eva(**opts).eval()
+    _jitter(m, seed + 1)
+    return m
+
+
+@pytest.mark.parametrize("kw", [dict(attn_type="eva"), dict(attn_type="eva", qkv_bias=False),
+                                dict(attn_type="rope"), dict(attn_type="rope", qk_norm=True)])
+def test_timm_eva_and_rope_vit_heads_pruned_exactly(kw):
+    """timm's Eva with RoPE: EvaAttention (q/v biases beside a fused qkv, a zero k-bias buffer;
+    our forward) and AttentionRope (timm's own forward, its kv head count kept equal)."""
+    from helpers import assert_same, snapshot
+    m = _timm_eva(**kw)
+    x = torch.randn(3, 3, 32, 32)
+    conv = graph.convert_blocks(fp.engine.copy_model(m))
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), m(x), rtol=1e-5, atol=1e-5)
+    snap = snapshot(m)
+    book = fp.score(m, _data(size=32), **OPTS)
+    assert_same(m, snap)
+    heads = [g for g in book.groups if g.kind == "head"]
+    assert len(heads) == 2 and {g.size for g in heads} == {4}
+    plan = _heads_and_every_third_unit(book)
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    att = pruned.get_submodule(heads[0].name)
+    assert att.num_heads == 2 and att.qkv.out_features == 3 * 2 * att.head_dim
+    if kw["attn_type"] == "eva":
+        assert type(att).__name__ == "TimmEvaAttention"
+        if kw.get("qkv_bias", True):
+            assert att.q_bias.shape[0] == att.k_bias.shape[0] == att.v_bias.shape[0] == 24
+    else:
+        from timm.layers.attention import AttentionRope
+        assert type(att) is AttentionRope and att.num_kv_heads == 2 and att.kv_dim == 24
+    _assert_exact(pruned, ref, plan, x)
+
+
+def test_timm_eva02_glu_mlp_is_refused_and_its_heads_prune_with_it_ignored():
+    """EVA-02's SwiGLU MLP (GluMlp: fc1's two halves gate each other) is one Torch-Pruning maps
+    wrongly: refused before scoring, naming its fc1; with those ignored the heads prune."""
+    m = _timm_eva(attn_type="eva", swiglu_mlp=True)
+    assert type(m.blocks[0].mlp).__name__ == "GluMlp"
+    with pytest.raises(fp.UnsupportedModelError, match=r"blocks\.0\.mlp\.fc1"):
+        fp.score(m, _data(size=32), **OPTS)
+    book = fp.score(m, _data(size=32), ignore=["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"], **OPTS)
+    assert sum(g.kind == "head" for g in book.groups) == 2
+    plan = _heads_and_every_third_unit(book)
+    _assert_exact(fp.prune(m, plan), fp.mask(m, plan, book), plan, torch.randn(3, 3, 32, 32))
