@@ -881,6 +881,70 @@ def prune_heads(m: nn.Module, idxs: Sequence[int]) -> None:
         m.heads_pruned()
 
 
+_TIMM_MLP = "timm.layers.mlp"
+
+
+def glu_mlp(m: nn.Module) -> bool:
+    """timm's ``GluMlp`` (EVA-02's SwiGLU, GeGLU): one pointwise ``fc1`` whose output halves
+    gate each other (``act(x1) * x2``, or ``x1 * act(x2)`` with ``gate_last``), no norm between
+    them and ``fc2``. Its unit j is fc1 rows j and j + H and fc2 input j (H = fc2's input
+    width); Torch-Pruning maps the halves onto fc2 wrongly, so these groups are built here."""
+    cls = type(m)
+    if not (cls.__module__ == _TIMM_MLP and cls.__name__ == "GluMlp"):
+        return False
+    fc1, fc2 = getattr(m, "fc1", None), getattr(m, "fc2", None)
+    return (_pointwise(fc1) and _pointwise(fc2) and type(fc1) is type(fc2)
+            and _width(fc1, True) == 2 * _width(fc2, False) >= 2
+            and isinstance(getattr(m, "norm", None), nn.Identity)
+            and getattr(m, "chunk_dim", None) == (1 if isinstance(fc1, nn.Conv2d) else -1))
+
+
+def _glu_of(model: nn.Module, fc1_name: str) -> Optional[nn.Module]:
+    """The GluMlp whose fc1 is ``fc1_name`` (a :func:`glu_spec` root), else None."""
+    parent, _, attr = fc1_name.rpartition(".")
+    if attr != "fc1":
+        return None
+    try:
+        m = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    return m if glu_mlp(m) else None
+
+
+def glu_spec(name: str, m: nn.Module) -> GroupSpec:
+    """The group of GluMlp ``m``'s units (:func:`glu_mlp`), rooted at its fc1: two channels per
+    unit (``interleave`` 2: unit j is fc1 channels j and j + H)."""
+    H = _width(m.fc2, False)
+    root = f"{name}.fc1"
+    return GroupSpec(name=root, size=H, root=root, interleave=2, members=[
+        Member(root, "producer", list(range(2 * H)), [c % H for c in range(2 * H)]),
+        Member(f"{name}.fc2", "consumer", list(range(H)), list(range(H)))])
+
+
+def glu_tensors(m: nn.Module) -> List[tuple]:
+    """(module, attribute, dim, channels per unit) of every parameter of GluMlp ``m`` indexed
+    by its units."""
+    out = [(m.fc1, "weight", 0, 2), (m.fc1, "bias", 0, 2), (m.fc2, "weight", 1, 1)]
+    return [t for t in out if getattr(t[0], t[1]) is not None]
+
+
+def prune_glu(m: nn.Module, idxs: Sequence[int]) -> None:
+    """Remove units ``idxs`` of GluMlp ``m`` (:func:`glu_mlp`) in place."""
+    H = _width(m.fc2, False)
+    gone = set(int(i) for i in idxs)
+    keep = torch.tensor([j for j in range(H) if j not in gone], dtype=torch.long)
+    idx = {2: torch.cat([keep, keep + H]), 1: keep}
+    for owner, attr, dim, per_unit in glu_tensors(m):
+        t = getattr(owner, attr)
+        setattr(owner, attr, nn.Parameter(
+            t.detach().index_select(dim, idx[per_unit].to(t.device)).clone(),
+            requires_grad=t.requires_grad))
+    if isinstance(m.fc1, nn.Linear):
+        m.fc1.out_features, m.fc2.in_features = 2 * keep.numel(), keep.numel()
+    else:
+        m.fc1.out_channels, m.fc2.in_channels = 2 * keep.numel(), keep.numel()
+
+
 def check_model_types(model: nn.Module) -> None:
     """Refuse, before tracing, the layers Torch-Pruning's graph mishandles outright: recurrent
     layers (its LSTM pruner does not cost the gates exactly; GRU / RNN raise deep inside it)."""
@@ -1189,6 +1253,10 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     # groups stay as traced.
     head_qkv = {m.qkv for m in heads.values()}
     heads = {n: m for n, m in heads.items() if not ({m, m.qkv} & ignored_set)}
+    # GluMlp: the same for its fc1 (Torch-Pruning maps its two halves onto fc2 wrongly)
+    glus = {n: m for n, m in model.named_modules() if glu_mlp(m)}
+    head_qkv |= {m.fc1 for m in glus.values()}
+    glus = {n: m for n, m in glus.items() if not ({m, m.fc1} & ignored_set)}
     limit = env_float("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S)
     with search_limits(limit, "the search for coupled channel groups", search_memory_limit()):
         try:
@@ -1249,6 +1317,9 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     for n, m in heads.items():
         if calls.get(m.qkv, 1) == 1 and calls.get(m.proj, 1) == 1:
             specs.append(head_spec(n, m))
+    for n, m in glus.items():
+        if calls.get(m.fc1, 1) == 1 and calls.get(m.fc2, 1) == 1:
+            specs.append(glu_spec(n, m))
     specs.sort(key=lambda s: order[s.root])
     if len({s.name for s in specs}) != len(specs):        # a module named like "x+1"
         raise UnsupportedModelError("two pruning groups would share a name: "
@@ -1293,6 +1364,12 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
             for owner, attr, d, layout in head_tensors(attn):
                 b.dim((f"{name_of[owner]}.{attr}".lstrip("."), d),
                       getattr(owner, attr).shape[d], gi, width[layout])
+            continue
+        glu = _glu_of(model, spec.root_module)
+        if glu is not None:
+            for owner, attr, d, per_unit in glu_tensors(glu):
+                b.dim((f"{name_of[owner]}.{attr}", d), getattr(owner, attr).shape[d], gi,
+                      per_unit)
             continue
         g = (tp_groups or {}).get(spec.name)
         if g is None:
@@ -1349,12 +1426,16 @@ def prune_units(model: nn.Module, DG, roots: Dict[str, nn.Module],
     groups in ``interleave`` (units of several channels, of ``sizes[name]`` units) lose every
     channel of each unit."""
     interleave = interleave or {}
+    glus = {m.fc1: m for m in model.modules() if glu_mlp(m)}
     for name, idxs in removed.items():
         if not idxs:
             continue
         mod = roots[name]
         if head_attention(mod):
             prune_heads(mod, idxs)
+            continue
+        if mod in glus:
+            prune_glu(glus[mod], idxs)
             continue
         pruner = DG.get_pruner_of_module(mod)
         chans = unit_channels(idxs, sizes[name], interleave[name]) if name in interleave \

@@ -667,14 +667,37 @@ def test_timm_eva_and_rope_vit_heads_pruned_exactly(kw):
     _assert_exact(pruned, ref, plan, x)
 
 
-def test_timm_eva02_glu_mlp_is_refused_and_its_heads_prune_with_it_ignored():
-    """EVA-02's SwiGLU MLP (GluMlp: fc1's two halves gate each other) is one Torch-Pruning maps
-    wrongly: refused before scoring, naming its fc1; with those ignored the heads prune."""
+@pytest.mark.parametrize("gate_last", [False, True])
+def test_timm_eva02_glu_mlp_units_and_heads_pruned_exactly(gate_last):
+    """EVA-02's SwiGLU MLP (timm GluMlp: fc1's two halves gate each other, which Torch-Pruning
+    maps onto fc2 wrongly): unit j is fc1 rows j and j + H and fc2 column j (graph.glu_spec);
+    pruned with the heads, equal to the masked model, costs exact."""
+    from helpers import assert_same, snapshot
     m = _timm_eva(attn_type="eva", swiglu_mlp=True)
-    assert type(m.blocks[0].mlp).__name__ == "GluMlp"
-    with pytest.raises(fp.UnsupportedModelError, match=r"blocks\.0\.mlp\.fc1"):
-        fp.score(m, _data(size=32), **OPTS)
-    book = fp.score(m, _data(size=32), ignore=["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"], **OPTS)
+    for blk in m.blocks:
+        blk.mlp.gate_last = gate_last
+    assert type(m.blocks[0].mlp).__name__ == "GluMlp" and m.blocks[0].mlp.fc2.in_features == 96
+    snap = snapshot(m)
+    book = fp.score(m, _data(size=32), **OPTS)
+    assert_same(m, snap)
+    glu = [g for g in book.groups if g.name.endswith("mlp.fc1")]
+    assert len(glu) == 2 and all(g.size == 96 and g.spec.interleave == 2 for g in glu)
     assert sum(g.kind == "head" for g in book.groups) == 2
     plan = _heads_and_every_third_unit(book)
-    _assert_exact(fp.prune(m, plan), fp.mask(m, plan, book), plan, torch.randn(3, 3, 32, 32))
+    pruned, ref = fp.prune(m, plan), fp.mask(m, plan, book)
+    mlp = pruned.blocks[0].mlp
+    assert mlp.fc2.in_features == 64 and mlp.fc1.out_features == 128
+    _assert_exact(pruned, ref, plan, torch.randn(3, 3, 32, 32))
+    # reconstructed: fc2 (and every other consumer) updated from its input's statistics; the
+    # affine update adds a bias where a consumer has none (EVA's qkv), so outputs only
+    book = fp.score(m, _data(size=32), reconstruction=True, **OPTS)
+    plan = _heads_and_every_third_unit(book)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        a = fp.prune(m, plan, reconstruct="affine", book=book)(x)
+        b = fp.mask(m, plan, book, reconstruct="affine")(x)
+    assert float(b.abs().max()) > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # ignoring fc1 keeps the MLP whole
+    book = fp.score(m, _data(size=32), ignore=["blocks.0.mlp.fc1"], **OPTS)
+    assert [g.name for g in book.groups if g.name.endswith("mlp.fc1")] == ["blocks.1.mlp.fc1"]
