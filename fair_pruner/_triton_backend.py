@@ -11,7 +11,6 @@ from .kernels.tod import tod_overlap, tod_select
 from .kernels.w1 import pairwise_w1_max
 
 
-
 def class_w1_max(x, counts, q):
     """The fused U-Score op as the two Triton kernels back to back (the sketch is formed)."""
     return pairwise_w1_max(class_quantiles(x, counts, q))

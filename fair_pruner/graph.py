@@ -661,7 +661,8 @@ def _timm_swap(m: nn.Module) -> Optional[str]:
               and getattr(m, "num_kv_heads", 0) == H and getattr(m, "num_kv_groups", 1) == 1
               and isinstance(getattr(m, "norm", None), nn.Identity)
               and getattr(m, "gate", None) is None
-              and getattr(m, "head_dim", 0) * H == getattr(m, "attn_dim", -1) == _width(proj, False))
+              and getattr(m, "head_dim", 0) * H == getattr(m, "attn_dim", -1)
+              == _width(proj, False))
         return "TimmAttentionRope" if ok else None
     if where == _TIMM_EVA and base == "EvaAttention":
         biases = [getattr(m, a, None) for a in ("q_bias", "k_bias", "v_bias")]
@@ -1251,16 +1252,16 @@ def find_groups(model: nn.Module, DG, ignored: Sequence[nn.Module],
     # by a head group (head_spec; none where the attention or its qkv is ignored), and not
     # searched (its reshapes into heads are costly to follow); the residual stream and MLP
     # groups stay as traced.
-    head_qkv = {m.qkv for m in heads.values()}
+    own_roots = {m.qkv for m in heads.values()}
     heads = {n: m for n, m in heads.items() if not ({m, m.qkv} & ignored_set)}
     # GluMlp: the same for its fc1 (Torch-Pruning maps its two halves onto fc2 wrongly)
     glus = {n: m for n, m in model.named_modules() if glu_mlp(m)}
-    head_qkv |= {m.fc1 for m in glus.values()}
+    own_roots |= {m.fc1 for m in glus.values()}
     glus = {n: m for n, m in glus.items() if not ({m, m.fc1} & ignored_set)}
     limit = env_float("FAIR_PRUNER_GROUP_SEARCH_S", GROUP_SEARCH_LIMIT_S)
     with search_limits(limit, "the search for coupled channel groups", search_memory_limit()):
         try:
-            all_groups = list(DG.get_all_groups(ignored_layers=list(ignored) + list(head_qkv),
+            all_groups = list(DG.get_all_groups(ignored_layers=list(ignored) + list(own_roots),
                                                 root_module_types=PRODUCER_TYPES))
         except (IndexError, KeyError, ValueError, RuntimeError, ZeroDivisionError) as exc:
             raise UnsupportedModelError(

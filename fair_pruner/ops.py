@@ -38,7 +38,8 @@ from .errors import FairPrunerError, TargetError
 
 __all__ = [
     "unit_stats", "class_quantiles", "pairwise_w1_max", "class_w1_max", "tod_overlap",
-    "tod_select", "gram", "implementations", "active_backend", "positions_3d", "BACKENDS", "OP_NAMES",
+    "tod_select", "gram", "implementations", "active_backend", "positions_3d", "BACKENDS",
+    "OP_NAMES",
 ]
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")

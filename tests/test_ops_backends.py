@@ -166,6 +166,9 @@ def test_class_w1_max_tiles(backend, dtype, P):
                                equal_nan=True)
     assert got.isnan().tolist() == [u == 38 for u in range(45)]
     assert fn(x[:, :, :0], counts, 9).shape == (0,)
+    empty = torch.randn(2, 3, 4, 0)                       # no coordinates: 0 / 0, as the two ops
+    torch.testing.assert_close(fn(empty, torch.tensor([3, 2]), 2),
+                               ops.class_w1_max_ref(empty, torch.tensor([3, 2]), 2), equal_nan=True)
 
 
 @pytest.mark.parametrize("K,max_k", [(2, 4), (5, 4), (9, 4), (11, 6), (100, 100), (101, 100)])

@@ -79,45 +79,48 @@ at::Tensor unit_stats_cpu(const at::Tensor& z_in, const at::Tensor& g_in, int64_
   return out;
 }
 
-at::Tensor class_quantiles_cpu(const at::Tensor& x, const at::Tensor& counts_in, int64_t q) {
-  check_cpu(x, "class_quantiles", "x");
-  TORCH_CHECK(x.dim() == 4, "class_quantiles: expected x [K, S, U, P], got ", x.sizes());
-  TORCH_CHECK(q >= 1, "class_quantiles: q must be >= 1");
-  const int64_t K = x.size(0), S = x.size(1), U = x.size(2), P = x.size(3);
+// Checks x [K, S, U, P] (CPU, 4-d) and q of a class-sample op; returns counts as contiguous
+// int64 [K], each in [1, S].
+at::Tensor checked_samples(const at::Tensor& x, const at::Tensor& counts_in, int64_t q,
+                           const char* op) {
+  check_cpu(x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": expected x [K, S, U, P], got ", x.sizes());
+  TORCH_CHECK(q >= 1, op, ": q must be >= 1");
+  const int64_t K = x.size(0), S = x.size(1);
   at::Tensor counts = counts_in.to(at::kCPU, at::kLong).contiguous();
-  TORCH_CHECK(counts.numel() == K, "class_quantiles: counts must have one entry per class");
+  TORCH_CHECK(counts.numel() == K, op, ": counts must have one entry per class");
   const int64_t* cnt = counts.const_data_ptr<int64_t>();
   for (int64_t k = 0; k < K; ++k)
-    TORCH_CHECK(cnt[k] >= 1 && cnt[k] <= S, "class_quantiles: counts must lie in [1, ", S, "]");
+    TORCH_CHECK(cnt[k] >= 1 && cnt[k] <= S, op, ": counts must lie in [1, ", S, "]");
+  return counts;
+}
+
+at::Tensor class_quantiles_cpu(const at::Tensor& x, const at::Tensor& counts_in, int64_t q) {
+  at::Tensor counts = checked_samples(x, counts_in, q, "class_quantiles");
+  const int64_t K = x.size(0), S = x.size(1), U = x.size(2), P = x.size(3);
   at::Tensor out = at::empty({K, U, P, q}, x.options().dtype(at::kFloat));
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_quantiles",
                                   [&] {
-    class_quantiles<scalar_t>(x.const_data_ptr<scalar_t>(), xs, cnt, K, S, U, P, q,
+    class_quantiles<scalar_t>(x.const_data_ptr<scalar_t>(), xs,
+                              counts.const_data_ptr<int64_t>(), K, S, U, P, q,
                               out.mutable_data_ptr<float>());
   });
   return out;
 }
 
 at::Tensor class_w1_max_cpu(const at::Tensor& x, const at::Tensor& counts_in, int64_t q) {
-  check_cpu(x, "class_w1_max", "x");
-  TORCH_CHECK(x.dim() == 4, "class_w1_max: expected x [K, S, U, P], got ", x.sizes());
-  TORCH_CHECK(q >= 1, "class_w1_max: q must be >= 1");
+  at::Tensor counts = checked_samples(x, counts_in, q, "class_w1_max");
   const int64_t K = x.size(0), S = x.size(1), U = x.size(2), P = x.size(3);
   TORCH_CHECK(K >= 2, "class_w1_max: need at least two classes");
-  at::Tensor counts = counts_in.to(at::kCPU, at::kLong).contiguous();
-  TORCH_CHECK(counts.numel() == K, "class_w1_max: counts must have one entry per class");
-  const int64_t* cnt = counts.const_data_ptr<int64_t>();
-  for (int64_t k = 0; k < K; ++k)
-    TORCH_CHECK(cnt[k] >= 1 && cnt[k] <= S, "class_w1_max: counts must lie in [1, ", S, "]");
   at::Tensor out = at::empty({U}, x.options().dtype(at::kFloat));
   // no coordinates: the mean over an empty (P, Q) is 0 / 0, as in the two ops
   if (P == 0) return out.fill_(std::numeric_limits<float>::quiet_NaN());
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_w1_max",
                                   [&] {
-    class_w1_max<scalar_t>(x.const_data_ptr<scalar_t>(), xs, cnt, K, S, U, P, q,
-                           out.mutable_data_ptr<float>());
+    class_w1_max<scalar_t>(x.const_data_ptr<scalar_t>(), xs, counts.const_data_ptr<int64_t>(),
+                           K, S, U, P, q, out.mutable_data_ptr<float>());
   });
   return out;
 }
