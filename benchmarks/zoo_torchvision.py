@@ -320,7 +320,9 @@ def main(argv=None) -> int:
                     help="measure instead of check: fp.score with its defaults at 224x224 vs a "
                          "plain forward + backward (time, peak RSS, where the time goes), "
                          f"judged against {BUDGET_PEAK_MIB >> 10} GiB peak RSS and --limit")
-    ap.add_argument("--skip", default="", help="comma-separated exact model names to leave out")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated exact model names to leave out (timm ones with or "
+                         "without their timm: prefix)")
     ap.add_argument("--resume", action="store_true",
                     help="--budget: keep the models already in --json and run the rest")
     a = ap.parse_args(argv)
@@ -329,7 +331,8 @@ def main(argv=None) -> int:
     if a.k:
         names = [n for n in names if any(f in n for f in a.k.split(","))]
     if a.skip:
-        names = [n for n in names if n not in a.skip.split(",")]
+        skip = set(a.skip.split(","))        # with or without the "timm:" prefix
+        names = [n for n in names if n not in skip and n.split(":", 1)[-1] not in skip]
     if a.budget:
         return budget(names, a.limit, a.bn_from_data, a.json, a.resume)
     results = []
