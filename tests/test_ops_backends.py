@@ -171,6 +171,25 @@ def test_class_w1_max_tiles(backend, dtype, P):
                                ops.class_w1_max_ref(empty, torch.tensor([3, 2]), 2), equal_nan=True)
 
 
+def test_score_gives_the_same_u_with_the_fused_op_and_the_two_ops(monkeypatch):
+    """engine.finish_u takes the two ops where a tile's sketch would not fit FUSED_TILE_BYTES:
+    the book's U-Scores are the same bit for bit either way (sketched and scalar units)."""
+    import fair_pruner as fp
+    from fair_pruner import engine
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(),
+                          nn.Linear(6, 3)).eval()
+    data = [(torch.randn(12, 3, 10, 10), torch.arange(12) % 3) for _ in range(2)]
+    fused = fp.score(model, data, samples_per_class=5, projections=16, progress=False)
+    monkeypatch.setattr(engine, "FUSED_TILE_BYTES", 0)
+    two = fp.score(model, data, samples_per_class=5, projections=16, progress=False)
+    assert [g.name for g in fused.groups] == [g.name for g in two.groups]
+    for a, b in zip(fused.groups, two.groups):
+        assert torch.equal(a.u, b.u), a.name
+
+
 @pytest.mark.parametrize("K,max_k", [(2, 4), (5, 4), (9, 4), (11, 6), (100, 100), (101, 100)])
 def test_max_over_class_blocks_equals_all_pairs(K, max_k):
     """How the CUDA backend serves K > 100 classes with its <= 100-class kernel."""
