@@ -9,13 +9,10 @@ from .kernels.quantiles import class_quantiles
 from .kernels.taylor import unit_stats
 from .kernels.tod import tod_overlap, tod_select
 from .kernels.w1 import pairwise_w1_max
+from .ops import class_w1_max_composed
 
-
-def class_w1_max(x, counts, q):
-    """The fused U-Score op as the two Triton kernels back to back (the sketch is formed)."""
-    return pairwise_w1_max(class_quantiles(x, counts, q))
-
-
+# class_w1_max: no fused Triton kernel; the two ops through the dispatcher, so pairwise_w1_max
+# runs the CUDA C++ kernel where it is built (the sketch is formed).
 KERNELS = {"unit_stats": unit_stats, "class_quantiles": class_quantiles,
-           "pairwise_w1_max": pairwise_w1_max, "class_w1_max": class_w1_max,
+           "pairwise_w1_max": pairwise_w1_max, "class_w1_max": class_w1_max_composed,
            "tod_overlap": tod_overlap, "tod_select": tod_select}

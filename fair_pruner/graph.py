@@ -437,32 +437,44 @@ class _TimmWindowHeads(_TimmHeads):
         return [(self, "relative_position_bias_table", 1)]
 
 
-class _TimmWindowV2Heads(_TimmHeads):
-    """timm Swin-V2's ``WindowAttention`` with the same numbers, but its head outputs reshaped
-    to their own width (timm reshapes them to the input width, which a pruned head count
-    breaks) and its q/k/v bias added after ``qkv`` is called as a module (timm's ``F.linear``
-    on its weight hides it from hooks and MAC counts). Per-head parameters: ``logit_scale``,
-    the rows of the position-bias MLP's last Linear, and the head's slices of ``q_bias`` /
-    ``v_bias`` (``k_bias`` is a zero buffer, remade at the new width)."""
+class _TimmQVBiasHeads(_TimmHeads):
+    """A timm attention with ``q_bias`` / ``v_bias`` parameters beside a bias-free fused
+    ``qkv`` and a zero ``k_bias`` buffer (Swin-V2, EVA): the head's slices of q_bias / v_bias
+    are per-head parameters, k_bias is remade at the new width, and the forward adds the three
+    after calling ``qkv`` as a module (timm's ``F.linear`` on its weight hides it from hooks and
+    MAC counts)."""
 
-    def head_params(self):
-        out = [(self, "logit_scale", 0), (self.cpb_mlp[-1], "weight", 0)]
-        if self.q_bias is not None:
-            out += [(self, "q_bias", 0, "features"), (self, "v_bias", 0, "features")]
-        return out
+    def qv_bias_params(self):
+        if self.q_bias is None:
+            return []
+        return [(self, "q_bias", 0, "features"), (self, "v_bias", 0, "features")]
 
     def heads_pruned(self) -> None:
         if self.q_bias is not None:
             self.register_buffer("k_bias", torch.zeros_like(self.q_bias.detach()),
                                  persistent=False)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B * windows, N, dim], mask [windows, N, N] or None -> [B * windows, N, dim]."""
-        B_, N, _ = x.shape
+    def biased_qkv(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
         if self.q_bias is not None:
             qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return qkv
+
+
+class _TimmWindowV2Heads(_TimmQVBiasHeads):
+    """timm Swin-V2's ``WindowAttention`` with the same numbers, but its head outputs reshaped
+    to their own width (timm reshapes them to the input width, which a pruned head count
+    breaks) and its q/k/v bias added after ``qkv`` (:class:`_TimmQVBiasHeads`). Per-head
+    parameters: ``logit_scale``, the rows of the position-bias MLP's last Linear, and the head's
+    slices of ``q_bias`` / ``v_bias``."""
+
+    def head_params(self):
+        return [(self, "logit_scale", 0), (self.cpb_mlp[-1], "weight", 0)] + self.qv_bias_params()
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B * windows, N, dim], mask [windows, N, N] or None -> [B * windows, N, dim]."""
+        B_, N, _ = x.shape
+        q, k, v = self.biased_qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
@@ -538,23 +550,15 @@ class _TimmRopeHeads(_TimmHeads):
         self.num_kv_heads, self.kv_dim = self.num_heads, self.attn_dim
 
 
-class _TimmEvaHeads(_TimmHeads):
+class _TimmEvaHeads(_TimmQVBiasHeads):
     """timm EVA's ``EvaAttention`` (EVA-02 and timm's RoPE ViTs) with a fused ``qkv``: the same
     numbers as timm's forward, but the head outputs reshaped to their own width (timm reshapes
-    them to the input width) and the q/k/v bias added after ``qkv`` is called as a module
-    (timm's ``F.linear`` on its weight hides it from hooks and MAC counts). RoPE and q/k norms
-    act within a head, the same for every head. Per-head parameters: the head's slices of
-    ``q_bias`` / ``v_bias`` (``k_bias`` is a zero buffer, remade at the new width)."""
+    them to the input width) and the q/k/v bias added after ``qkv``
+    (:class:`_TimmQVBiasHeads`). RoPE and q/k norms act within a head, the same for every head.
+    Per-head parameters: the head's slices of ``q_bias`` / ``v_bias``."""
 
     def head_params(self):
-        if self.q_bias is None:
-            return []
-        return [(self, "q_bias", 0, "features"), (self, "v_bias", 0, "features")]
-
-    def heads_pruned(self) -> None:
-        if self.q_bias is not None:
-            self.register_buffer("k_bias", torch.zeros_like(self.q_bias.detach()),
-                                 persistent=False)
+        return self.qv_bias_params()
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
@@ -562,10 +566,7 @@ class _TimmEvaHeads(_TimmHeads):
         import importlib
         ev = importlib.import_module(_TIMM_EVA)       # timm's own rope and mask helpers
         B, N, _ = x.shape
-        qkv = self.qkv(x)
-        if self.q_bias is not None:
-            qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.biased_qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
@@ -706,9 +707,7 @@ def _swap_timm(m: nn.Module, name: str) -> None:
     m.__class__ = _timm_class(name)
     m.head_dim = _width(m.proj, False) // m.num_heads      # what one head gives proj
     m.attn_dim = m.num_heads * m.head_dim
-    if not isinstance(getattr(m, "norm", None), nn.Identity):   # _timm_swap checked timm's
-        m.norm = nn.Identity()
-    m.gate = None
+    m.norm, m.gate = nn.Identity(), None
 
 
 def __getattr__(name: str):
@@ -900,16 +899,10 @@ def glu_mlp(m: nn.Module) -> bool:
             and getattr(m, "chunk_dim", None) == (1 if isinstance(fc1, nn.Conv2d) else -1))
 
 
-def _glu_of(model: nn.Module, fc1_name: str) -> Optional[nn.Module]:
-    """The GluMlp whose fc1 is ``fc1_name`` (a :func:`glu_spec` root), else None."""
-    parent, _, attr = fc1_name.rpartition(".")
-    if attr != "fc1":
-        return None
-    try:
-        m = model.get_submodule(parent)
-    except AttributeError:
-        return None
-    return m if glu_mlp(m) else None
+def glus_by_fc1(model: nn.Module) -> Dict[nn.Module, nn.Module]:
+    """fc1 -> its GluMlp (:func:`glu_mlp`) for every GluMlp of ``model``: a
+    :func:`glu_spec` group's root is its fc1."""
+    return {m.fc1: m for m in model.modules() if glu_mlp(m)}
 
 
 def glu_spec(name: str, m: nn.Module) -> GroupSpec:
@@ -1358,6 +1351,7 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
     name_of = {m: n for n, m in model.named_modules()}
     pname_of = {p: n for n, p in model.named_parameters()}
     b = CostBuilder()
+    glus = glus_by_fc1(model)
     for gi, spec in enumerate(groups):
         attn = model.get_submodule(spec.root_module)
         if head_attention(attn):
@@ -1366,7 +1360,7 @@ def build_cost_model(model: nn.Module, DG, groups: Sequence[GroupSpec],
                 b.dim((f"{name_of[owner]}.{attr}".lstrip("."), d),
                       getattr(owner, attr).shape[d], gi, width[layout])
             continue
-        glu = _glu_of(model, spec.root_module)
+        glu = glus.get(attn)               # the root is a GluMlp's fc1
         if glu is not None:
             for owner, attr, d, per_unit in glu_tensors(glu):
                 b.dim((f"{name_of[owner]}.{attr}", d), getattr(owner, attr).shape[d], gi,
@@ -1427,7 +1421,7 @@ def prune_units(model: nn.Module, DG, roots: Dict[str, nn.Module],
     groups in ``interleave`` (units of several channels, of ``sizes[name]`` units) lose every
     channel of each unit."""
     interleave = interleave or {}
-    glus = {m.fc1: m for m in model.modules() if glu_mlp(m)}
+    glus = glus_by_fc1(model)
     for name, idxs in removed.items():
         if not idxs:
             continue

@@ -333,14 +333,22 @@ _REFERENCE: Dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------------------------
-# The ops: the reference is each op's body (CompositeExplicitAutograd: every device); backends
-# add per-device kernels (the CPU / CUDA dispatch keys take precedence). Argument checks live in
-# the public wrappers below so every kernel gets them.
+# The ops: the reference is each op's body (CompositeExplicitAutograd: every device), except
+# class_w1_max's, which composes the two ops it fuses; backends add per-device kernels (the CPU
+# / CUDA dispatch keys take precedence). Argument checks live in the public wrappers below so
+# every kernel gets them.
 #
 # Registered through torch.library.Library rather than the @custom_op decorator: a custom op's
 # first call imports torch._dynamo (~1 s, a third of a first small fp.score call); these ops
 # dispatch straight to their kernels. They are not differentiable (called on detached tensors).
 # --------------------------------------------------------------------------------------------
+
+
+def class_w1_max_composed(x: Tensor, counts: Tensor, q: int) -> Tensor:
+    """``class_w1_max`` where a device has no fused kernel: the two ops through the
+    dispatcher, so each runs that device's own kernel (not its reference)."""
+    return _pairwise_w1_max_op(_class_quantiles_op(x, counts, q))
+
 
 _LIB = torch.library.Library("fair_pruner", "DEF")
 _SCHEMAS = {
@@ -352,9 +360,8 @@ _SCHEMAS = {
                                                          dtype=torch.float32)),
     "pairwise_w1_max": ("pairwise_w1_max(Tensor sk) -> Tensor", pairwise_w1_max_ref,
                         lambda sk: sk.new_empty((sk.shape[1],), dtype=torch.float32)),
-    # Where a device has no fused kernel, the two ops' own kernels (not their references).
     "class_w1_max": ("class_w1_max(Tensor x, Tensor counts, int q) -> Tensor",
-                     lambda x, counts, q: _pairwise_w1_max_op(_class_quantiles_op(x, counts, q)),
+                     class_w1_max_composed,
                      lambda x, counts, q: x.new_empty((x.shape[2],), dtype=torch.float32)),
     "tod_overlap": ("tod_overlap(Tensor u, Tensor r, Tensor offsets) -> Tensor", tod_overlap_ref,
                     lambda u, r, offsets: u.new_empty((u.shape[0] + offsets.shape[0] - 1,),
