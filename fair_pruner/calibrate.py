@@ -35,7 +35,8 @@ from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sa
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
                     check_model_types, check_traced, convert_blocks, find_groups,
-                    head_attention, kept_residual, needs_conversion, shuffle_outputs)
+                    glus_by_fc1, head_attention, kept_residual, needs_conversion,
+                    shuffle_outputs)
 from .scorebook import Group, ScoreBook, model_fingerprint
 from .signals import BUILTIN, Signal, UnitStats
 
@@ -321,6 +322,54 @@ class _Heads(_Producer):
         return torch.cat([qkv, proj], dim=1), None
 
 
+class _GluHidden(_Producer):
+    """The units of one timm ``GluMlp`` (:func:`~fair_pruner.graph.glu_mlp`), observed at the
+    input of its ``fc2``: z [..., H] (NLC) or [B, H, ...] (1x1 convs), the gated hidden
+    ``act(x1) * x2``. Removing unit j zeroes exactly hidden channel j, so its U sample is that
+    channel and its R-Score that channel's Taylor term, as for an LM's MLP neuron at
+    ``down_proj``; fc1's two halves observed apart would score the gate and the value, not the
+    unit."""
+
+    def __init__(self, name: str, glu: nn.Module, fc2_name: str, group: int):
+        fc2 = glu.fc2
+        H = fc2.in_features if isinstance(fc2, nn.Linear) else fc2.in_channels
+        units = torch.arange(H)
+        super().__init__(name, fc2, group, units, units)
+        self.glu, self.fc2_name, self.units = glu, fc2_name, H
+        self.out_units = fc2.out_features if isinstance(fc2, nn.Linear) else fc2.out_channels
+
+    @property
+    def where(self) -> str:
+        return f"the gated hidden units of {self.name} (the input of {self.fc2_name})"
+
+    @property
+    def probe_key(self) -> str:
+        return self.fc2_name               # fc2's output has its input's rows and positions
+
+    def features(self, probe) -> int:
+        return (int(math.prod(probe["feature_shapes"][self.fc2_name])) * self.fold
+                // max(1, self.out_units))
+
+    def install(self, model: nn.Module, on_tensor):
+        def hook(mod, args):
+            new = on_tensor(args[0])
+            return None if new is args[0] else (new,) + tuple(args[1:])
+        return self.module.register_forward_pre_hook(hook)
+
+    def unit_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """[H, 2 * (fan_in + bias) + out]: a unit's two fc1 rows (with their biases) and its fc2
+        column."""
+        H, fc1 = self.units, self.glu.fc1
+        w = fc1.weight.detach().float().cpu()
+        w = w.reshape(w.shape[0], -1)                      # a 1x1 conv's [2H, C, 1, 1] too
+        if fc1.bias is not None:
+            w = torch.cat([w, fc1.bias.detach().float().cpu()[:, None]], dim=1)
+        rows = w.reshape(2, H, -1).transpose(0, 1).reshape(H, -1)
+        col = self.module.weight.detach().float().cpu()
+        col = col.reshape(col.shape[0], H).t()
+        return torch.cat([rows, col], dim=1), None
+
+
 def _check_folds(model: nn.Module, producers: List[_Producer], probe: Dict[str, Any],
                  inputs: Any, device) -> None:
     """Set ``fold`` of every tap whose tensor has more than one row per sample (windowed
@@ -526,9 +575,15 @@ def score(model: nn.Module, loader: Iterable, *, loss_fn=None, num_classes: Opti
         # model must count what pruning leaves (else refuse, naming the groups).
         check_exact(work, example, specs, cost, call_model, seed, DG=DG)
         producers: List[_Producer] = []
+        glus = glus_by_fc1(work)
         for gi, spec in enumerate(specs):
             if head_attention(name_to_mod[spec.root_module]):
                 producers.append(_Heads(spec.root_module, name_to_mod[spec.root_module], gi))
+                continue
+            glu = glus.get(name_to_mod[spec.root_module])
+            if glu is not None and spec.interleave == 2:   # graph.glu_spec's group
+                fc2 = next(m.module for m in spec.members if m.role == "consumer")
+                producers.append(_GluHidden(spec.root_module, glu, fc2, gi))
                 continue
             for m in spec.producers:
                 p = _Producer(m.module, name_to_mod[m.module], gi,

@@ -701,3 +701,31 @@ def test_timm_eva02_glu_mlp_units_and_heads_pruned_exactly(gate_last):
     # ignoring fc1 keeps the MLP whole
     book = fp.score(m, _data(size=32), ignore=["blocks.0.mlp.fc1"], **OPTS)
     assert [g.name for g in book.groups if g.name.endswith("mlp.fc1")] == ["blocks.1.mlp.fc1"]
+
+
+def test_timm_glu_units_are_scored_at_the_gated_hidden():
+    """A GluMlp unit is observed where removing it acts, fc2's input act(x1) * x2 (as an LM's
+    MLP neuron at down_proj): its activation signal is the mean |hidden| over the calibration
+    data, its l2 signal its weights' (fc1 rows j, j + H with biases and fc2 column j), its
+    U-Score one per unit."""
+    m = _timm_eva(attn_type="eva", swiglu_mlp=True)
+    data = _data(size=32)
+    seen = {}
+    hs = [blk.mlp.fc2.register_forward_pre_hook(
+        lambda mod, a, k=k: seen.setdefault(k, []).append(a[0].detach().double()))
+        for k, blk in enumerate(m.blocks)]
+    with torch.no_grad():
+        for x, _ in data:
+            m(x)
+    for h in hs:
+        h.remove()
+    book = fp.score(m, data, **OPTS)
+    for k, blk in enumerate(m.blocks):
+        g = book.group(f"blocks.{k}.mlp.fc1")
+        z = torch.cat(seen[k]).reshape(-1, 96)
+        torch.testing.assert_close(g.signals["activation"], z.abs().mean(0), rtol=1e-6, atol=0)
+        f1, f2 = blk.mlp.fc1, blk.mlp.fc2
+        w = torch.cat([f1.weight, f1.bias[:, None]], 1).double()
+        l2 = w[:96].square().sum(1) + w[96:].square().sum(1) + f2.weight.double().square().sum(0)
+        torch.testing.assert_close(g.signals["l2"], l2, rtol=1e-6, atol=0)
+        assert g.signals["u"].shape == (96,) and bool((g.signals["u"] > 0).all())
