@@ -30,8 +30,9 @@ from torch import Tensor
 from . import ops
 from . import distributed as dist
 from .engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, copy_model,
-                     finish_u, first_tensor, gradient_pass, len_or_none, logits_of, map_tensors,
-                     preserved, split_batch, store_samples, stored_dim, working_model)
+                     finish_u_all, first_tensor, gradient_pass, len_or_none, logits_of, map_tensors,
+                     preserved, split_batch, store_samples, stored_dim, structure_only,
+                     working_model)
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from .graph import (PRODUCER_TYPES, build_cost_model, build_dependency_graph, check_exact,
                     check_model_types, check_traced, convert_blocks, find_groups,
@@ -792,7 +793,7 @@ def _probe(model: nn.Module, example: Any) -> Dict[str, Any]:
         if isinstance(m, PRODUCER_TYPES):
             hooks.append(m.register_forward_hook(hook))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), structure_only():     # its graph is walked, never run
             out = call_model(model, example)
     except Exception as exc:
         raise UnsupportedModelError(f"the model failed on the first calibration batch "
@@ -947,8 +948,7 @@ def _pass_one(run: _Run, chunk: List[_Producer], first: Any, it, reduce=None
         run.model, run.producers, batches(), run.res, run.sampling, sketch=chunk,
         progress=run.progress, total=len_or_none(run.loader)), reduce)
     run.res.check()
-    for p in chunk:
-        finish_u(p, run.res, list(run.res.classes))
+    finish_u_all(chunk, run.res, list(run.res.classes))
     return {"samples": n, "batches": len(label_hashes), "label_hashes": label_hashes,
             "prints": prints}
 
@@ -1020,8 +1020,7 @@ def _u_pass(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int,
     ``reduce`` (data parallel) the ranks' samples are summed before the U-Scores."""
     dist.guarded(lambda: _u_samples(run, chunk, first, need),
                  (lambda: reduce(chunk)) if reduce is not None else None)
-    for p in chunk:
-        finish_u(p, run.res, list(run.res.classes))
+    finish_u_all(chunk, run.res, list(run.res.classes))
 
 
 def _u_samples(run: _Run, chunk: List[_Producer], first: Dict[str, Any], need: int) -> None:

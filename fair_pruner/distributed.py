@@ -11,8 +11,9 @@ given that order computes the same book.
 * U samples: every rank replays the seeded reservoir over the labels of the whole union (labels
   are cheap to gather; an LM's first pass reads them anyway), so every rank knows which sample
   ends in which (class, slot); each stores only its own final samples, and the sample buffers
-  are summed (each slot is written by exactly one rank). The U-Score is then computed from the
-  same samples as in one process.
+  are summed (each slot is written by exactly one rank) onto one rank per tap, which computes
+  that tap's U-Score from the same samples as in one process and shares it: the U-Scores are
+  split over the ranks, not computed by each.
 * A rank that fails tells the others at the next agreement point (:func:`agree`), so every rank
   raises instead of waiting forever in a collective.
 
@@ -24,6 +25,7 @@ gathers one FSDP unit at a time through :func:`full_params`.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -98,22 +100,51 @@ def gathered(work) -> List[Any]:
 
 
 def sum_samples(taps) -> None:
-    """Sum the U sample buffers (``buf``, ``filled``) of sketch taps over the ranks. Each slot
-    was stored by one rank; a rank that stored none of a tap's samples contributes zeros."""
+    """Bring the U sample buffers (``buf``, ``filled``) of sketch taps together, each on the
+    one rank that will finish its U-Score (:func:`u_owners`; stored as ``tap.u_rank``): each
+    slot was stored by one rank and a rank that stored none of a tap's samples contributes
+    zeros, so the sum is the single-process buffer. The other ranks drop their copy:
+    :func:`fair_pruner.engine.finish_u_all` then computes each U-Score once, not once per
+    rank, and shares the results."""
+    import torch.distributed as dist
+    rank, size = world()
     shapes = gather_objects([None if t.buf is None else
                              (tuple(t.buf.shape), str(t.buf.dtype), str(t.buf.device))
                              for t in taps])
-    for i, t in enumerate(taps):
+    agreed = []
+    for i in range(len(taps)):
         known = [sh[i] for sh in shapes if sh[i] is not None]
-        if not known:
-            continue
         # buffers grow with the slots a rank stored: every rank takes the largest
-        shape, dtype, device = max(known, key=lambda sh: sh[0][1])
+        agreed.append(max(known, key=lambda sh: sh[0][1]) if known else None)
+    owners = u_owners([0 if sh is None else math.prod(sh[0]) for sh in agreed], size)
+    for t, sh, owner in zip(taps, agreed, owners):
+        t.u_rank = owner
+        if sh is None:          # no rank stored any: finish_u on the owner says so
+            continue
+        shape, dtype, device = sh
         t.grow_samples(shape[1], (shape[0], shape[2], shape[3]),
                        getattr(torch, dtype.replace("torch.", "")),
                        t.buf.device if t.buf is not None else device)
-        sum_(t.buf)
-        sum_(t.filled)
+        filled = t.filled.to(torch.uint8)
+        dist.reduce(t.buf, dst=owner)
+        dist.reduce(filled, dst=owner)
+        if rank == owner:
+            t.filled = filled > 0
+        else:
+            t.buf = t.filled = None
+
+
+def u_owners(costs: Sequence[int], size: int) -> List[int]:
+    """The rank (of ``size``) that finishes each tap's U-Score, given each tap's sample count:
+    largest first onto the least-loaded rank (ties to the lower rank), so every rank computes
+    the same assignment from the same ``costs``."""
+    load = [0] * size
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += max(1, costs[i])
+    return owner
 
 
 def gather_objects(obj: Any) -> List[Any]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .distributed import active as distributed_active, is_sharded
+from .distributed import active as distributed_active, gathered, is_sharded, world
 from .errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 
 
@@ -124,6 +124,18 @@ def recomputing() -> bool:
     """True while autograd runs a backward (e.g. activation checkpointing recomputing a layer's
     forward): forward hooks must then repeat their tensor ops but record nothing again."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _never_unpacked(_):
+    raise RuntimeError("internal: a graph traced for its structure was differentiated")
+
+
+def structure_only():
+    """Autograd records the graph (``grad_fn`` nodes with their shapes, dims and split sizes)
+    but saves none of the tensors a backward would need: for forwards whose graph is only
+    walked (Torch-Pruning's trace, the probe), whose saved activations would otherwise live as
+    long as the graph does (~0.8 GB for one 224x224 image through ViT-H/14)."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: None, _never_unpacked)
 
 
 def gradient_pass(model: nn.Module, taps: Sequence[SketchTap], batches: Iterable[Batch],
@@ -508,6 +520,30 @@ def finish_u(p: "SketchTap", res: Reservoir, classes: List[int]) -> None:
     p.buf = p.filled = None
     if not torch.isfinite(p.u).all():
         raise NonFiniteError(f"non-finite U-Score at {p.name}: NaN/inf activations")
+
+
+def finish_u_all(taps: Sequence["SketchTap"], res: Reservoir, classes: List[int]) -> None:
+    """:func:`finish_u` for every tap. Data parallel, each tap's U-Score is computed on the rank
+    its samples were summed onto (``tap.u_rank``, set by
+    :func:`fair_pruner.distributed.sum_samples`) and then shared, so the ranks split the work;
+    a failure on any rank raises on every rank."""
+    rank, size = world()
+    if size == 1:
+        for p in taps:
+            finish_u(p, res, classes)
+        return
+
+    def mine() -> Dict[int, Tensor]:
+        out = {}
+        for i, p in enumerate(taps):
+            if getattr(p, "u_rank", rank) == rank:
+                finish_u(p, res, classes)
+                out[i] = p.u
+            p.buf = p.filled = None
+        return out
+    for part in gathered(mine):
+        for i, u in part.items():
+            taps[i].u = u
 
 
 def len_or_none(loader) -> Optional[int]:

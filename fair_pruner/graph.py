@@ -19,14 +19,14 @@ import signal
 import threading
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .cost import CostBuilder, CostModel
-from .engine import copy_model, first_tensor, map_tensors
+from .engine import copy_model, first_tensor, map_tensors, structure_only
 from .errors import UnsupportedModelError, env_float
 from .scorebook import GroupSpec, Member, model_fingerprint
 
@@ -1006,8 +1006,10 @@ def build_dependency_graph(model: nn.Module, example_inputs: Any):
             for p in frozen:
                 p.requires_grad_(True)
             # forward_fn: Torch-Pruning would call model(*x) first, unbatching a 1-sample x.
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                         forward_fn=_call, verbose=False)
+            # It reads the graph's structure only (next_functions, saved dims and sizes).
+            with structure_only():
+                return tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_inputs, forward_fn=_call, verbose=False)
         except Exception as exc:
             raise UnsupportedModelError(
                 f"Torch-Pruning could not trace this model ({type(exc).__name__}: {exc}). "
@@ -1676,20 +1678,35 @@ def check_exact(model: nn.Module, example: Any, specs: Sequence[GroupSpec], cost
     def finite(m, ex):
         return all(bool(torch.isfinite(t).all()) for t in _measure(m, ex, call)[0]
                    if t.is_floating_point())
-    ref, ex, outputs = _perturbed(model, seed), example, True
-    if not finite(ref, ex):
+
+    def reference() -> Tuple[nn.Module, bool]:
+        """The jittered copy every comparison starts from (seeded: the same each time it is
+        made), and whether outputs can be compared."""
+        ref = _perturbed(model, seed)
+        if finite(ref, example):
+            return ref, True
         ref = copy_model(model).eval()          # the jitter overflowed: as it is
-        outputs = finite(ref, ex)   # NaN inputs: counts only (calibration reports them)
+        return ref, finite(ref, example)        # NaN inputs: counts only (calibration reports)
+    ref, outputs = reference()
+    ex = example
     # First in the model's dtype (cheap); a difference is confirmed in float64 before it is
     # reported: pruned and masked differ only in summation order, but a deep net with
     # jittered weights amplifies that: fp32 outputs of EfficientNet-V2-L differ by 36% where
     # fp64 ones agree to 2e-7 (a false refusal, or a real error hidden in the noise).
+    # Each round prunes ref itself instead of a copy (a 600M-parameter model's 2.4 GB off the
+    # check's peak); a later round makes the same reference again.
     in64 = False
-    bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs)
+    bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs, consume=True)
+    ref = None
     if bad and any(t.is_floating_point() and t.dtype != torch.float64
                    for t in itertools.chain(model.parameters(), model.buffers())):
         in64 = True
-        bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs, in64)
+        ref, outputs = reference()
+        bad = _exact_errors(ref, ex, specs, cost, call, removed, tol, outputs, in64,
+                            consume=True)
+        ref = None
+    if bad:                                     # naming the culprits needs it whole
+        ref, outputs = reference()
     if not bad:
         _CHECKED[key] = None
         while len(_CHECKED) > _CHECKED_MAX:
@@ -1722,42 +1739,61 @@ def _big(model: nn.Module) -> bool:
 
 def _exact_errors(ref: nn.Module, example: Any, specs: Sequence[GroupSpec], cost: CostModel,
                   call, removed: Dict[str, Sequence[int]], tol: float,
-                  outputs: bool = True, in64: bool = False) -> List[str]:
+                  outputs: bool = True, in64: bool = False, consume: bool = False) -> List[str]:
     """What differs between ``ref`` with ``removed`` pruned and masked, each compared in float64
     with ``in64`` (each copy converted after surgery: ``ref`` stays in its dtype, so a
-    600M-parameter model holds one float64 copy at a time, not two)."""
+    600M-parameter model holds one float64 copy at a time, not two). With ``consume``, ``ref``
+    itself is pruned (after the masked reference is measured on a copy), one model copy fewer
+    at the check's peak: the caller must not use ``ref`` again."""
     idx = {s.name: i for i, s in enumerate(specs)}
     vec = torch.zeros(len(specs), dtype=torch.float64)
     for n, r in removed.items():
         vec[idx[n]] = len(r)
     want_p, want_m = (int(round(float(v))) for v in cost.evaluate(vec))
     errs: List[str] = []
-    pruned = copy_model(ref)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            DG = build_dependency_graph(pruned, example)
-            prune_units(pruned, DG, {n: pruned.get_submodule(specs[idx[n]].root)
-                                     for n in removed}, removed,
-                        {s.name: s.size for s in specs},
-                        {s.name: s.interleave for s in specs if s.interleave != 1})
+
+    def run_pruned(pruned: nn.Module):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                DG = build_dependency_graph(pruned, example)
+                prune_units(pruned, DG, {n: pruned.get_submodule(specs[idx[n]].root)
+                                         for n in removed}, removed,
+                            {s.name: s.size for s in specs},
+                            {s.name: s.interleave for s in specs if s.interleave != 1})
+                ex = example
+                if in64:
+                    pruned, ex = _in_float64(pruned, example, call)
+                return _measure(pruned, ex, call), None
+        except Exception as exc:        # pruned model no longer runs
+            return None, f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"
+
+    def run_masked(masked: nn.Module):
+        try:
+            masked = mask_units(masked, specs, removed)
             ex = example
             if in64:
-                pruned, ex = _in_float64(pruned, example, call)
-            out_p, params, macs = _measure(pruned, ex, call)
-    except Exception as exc:        # pruned model no longer runs
-        return [f"the pruned model fails: {type(exc).__name__}: {str(exc)[:120]}"]
-    del pruned, DG                  # one model copy at a time
-    if _big(ref):                   # Torch-Pruning's graph holds reference cycles through
-        gc.collect()                # the copy, freed only by gc (costly in a big process)
-    try:
-        masked = mask_units(copy_model(ref), specs, removed)
-        if in64:
-            masked, ex = _in_float64(masked, example, call)
-        out_m = _measure(masked, ex, call)[0]
-    except Exception as exc:        # the group's indices do not fit its consumers
-        return [f"the masked reference fails: {type(exc).__name__}: {str(exc)[:120]}"]
-    del masked
+                masked, ex = _in_float64(masked, example, call)
+            return _measure(masked, ex, call)[0], None
+        except Exception as exc:        # the group's indices do not fit its consumers
+            return None, f"the masked reference fails: {type(exc).__name__}: {str(exc)[:120]}"
+
+    # One model copy at a time. Torch-Pruning's graph holds reference cycles through the model
+    # it pruned (and its replaced parameters), freed only by gc (costly in a big process).
+    big = _big(ref)
+    if consume:
+        out_m, merr = run_masked(copy_model(ref))
+        measured, perr = run_pruned(ref)
+    else:
+        measured, perr = run_pruned(copy_model(ref))
+        if big:
+            gc.collect()
+        out_m, merr = (None, None) if perr else run_masked(copy_model(ref))
+    if big:
+        gc.collect()
+    if perr or merr:
+        return [perr or merr]
+    out_p, params, macs = measured
     if params != want_p:
         errs.append(f"{params} parameters after pruning, the plan counts {want_p}")
     if macs != want_m:

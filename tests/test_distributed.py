@@ -235,3 +235,49 @@ def test_prune_lm_fsdp_needs_torchrun(lm_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--fsdp", "-q"]) == 2
     assert "torchrun" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_u_owners_balance_the_samples_and_agree_for_the_same_costs():
+    """Largest first onto the least-loaded rank: every rank gets work, no rank more than the
+    largest tap above another, and the assignment is a function of the costs alone."""
+    from fair_pruner.distributed import u_owners
+    costs = [1536 * 64 * 32, 3 * 64 * 32 * 64] * 30 + [0, 7]
+    for size in (1, 2, 3, 8):
+        owners = u_owners(costs, size)
+        assert owners == u_owners(list(costs), size) and set(owners) == set(range(size))
+        load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(size)]
+        assert max(load) - min(load) <= max(costs)
+    assert u_owners([5, 5, 5], 2) == [0, 1, 0] and u_owners([], 3) == []
+
+
+def test_finish_u_all_computes_each_u_score_once_across_the_ranks(monkeypatch):
+    """Data parallel, a tap's U-Score is computed only by the rank it was summed onto
+    (``u_rank``); the others take it from the gather and drop their samples. Here rank 1 of 2,
+    with rank 0's results faked by the single-process values."""
+    from fair_pruner import engine
+    from fair_pruner.engine import Reservoir, SketchTap, finish_u_all
+    torch.manual_seed(0)
+    res = Reservoir([0, 1, 2], 4, 0)
+    for i in range(12):
+        res.offer([i % 3], i)
+    taps, want = [], []
+    for i in range(4):
+        t = SketchTap(f"t{i}")
+        t.buf = torch.randn(3, 4, 5 + i, 2)
+        t.filled = torch.ones(3, 4, dtype=torch.bool)
+        taps.append(t)
+        ref = SketchTap(t.name)
+        ref.buf, ref.filled = t.buf.clone(), t.filled.clone()
+        engine.finish_u(ref, res, [0, 1, 2])
+        want.append(ref.u)
+    for t, r in zip(taps, [0, 1, 1, 0]):
+        t.u_rank = r
+    done = []
+    real = engine.finish_u
+    monkeypatch.setattr(engine, "world", lambda: (1, 2))
+    monkeypatch.setattr(engine, "finish_u", lambda p, *a: (done.append(p.name), real(p, *a)))
+    monkeypatch.setattr(engine, "gathered", lambda work: [{0: want[0], 3: want[3]}, work()])
+    finish_u_all(taps, res, [0, 1, 2])
+    assert done == ["t1", "t2"]
+    for t, u in zip(taps, want):
+        assert torch.equal(t.u, u) and t.buf is None and t.filled is None

@@ -245,7 +245,7 @@ def test_sample_buffers_hold_the_samples_found_and_give_the_same_book(monkeypatc
     def finish(p, res, classes):
         rows.append(p.buf.shape[1])
         return real_finish(p, res, classes)
-    monkeypatch.setattr(calibrate, "finish_u", finish)
+    monkeypatch.setattr(engine, "finish_u", finish)     # finish_u_all calls it
     grown = fp.score(_mlp(), _mlp_loader(), **kw)
     # 30 samples, 3 classes, batches of 2 per class: pass 1 doubles 2 -> 4 -> 8 -> 16; a later
     # pass (the small budget) allocates the 10 it needs
@@ -700,37 +700,62 @@ def test_self_check_fp32_noise_is_not_a_refusal(monkeypatch):
 
     seen = []
 
-    def noisy(ref, ex, specs, cost, call, removed, tol, outputs=True, in64=False):
+    def noisy(ref, ex, specs, cost, call, removed, tol, outputs=True, in64=False, **kw):
         seen.append(in64)
         if not in64:
             return ["pruned and masked outputs differ by 0.36 (scale 1)"]
-        return real(ref, ex, specs, cost, call, removed, tol, outputs, in64)
+        return real(ref, ex, specs, cost, call, removed, tol, outputs, in64, **kw)
     monkeypatch.setattr(graph, "_exact_errors", noisy)
     monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
     book = fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
     assert [g.name for g in book.groups] == ["0", "2"] and seen == [False, True]
 
 
-def test_self_check_in_float64_compares_float64_copies(monkeypatch):
-    """The float64 confirmation converts each copy after surgery (the jittered reference stays
-    in fp32: one float64 copy at a time) and still finds a real difference."""
+def test_self_check_prunes_the_jittered_copy_itself(monkeypatch):
+    """Each round of the self-check measures the masked reference on a copy of the jittered
+    model, then prunes the jittered model itself (one model copy less at the check's peak, 2.4
+    GB for a 600M-parameter model); the float64 round and the naming of culprits each start
+    from a fresh, equal jittered model."""
     from fair_pruner import graph
-    dtypes = []
-    real_measure = graph._measure
+    real_errors, real_mask, real_prune = graph._exact_errors, graph.mask_units, graph.prune_units
+    calls, masked, pruned = [], [], []
 
-    def measure(m, ex, call):
-        dtypes.append(next(m.parameters()).dtype)
-        return real_measure(m, ex, call)
-    real_mask = graph.mask_units
+    def errors(ref, ex, specs, cost, call, removed, tol, outputs=True, in64=False, **kw):
+        calls.append((ref, in64, kw.get("consume", False),
+                      [p.detach().clone() for p in ref.parameters()]))
+        return real_errors(ref, ex, specs, cost, call, removed, tol, outputs, in64, **kw)
 
-    def wrong_mask(model, specs, removed):        # masks one unit too few: a real difference
-        return real_mask(model, specs, {k: v[1:] for k, v in removed.items()})
-    monkeypatch.setattr(graph, "_measure", measure)
-    monkeypatch.setattr(graph, "mask_units", wrong_mask)
+    def mask(model, specs, removed):
+        masked.append(model)
+        return real_mask(model, specs, removed)
+
+    def prune(model, *a):
+        pruned.append(model)
+        return real_prune(model, *a)
+    monkeypatch.setattr(graph, "_exact_errors", errors)
+    monkeypatch.setattr(graph, "mask_units", mask)
+    monkeypatch.setattr(graph, "prune_units", prune)
+    monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
+    fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
+    [(ref, in64, consume, _)] = calls
+    assert consume and not in64 and pruned == [ref] and masked[0] is not ref
+
+    # a real difference (the masked reference keeps one unit too many): confirmed in float64,
+    # then the culprits are named, each from a fresh jittered model equal to the first
+    calls.clear()
+    monkeypatch.setattr(graph, "mask_units",
+                        lambda m, specs, removed: real_mask(m, specs, {k: v[1:] for k, v in
+                                                                      removed.items()}))
     monkeypatch.setattr(graph, "_CHECKED", type(graph._CHECKED)())
     with pytest.raises(fp.UnsupportedModelError, match="is not exact"):
         fp.score(_jitter(_mlp()), _mlp_loader(), **KW)
-    assert torch.float64 in dtypes and torch.float32 in dtypes
+    assert [(c[1], c[2]) for c in calls[:2]] == [(False, True), (True, True)]
+    assert len(calls) > 2 and not any(c[2] for c in calls[2:])
+    assert len({id(c[0]) for c in calls[:3]}) == 3
+    for c in calls[1:]:
+        assert next(c[0].parameters()).dtype == torch.float32 or c[0] is calls[1][0]
+        for a, b in zip(calls[0][3], c[3]):
+            assert torch.equal(a, b)                  # the same seeded jitter
 
 
 def test_self_check_runs_once_per_structure(monkeypatch):

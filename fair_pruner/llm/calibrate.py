@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling, finish_u,
-                      gradient_pass, preserved, split_batch, working_model)
+from ..engine import (Batch, Reservoir, Sampling, SketchTap, call_model, check_sampling,
+                      finish_u_all, gradient_pass, preserved, split_batch, working_model)
 from .. import distributed as dist
 from ..errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
 from ..cost import CostBuilder, CostModel
@@ -413,8 +413,7 @@ def score(model: nn.Module, loader: Iterable, *, classes: int = 64, samples_per_
                 p.requires_grad_(f)
     if size > 1:
         seq_lens = [t for part in dist.gather_objects(seq_lens) for t in part]
-    for tp in taps:
-        finish_u(tp, res, cls)
+    finish_u_all(taps, res, cls)
     if chunks:
         _gram_passes(work, chunks, loader, device, progress and rank == 0)
     for tp in taps:
