@@ -8,7 +8,10 @@
 # 2. runs the kernel tests on the GPU (Triton compiled, not interpreted; CUDA C++),
 # 3. benchmarks each op on every GPU backend against eager PyTorch and against the
 #    memory-bandwidth floor (bytes moved / measured copy bandwidth), checking outputs,
-# 4. prints a short table; full logs and JSON go under $OUT (at most 8 files).
+# 4. scores LMs on the GPU against the forward + backward they ride on (SmolLM2-135M's and
+#    Llama-3-8B's shapes, random weights, bf16): time and peak GPU memory of each, the
+#    measured side of the on-paper 8B / 70B estimate in benchmarks/README.md,
+# 5. prints a short table; full logs and JSON go under $OUT (at most 8 files).
 # Each step has its own time limit; a failed step is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,5 +72,14 @@ step "kernel benchmarks vs eager and the bandwidth floor" 420 bench.txt \
   "$PY" benchmarks/bench_ops.py --device cuda --repeats 20 --json "$OUT/bench_gpu.json" $QUICK
 echo "== table (ms; x vs eager; floor = bytes moved / copy bandwidth)"
 grep -v "^#" "$OUT/bench.txt" | sed 's/^/   /'
+
+# One JSON line per model: seconds of fp.score (with and without the Gram matrices) against
+# the plain forward + backward and the activations-only one, and each one's peak GPU memory.
+step "LM scoring vs forward + backward on the GPU (random weights, bf16)" 420 lm.log bash -c "
+  \"$PY\" benchmarks/bench_llm_overhead.py --random smollm2-135m --device cuda --dtype bfloat16 \
+    --seqs 64 --seq-len 512 --repeats 2 --threads 16 &&
+  \"$PY\" benchmarks/bench_llm_overhead.py --random llama3-8b --device cuda --dtype bfloat16 \
+    --seqs 8 --seq-len 2048 --repeats 1 --threads 16 --gram-memory 40"
+grep "^{" "$OUT/lm.log" | sed 's/^/   /'
 echo "results under $OUT"
 exit $status
