@@ -818,7 +818,7 @@ def _probe(model: nn.Module, example: Any) -> Dict[str, Any]:
         order.append(mod)
     nc = logits.shape[-1] if logits.dim() >= 2 else None
     return {"logits": logits, "out": out, "positions": positions, "inplace": inplace,
-            "order": order, "outputs": {mod: t for mod, t, _, _ in seen}, "names": names,
+            "order": order, "names": names,
             "num_classes": nc, "calls": calls, "ambiguous": ambiguous,
             "nodes": [(mod, node) for mod, _, _, node in seen if node is not None],
             "feature_shapes": {names[mod]: tuple(t.shape[1:]) for mod, t, _, _ in seen},

@@ -58,34 +58,25 @@ class SelfAttention(nn.Module):
     known (torchvision's ViT)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool = True,
-                 proj_bias: bool = True, batch_first: bool = True, dropout: float = 0.0):
+                 proj_bias: bool = True, batch_first: bool = True, dropout: float = 0.0,
+                 device=None):
         super().__init__()
         self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
         self.batch_first, self.dropout = batch_first, float(dropout)
-        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias)
-        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, device=device)
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, device=device)
         self.norm, self.gate = nn.Identity(), None        # as timm's Attention (head_attention)
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention) -> "SelfAttention":
+        """The same attention over ``mha``'s own parameter tensors (not copies: scoring rewrites
+        a copy of the caller's model that shares its weights, and ViT-H/14's attention weights
+        are 0.8 GB); surgery replaces them, as it does every pruned parameter."""
         E, H = mha.embed_dim, mha.num_heads
         new = cls(E, H, E // H, mha.in_proj_bias is not None, mha.out_proj.bias is not None,
-                  mha.batch_first, mha.dropout)
-        w = mha.in_proj_weight
-        new = new.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            new.qkv.weight.copy_(w)
-            if mha.in_proj_bias is not None:
-                new.qkv.bias.copy_(mha.in_proj_bias)
-            new.proj.weight.copy_(mha.out_proj.weight)
-            if mha.out_proj.bias is not None:
-                new.proj.bias.copy_(mha.out_proj.bias)
-        for a, b in ((new.qkv.weight, w), (new.proj.weight, mha.out_proj.weight)):
-            a.requires_grad_(b.requires_grad)
-        if new.qkv.bias is not None:
-            new.qkv.bias.requires_grad_(mha.in_proj_bias.requires_grad)
-        if new.proj.bias is not None:
-            new.proj.bias.requires_grad_(mha.out_proj.bias.requires_grad)
+                  mha.batch_first, mha.dropout, device="meta")
+        new.qkv.weight, new.qkv.bias = mha.in_proj_weight, mha.in_proj_bias
+        new.proj.weight, new.proj.bias = mha.out_proj.weight, mha.out_proj.bias
         new.train(mha.training)
         return new
 

@@ -199,6 +199,9 @@ def test_self_attention_equals_multihead_attention(batch_first, weights):
         for p in mha.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     sa = graph.SelfAttention.from_multihead(mha).eval()
+    # mha's own tensors, not copies (scoring rewrites a weight-sharing copy of the model)
+    assert sa.qkv.weight is mha.in_proj_weight and sa.qkv.bias is mha.in_proj_bias
+    assert sa.proj.weight is mha.out_proj.weight and sa.proj.bias is mha.out_proj.bias
     x = torch.randn(5, 7, 24)
     kw = dict(need_weights=False) if weights is None else dict(average_attn_weights=weights)
     with torch.no_grad():
