@@ -106,7 +106,6 @@ def sum_samples(taps) -> None:
     zeros, so the sum is the single-process buffer. The other ranks drop their copy:
     :func:`fair_pruner.engine.finish_u_all` then computes each U-Score once, not once per
     rank, and shares the results."""
-    import torch.distributed as dist
     rank, size = world()
     shapes = gather_objects([None if t.buf is None else
                              (tuple(t.buf.shape), str(t.buf.dtype), str(t.buf.device))
@@ -125,12 +124,9 @@ def sum_samples(taps) -> None:
         t.grow_samples(shape[1], (shape[0], shape[2], shape[3]),
                        getattr(torch, dtype.replace("torch.", "")),
                        t.buf.device if t.buf is not None else device)
-        filled = t.filled.to(torch.uint8)
-        dist.reduce(t.buf, dst=owner)
-        dist.reduce(filled, dst=owner)
-        if rank == owner:
-            t.filled = filled > 0
-        else:
+        sum_(t.buf, owner)
+        sum_(t.filled, owner)
+        if rank != owner:
             t.buf = t.filled = None
 
 
@@ -157,18 +153,20 @@ def gather_objects(obj: Any) -> List[Any]:
     return out
 
 
-def sum_(t: Optional[Tensor]) -> Optional[Tensor]:
-    """All-reduce ``t`` in place (sum) and return it; bool tensors are OR-ed. The reduction
-    runs on the tensor's own device (CPU tensors for gloo)."""
+def sum_(t: Optional[Tensor], dst: Optional[int] = None) -> Optional[Tensor]:
+    """All-reduce ``t`` in place (sum) and return it, or with ``dst`` reduce it onto that rank
+    only (the others' ``t`` is then unspecified); bool tensors are OR-ed. The reduction runs
+    on the tensor's own device (CPU tensors for gloo)."""
     import torch.distributed as dist
     if t is None or not active():
         return t
+    op = dist.all_reduce if dst is None else (lambda x: dist.reduce(x, dst=dst))
     if t.dtype == torch.bool:
         x = t.to(torch.uint8)
-        dist.all_reduce(x)
+        op(x)
         t.copy_(x > 0)
         return t
-    dist.all_reduce(t)
+    op(t)
     return t
 
 
